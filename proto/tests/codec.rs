@@ -1,0 +1,204 @@
+//! Round trips of every frame shape, and the decoder's behaviour on hostile input.
+
+use proptest::prelude::*;
+use proto::client::{decode, encode, DecodeErrorKind};
+use proto::rooms::{Role, Visibility};
+use proto::{Command, MessageId, Ref, RoomId, ServerEvent, Timestamp, UserRef};
+
+fn room(s: &str) -> RoomId {
+    RoomId::new(s).unwrap()
+}
+
+fn all_commands() -> Vec<Command> {
+    let r = || room("lobby");
+    vec![
+        Command::Join {
+            room: r(),
+            since: Some(3),
+        },
+        Command::Leave { room: r() },
+        Command::Message {
+            room: r(),
+            content: "hi".into(),
+            client_msg_id: Some("c1".into()),
+            reply_to: Some(MessageId(9)),
+        },
+        Command::Edit {
+            room: r(),
+            id: MessageId(1),
+            content: "x".into(),
+        },
+        Command::Delete {
+            room: r(),
+            id: MessageId(1),
+        },
+        Command::Typing { room: r() },
+        Command::StopTyping { room: r() },
+        Command::Read { room: r(), seq: 4 },
+        Command::Pin {
+            room: r(),
+            id: MessageId(2),
+        },
+        Command::Unpin {
+            room: r(),
+            id: MessageId(2),
+        },
+        Command::CreateRoom {
+            room: r(),
+            name: Some("Lobby".into()),
+            visibility: Visibility::Restricted,
+            topic: Some("t".into()),
+            max_members: Some(10),
+        },
+        Command::UpdateRoom {
+            room: r(),
+            name: None,
+            topic: Some("t2".into()),
+            visibility: Some(Visibility::Private),
+            max_members: None,
+            members_can_pin: Some(true),
+        },
+        Command::DeleteRoom { room: r() },
+        Command::AddMember {
+            room: r(),
+            user: "u2".into(),
+            role: Some(Role::Admin),
+        },
+        Command::RemoveMember {
+            room: r(),
+            user: "u2".into(),
+            reason: None,
+        },
+        Command::Kick {
+            room: r(),
+            user: "u2".into(),
+            reason: Some("spam".into()),
+        },
+        Command::Ban {
+            room: r(),
+            user: "u2".into(),
+            reason: None,
+            duration_s: Some(60),
+        },
+        Command::Unban {
+            room: r(),
+            user: "u2".into(),
+        },
+        Command::Mute {
+            room: r(),
+            user: "u2".into(),
+            duration_s: None,
+        },
+        Command::Unmute {
+            room: r(),
+            user: "u2".into(),
+        },
+        Command::SetRole {
+            room: r(),
+            user: "u2".into(),
+            role: Role::Member,
+        },
+        Command::ListRooms,
+        Command::Ping,
+    ]
+}
+
+#[test]
+fn every_command_round_trips_with_its_ref() {
+    let cmds = all_commands();
+    assert_eq!(cmds.len(), proto::client::COMMAND_TYPES.len());
+    for (i, cmd) in cmds.into_iter().enumerate() {
+        let r = if i % 2 == 0 {
+            Ref::Str(format!("r{i}"))
+        } else {
+            Ref::Num(i.into())
+        };
+        let text = encode(&cmd, Some(&r));
+        let got = decode(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(got.command, cmd, "{text}");
+        assert_eq!(got.r#ref, Some(r));
+        assert!(proto::client::COMMAND_TYPES.contains(&got.command.name()));
+    }
+}
+
+#[test]
+fn unknown_fields_are_ignored() {
+    let got = decode(br#"{"type":"ping","extra":[1,2],"user":"mallory"}"#).unwrap();
+    assert_eq!(got.command, Command::Ping);
+}
+
+#[test]
+fn errors_are_typed_and_keep_the_ref() {
+    let e = decode(b"{not json").unwrap_err();
+    assert!(matches!(e.kind, DecodeErrorKind::Json(_)));
+    let e = decode(br#"{"type":"warp","ref":"a"}"#).unwrap_err();
+    assert_eq!(e.kind, DecodeErrorKind::UnknownType("warp".into()));
+    assert_eq!(e.r#ref, Some(Ref::Str("a".into())));
+    let e = decode(br#"{"type":"join","ref":7}"#).unwrap_err();
+    assert!(matches!(e.kind, DecodeErrorKind::BadField { .. }), "{e:?}");
+    assert_eq!(e.r#ref, Some(Ref::Num(7.into())));
+    let e = decode(br#"{"type":"join","room":"../x"}"#).unwrap_err();
+    assert!(matches!(e.kind, DecodeErrorKind::BadField { .. }));
+    let e = decode(br#"[1,2]"#).unwrap_err();
+    assert_eq!(e.kind, DecodeErrorKind::MissingType);
+    let e = decode(br#"{"ref":"x"}"#).unwrap_err();
+    assert_eq!(e.kind, DecodeErrorKind::MissingType);
+    let e = decode(br#"{"type":"ping","ref":{"a":1}}"#).unwrap_err();
+    assert_eq!(e.kind, DecodeErrorKind::BadRef);
+}
+
+#[test]
+fn server_events_round_trip_and_seq_is_omitted_until_assigned() {
+    let ev = ServerEvent::Message {
+        seq: 0,
+        room: room("a"),
+        id: MessageId(1 << 60),
+        user: UserRef {
+            id: "u".into(),
+            name: "U".into(),
+        },
+        content: "hello".into(),
+        ts: Timestamp(1_768_473_000_123),
+        reply_to: None,
+        client_msg_id: None,
+    };
+    let bytes = ev.to_json();
+    let text = std::str::from_utf8(&bytes).unwrap();
+    assert!(!text.contains("seq"), "{text}");
+    assert!(text.contains(r#""id":"1152921504606846976""#), "{text}");
+    let stored = proto::envelope::with_seq(&bytes, 42);
+    let back: ServerEvent = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(back.seq(), 42);
+    if let ServerEvent::Message { content, .. } = back {
+        assert_eq!(content, "hello");
+    } else {
+        panic!("wrong variant");
+    }
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_json_never_panics_and_errors_are_typed(
+        kind in prop_oneof![Just("join".to_string()), Just("message".to_string()), "[a-z_]{0,12}"],
+        room in ".{0,80}",
+        content in ".{0,40}",
+        seq in any::<i64>(),
+        r in prop_oneof![Just(serde_json::Value::Null), any::<i64>().prop_map(serde_json::Value::from), ".{0,200}".prop_map(serde_json::Value::from)],
+    ) {
+        let v = serde_json::json!({"type": kind, "room": room, "content": content, "since": seq, "seq": seq, "ref": r});
+        match decode(v.to_string().as_bytes()) {
+            Ok(inb) => {
+                // Whatever decoded must satisfy the wire rules.
+                if let Some(room) = inb.command.room() {
+                    prop_assert!(RoomId::new(room.as_str()).is_ok());
+                }
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+    }
+}
