@@ -1,1 +1,24 @@
-fn main() {}
+use clap::Parser;
+use gateway::config::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    gateway::telemetry::init_logging(&config.log, &config.log_format);
+    if let Err(e) = config.validate() {
+        eprintln!("gateway: {e}");
+        std::process::exit(2);
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!("listening on {}", listener.local_addr()?);
+    let node = match gateway::build_node(config).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    tracing::info!(node = %node.name, mode = if node.config.redis_url.is_some() { "redis" } else { "embedded" }, "started");
+    gateway::serve(listener, node, gateway::shutdown::signal()).await?;
+    Ok(())
+}

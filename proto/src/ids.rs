@@ -64,7 +64,7 @@ impl std::borrow::Borrow<str> for RoomId {
 
 /// A 64-bit time-ordered message id. On the wire it is a decimal string, because JavaScript
 /// numbers lose precision past 2^53; numbers are accepted on input for lenient clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(pub u64);
 
 impl Serialize for MessageId {

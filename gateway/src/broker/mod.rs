@@ -1,0 +1,196 @@
+//! The seam between a node and the rest of the cluster: [`Broker`], with an in-process
+//! implementation ([`memory::MemoryBroker`], single node) and a Redis one
+//! ([`redis::RedisBroker`], many nodes). [`AnyBroker`] picks one from config.
+//!
+//! # Delivery contract
+//! - `publish_stored` assigns the room's next `seq` atomically across all nodes (gapless:
+//!   1, 2, 3…), keeps the event in the room's recovery window, appends it to the persistence
+//!   log, and delivers it to every node subscribed to the room — to each in seq order. It
+//!   returns only once the event is in the log: that is when the sender may be acknowledged.
+//! - A node may miss live events (Redis reconnect); it never sees them out of order. Clients
+//!   close gaps with `join {since}` from the recovery window, then from history.
+//! - Ephemeral events (typing, join/leave, online users) and node-targeted frames are
+//!   best-effort: no seq, no log, no recovery.
+//! - Delivery into this node goes to the [`Hub`](crate::hub::Hub), which fans out locally.
+
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use proto::envelope::NodeTarget;
+use proto::{MessageId, RoomId, Timestamp, UserRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The backend is unreachable or failed; the command may be retried.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Idempotency of a publish: a repeat of `key` returns the first publication.
+#[derive(Debug, Clone)]
+pub struct Dedupe<'a> {
+    pub key: &'a str,
+    pub id: MessageId,
+    pub ts: Timestamp,
+}
+
+/// The result of `publish_stored`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Published now with this seq.
+    Fresh { seq: u64 },
+    /// A repeat of a dedupe key: nothing was published; these are the first publication's.
+    Duplicate {
+        seq: u64,
+        id: MessageId,
+        ts: Timestamp,
+    },
+}
+
+impl Published {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Published::Fresh { seq } | Published::Duplicate { seq, .. } => *seq,
+        }
+    }
+}
+
+/// What `recover` found.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// The room's last assigned seq when the window was read.
+    pub last_seq: u64,
+    /// Stored events with seq > since, in order (empty without `since`).
+    pub events: Vec<(u64, Bytes)>,
+    /// False when `since` is older than the window: the client must use history.
+    pub complete: bool,
+}
+
+/// See the module docs for the delivery contract.
+pub trait Broker: Send + Sync + 'static {
+    /// A worker id for message ids, unique among live nodes.
+    fn worker_id(&self) -> u16;
+
+    /// Publishes a stored event. `frame` is the event serialized without `seq`.
+    fn publish_stored(
+        &self,
+        room: &RoomId,
+        frame: &[u8],
+        dedupe: Option<Dedupe<'_>>,
+    ) -> impl Future<Output = Result<Published, BrokerError>> + Send;
+
+    /// Publishes an ephemeral room event. Typing frames are not delivered to the typist.
+    fn publish_ephemeral(
+        &self,
+        room: &RoomId,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Sends a frame to every connection, or to one user's connections, on every node.
+    fn publish_node(
+        &self,
+        target: NodeTarget<'_>,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Appends a frame that has no seq (a read receipt) to the persistence log.
+    fn persist(&self, frame: Bytes) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Starts delivering `room`'s events to this node (first local member joined).
+    fn subscribe(&self, room: &RoomId) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Stops delivering `room`'s events to this node (last local member left).
+    fn unsubscribe(&self, room: &RoomId) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// The room's last seq and, with `since`, the stored events after it.
+    fn recover(
+        &self,
+        room: &RoomId,
+        since: Option<u64>,
+    ) -> impl Future<Output = Result<Recovery, BrokerError>> + Send;
+
+    /// Marks `user` online in `room` from this node; true when the user was not online before.
+    fn presence_add(
+        &self,
+        room: &RoomId,
+        user: &UserRef,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Marks one of `user`'s connections in `room` gone; true when the user is now offline.
+    fn presence_remove(
+        &self,
+        room: &RoomId,
+        user: &str,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Users online in `room` across all nodes.
+    fn presence(
+        &self,
+        room: &RoomId,
+    ) -> impl Future<Output = Result<Vec<UserRef>, BrokerError>> + Send;
+
+    /// True while the broker can publish and receive.
+    fn healthy(&self) -> bool;
+}
+
+/// The broker chosen by configuration.
+pub enum AnyBroker {
+    Memory(memory::MemoryBroker),
+    Redis(std::sync::Arc<redis::RedisBroker>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            AnyBroker::Memory($b) => $e,
+            AnyBroker::Redis($b) => $e,
+        }
+    };
+}
+
+impl Broker for AnyBroker {
+    fn worker_id(&self) -> u16 {
+        delegate!(self, b => b.worker_id())
+    }
+    async fn publish_stored(
+        &self,
+        room: &RoomId,
+        frame: &[u8],
+        dedupe: Option<Dedupe<'_>>,
+    ) -> Result<Published, BrokerError> {
+        delegate!(self, b => b.publish_stored(room, frame, dedupe).await)
+    }
+    async fn publish_ephemeral(&self, room: &RoomId, frame: Bytes) -> Result<(), BrokerError> {
+        delegate!(self, b => b.publish_ephemeral(room, frame).await)
+    }
+    async fn publish_node(&self, target: NodeTarget<'_>, frame: Bytes) -> Result<(), BrokerError> {
+        delegate!(self, b => b.publish_node(target, frame).await)
+    }
+    async fn persist(&self, frame: Bytes) -> Result<(), BrokerError> {
+        delegate!(self, b => b.persist(frame).await)
+    }
+    async fn subscribe(&self, room: &RoomId) -> Result<(), BrokerError> {
+        delegate!(self, b => b.subscribe(room).await)
+    }
+    async fn unsubscribe(&self, room: &RoomId) -> Result<(), BrokerError> {
+        delegate!(self, b => b.unsubscribe(room).await)
+    }
+    async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
+        delegate!(self, b => b.recover(room, since).await)
+    }
+    async fn presence_add(&self, room: &RoomId, user: &UserRef) -> Result<bool, BrokerError> {
+        delegate!(self, b => b.presence_add(room, user).await)
+    }
+    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<bool, BrokerError> {
+        delegate!(self, b => b.presence_remove(room, user).await)
+    }
+    async fn presence(&self, room: &RoomId) -> Result<Vec<UserRef>, BrokerError> {
+        delegate!(self, b => b.presence(room).await)
+    }
+    fn healthy(&self) -> bool {
+        delegate!(self, b => b.healthy())
+    }
+}

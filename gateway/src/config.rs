@@ -1,0 +1,172 @@
+//! Configuration: every setting is a flag with an environment fallback (the flag wins).
+//! Parsed and validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use proto::auth::{KeyConfig, Verifier};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Horizontally scalable real-time chat gateway"
+)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (printed in the first log line).
+    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL for the scaled-out broker; unset → in-process broker (single node).
+    #[arg(long, env = "CHAT_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// History service URL; unset → history in-process on the embedded store.
+    #[arg(long, env = "CHAT_HISTORY_URL")]
+    pub history_url: Option<String>,
+    /// Directory of the embedded store's SQLite file.
+    #[arg(long, env = "CHAT_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Node id in `hello` and logs; defaults to the host name.
+    #[arg(long, env = "CHAT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Comma-separated browser origins allowed to open WebSockets; unset → any (dev).
+    #[arg(long, env = "CHAT_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Seconds a draining node spreads reconnects over before it exits.
+    #[arg(long, env = "CHAT_DRAIN_SECONDS", default_value_t = 20)]
+    pub drain_seconds: u64,
+    /// HS256 secret; with no key at all the built-in development key is used.
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Path to a PEM public key (RS256 or EdDSA).
+    #[arg(long, env = "CHAT_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    #[arg(long, env = "CHAT_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    #[arg(long, env = "CHAT_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// OTLP gRPC endpoint for traces; unset → no export.
+    #[arg(long, env = "CHAT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "CHAT_LOG", default_value = "info")]
+    pub log: String,
+    /// `json` for JSON lines.
+    #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// Largest accepted WebSocket message; larger closes with 1009.
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Largest message content in characters.
+    #[arg(long, env = "CHAT_MAX_CONTENT_CHARS", default_value_t = 4000)]
+    pub max_content_chars: usize,
+    /// Commands per second per connection (token bucket rate).
+    #[arg(long, env = "CHAT_MESSAGES_PER_S", default_value_t = 20)]
+    pub messages_per_s: u32,
+    /// Token bucket burst.
+    #[arg(long, env = "CHAT_BURST", default_value_t = 40)]
+    pub burst: u32,
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "CHAT_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_rooms_per_connection: usize,
+    /// Connections one user may hold at once (all nodes count separately).
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
+    pub max_connections_per_user: usize,
+    /// Connections this node accepts at once.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Frames queued for one client before it is closed as a slow consumer (1013).
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Stored events kept per room for recovery with `since`.
+    #[arg(long, env = "CHAT_RECOVERY_WINDOW", default_value_t = 1000)]
+    pub recovery_window: usize,
+    /// WebSocket ping interval, announced as `heartbeat_s`; a client silent for 3 intervals is closed.
+    #[arg(long, env = "CHAT_HEARTBEAT_SECONDS", default_value_t = 25)]
+    pub heartbeat_seconds: u64,
+    /// Seconds a node's presence entries live without a refresh: a killed node's users go
+    /// offline within this (plus one refresh period).
+    #[arg(long, env = "CHAT_PRESENCE_TTL_SECONDS", default_value_t = 30)]
+    pub presence_ttl_seconds: u64,
+    /// Shared token for the history service's internal API.
+    #[arg(long, env = "CHAT_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+}
+
+impl Config {
+    /// Checks what clap cannot; returns the one line to print on failure.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            return Err("set either CHAT_JWT_SECRET or CHAT_JWT_PUBLIC_KEY, not both".into());
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err("CHAT_MAX_FRAME_BYTES must be between 1024 and 16777216".into());
+        }
+        if self.max_content_chars == 0 || self.max_content_chars * 4 > self.max_frame_bytes {
+            return Err(
+                "CHAT_MAX_CONTENT_CHARS must be > 0 and fit in a frame (4 bytes a char)".into(),
+            );
+        }
+        if self.messages_per_s == 0 || self.burst == 0 {
+            return Err("CHAT_MESSAGES_PER_S and CHAT_BURST must be > 0".into());
+        }
+        if self.outbound_queue < 16 {
+            return Err("CHAT_OUTBOUND_QUEUE must be at least 16".into());
+        }
+        if self.presence_ttl_seconds < 3 {
+            return Err("CHAT_PRESENCE_TTL_SECONDS must be at least 3".into());
+        }
+        if self.heartbeat_seconds == 0 {
+            return Err("CHAT_HEARTBEAT_SECONDS must be > 0".into());
+        }
+        if let Some(url) = &self.redis_url {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                return Err(format!(
+                    "CHAT_REDIS_URL must start with redis:// (got {url})"
+                ));
+            }
+        }
+        self.key_config().map(|_| ())
+    }
+
+    pub fn key_config(&self) -> Result<KeyConfig, String> {
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(s), _) if s.is_empty() => Err("CHAT_JWT_SECRET is empty".into()),
+            (Some(s), _) => Ok(KeyConfig::Secret(s.as_bytes().to_vec())),
+            (None, Some(path)) => std::fs::read(path)
+                .map(KeyConfig::PublicPem)
+                .map_err(|e| format!("cannot read CHAT_JWT_PUBLIC_KEY {}: {e}", path.display())),
+            (None, None) => Ok(KeyConfig::Dev),
+        }
+    }
+
+    pub fn verifier(&self) -> Result<Verifier, String> {
+        Verifier::new(
+            &self.key_config()?,
+            self.jwt_issuer.as_deref(),
+            self.jwt_audience.as_deref(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    pub fn node_name(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "gateway".into())
+        })
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_seconds)
+    }
+
+    /// Defaults as if started with no flags and no environment (for tests).
+    pub fn for_tests() -> Self {
+        Config::parse_from(["gateway"])
+    }
+}

@@ -1,0 +1,426 @@
+//! The local registry: which sessions of this node are in which room, and which sessions
+//! belong to which user. Sharded (64 shards each) so that joins in one room do not lock
+//! others; a shard lock is never held across an `.await` (std locks, short sections).
+//!
+//! Fan-out enqueues the same [`Bytes`] to every local recipient with `try_send`: a full
+//! queue means a slow client, which is closed with 1013 — the room never waits for it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use proto::errors::close;
+use proto::{RoomId, UserRef};
+use tokio::sync::{mpsc, Notify};
+
+const SHARDS: usize = 64;
+
+pub type SessionId = u64;
+
+/// What a session's writer sends.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A text frame, shared by every recipient.
+    Text(Bytes),
+    /// A pong answering the client's ping.
+    Pong(Bytes),
+}
+
+/// Asks a session to close with a code; the writer acts on it even when the queue is full.
+#[derive(Debug, Default)]
+pub struct Kill {
+    code: AtomicU16,
+    notify: Notify,
+}
+
+impl Kill {
+    /// Requests a close; the first code wins.
+    pub fn close(&self, code: u16) {
+        if self
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn code(&self) -> Option<u16> {
+        match self.code.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+
+    pub async fn wait(&self) -> u16 {
+        loop {
+            if let Some(c) = self.code() {
+                return c;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A handle to one session's outbound queue.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub user: Arc<UserRef>,
+    tx: mpsc::Sender<Outbound>,
+    kill: Arc<Kill>,
+}
+
+impl SessionHandle {
+    pub fn new(
+        id: SessionId,
+        user: Arc<UserRef>,
+        tx: mpsc::Sender<Outbound>,
+        kill: Arc<Kill>,
+    ) -> Self {
+        Self { id, user, tx, kill }
+    }
+
+    /// Queues a frame; a full queue closes the session as a slow consumer.
+    pub fn send(&self, frame: Bytes) {
+        self.send_control(Outbound::Text(frame))
+    }
+
+    /// Queues any outbound item, with the same slow-consumer rule.
+    pub fn send_control(&self, out: Outbound) {
+        match self.tx.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.kill.code().is_none() {
+                    metrics::counter!("chat_slow_consumer_closes_total").increment(1);
+                }
+                self.kill.close(close::SLOW_CONSUMER);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    pub fn close(&self, code: u16) {
+        self.kill.close(code);
+    }
+}
+
+struct Member {
+    handle: SessionHandle,
+    /// While joining: events held until the replay and `joined` are sent (see [`Hub::release`]).
+    held: Option<Vec<(u64, Bytes)>>,
+}
+
+#[derive(Default)]
+struct Room {
+    members: HashMap<SessionId, Member>,
+}
+
+pub struct Hub {
+    rooms: Vec<RwLock<HashMap<RoomId, Room>>>,
+    users: Vec<Mutex<HashMap<String, Vec<SessionHandle>>>>,
+    /// Held events per joining session before it is closed as too slow to join.
+    max_held: usize,
+}
+
+fn shard_of(key: &str) -> usize {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+impl Hub {
+    pub fn new(max_held: usize) -> Self {
+        Self {
+            rooms: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            users: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_held,
+        }
+    }
+
+    fn room_shard(&self, room: &RoomId) -> &RwLock<HashMap<RoomId, Room>> {
+        &self.rooms[shard_of(room.as_str())]
+    }
+
+    /// Adds a session to a room in the holding state; returns true when it is the room's
+    /// first local session (the node must subscribe).
+    pub fn add(&self, room: &RoomId, handle: SessionHandle) -> bool {
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        let entry = shard.entry(room.clone()).or_default();
+        let first = entry.members.is_empty();
+        entry.members.insert(
+            handle.id,
+            Member {
+                handle,
+                held: Some(Vec::new()),
+            },
+        );
+        first
+    }
+
+    /// Ends the holding state: sends held stored events with seq > `after_seq` and every held
+    /// ephemeral event, in arrival order, then lets events through directly. Runs under the
+    /// shard's write lock, so no live event can slip between the held ones and the next.
+    pub fn release(&self, room: &RoomId, session: SessionId, after_seq: u64) {
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        if let Some(m) = shard
+            .get_mut(room)
+            .and_then(|r| r.members.get_mut(&session))
+        {
+            for (seq, frame) in m.held.take().unwrap_or_default() {
+                if seq == 0 || seq > after_seq {
+                    m.handle.send(frame);
+                }
+            }
+        }
+    }
+
+    /// Removes a session from a room; returns true when it was the room's last local session.
+    pub fn remove(&self, room: &RoomId, session: SessionId) -> bool {
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        let Some(entry) = shard.get_mut(room) else {
+            return false;
+        };
+        if entry.members.remove(&session).is_none() {
+            return false;
+        }
+        if entry.members.is_empty() {
+            shard.remove(room);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Fans a room event out to local sessions. `seq` is 0 for ephemeral events.
+    /// `except_user` (typing) is skipped. Returns the number of recipients.
+    pub fn deliver(
+        &self,
+        room: &RoomId,
+        seq: u64,
+        frame: &Bytes,
+        except_user: Option<&str>,
+    ) -> usize {
+        let started = std::time::Instant::now();
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        let Some(entry) = shard.get_mut(room) else {
+            return 0;
+        };
+        let mut n = 0;
+        for m in entry.members.values_mut() {
+            if except_user.is_some_and(|u| u == m.handle.user.id) {
+                continue;
+            }
+            match &mut m.held {
+                Some(held) if held.len() >= self.max_held => m.handle.close(close::SLOW_CONSUMER),
+                Some(held) => held.push((seq, frame.clone())),
+                None => m.handle.send(frame.clone()),
+            }
+            n += 1;
+        }
+        drop(shard);
+        metrics::histogram!("chat_fanout_seconds").record(started.elapsed());
+        n
+    }
+
+    /// Local sessions' distinct users in a room.
+    pub fn local_users(&self, room: &RoomId) -> Vec<UserRef> {
+        let shard = self.room_shard(room).read().expect("hub lock");
+        let mut users: Vec<UserRef> = shard
+            .get(room)
+            .map(|r| {
+                r.members
+                    .values()
+                    .map(|m| (*m.handle.user).clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        users.sort_by(|a, b| a.id.cmp(&b.id));
+        users.dedup_by(|a, b| a.id == b.id);
+        users
+    }
+
+    /// Rooms with at least one local session, and how many sessions each.
+    pub fn local_rooms(&self) -> Vec<(RoomId, usize)> {
+        self.rooms
+            .iter()
+            .flat_map(|s| {
+                let s = s.read().expect("hub lock");
+                s.iter()
+                    .map(|(k, v)| (k.clone(), v.members.len()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// How many local sessions are in a room.
+    pub fn sessions_count(&self, room: &RoomId) -> usize {
+        let shard = self.room_shard(room).read().expect("hub lock");
+        shard.get(room).map_or(0, |r| r.members.len())
+    }
+
+    /// Closes every local session in a room with `code`.
+    pub fn close_room(&self, room: &RoomId, code: u16) {
+        let shard = self.room_shard(room).read().expect("hub lock");
+        for m in shard.get(room).into_iter().flat_map(|r| r.members.values()) {
+            m.handle.close(code);
+        }
+    }
+
+    /// Sessions of `user` in `room` on this node.
+    pub fn sessions_in(&self, room: &RoomId, user: &str) -> Vec<SessionId> {
+        let shard = self.room_shard(room).read().expect("hub lock");
+        shard
+            .get(room)
+            .map(|r| {
+                r.members
+                    .values()
+                    .filter(|m| m.handle.user.id == user)
+                    .map(|m| m.handle.id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Registers a connection of its user; returns the user's connection count on this node
+    /// including this one.
+    pub fn register(&self, handle: SessionHandle) -> usize {
+        let mut shard = self.users[shard_of(&handle.user.id)]
+            .lock()
+            .expect("hub lock");
+        let list = shard.entry(handle.user.id.clone()).or_default();
+        list.push(handle);
+        list.len()
+    }
+
+    pub fn unregister(&self, user: &str, session: SessionId) {
+        let mut shard = self.users[shard_of(user)].lock().expect("hub lock");
+        if let Some(list) = shard.get_mut(user) {
+            list.retain(|h| h.id != session);
+            if list.is_empty() {
+                shard.remove(user);
+            }
+        }
+    }
+
+    pub fn user_connections(&self, user: &str) -> usize {
+        let shard = self.users[shard_of(user)].lock().expect("hub lock");
+        shard.get(user).map_or(0, Vec::len)
+    }
+
+    /// Sends a frame to every local connection of `user`.
+    pub fn deliver_user(&self, user: &str, frame: &Bytes) {
+        let shard = self.users[shard_of(user)].lock().expect("hub lock");
+        for h in shard.get(user).into_iter().flatten() {
+            h.send(frame.clone());
+        }
+    }
+
+    /// Sends a frame to every local connection.
+    pub fn deliver_all(&self, frame: &Bytes) {
+        for shard in &self.users {
+            let shard = shard.lock().expect("hub lock");
+            for h in shard.values().flatten() {
+                h.send(frame.clone());
+            }
+        }
+    }
+
+    /// Every local connection (for draining).
+    pub fn all_sessions(&self) -> Vec<SessionHandle> {
+        self.users
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .expect("hub lock")
+                    .values()
+                    .flatten()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(
+        id: u64,
+        user: &str,
+        cap: usize,
+    ) -> (SessionHandle, mpsc::Receiver<Outbound>, Arc<Kill>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let kill = Arc::new(Kill::default());
+        let u = Arc::new(UserRef {
+            id: user.into(),
+            name: user.into(),
+        });
+        (SessionHandle::new(id, u, tx, kill.clone()), rx, kill)
+    }
+
+    fn text(o: Outbound) -> Bytes {
+        match o {
+            Outbound::Text(b) => b,
+            Outbound::Pong(_) => panic!("pong"),
+        }
+    }
+
+    #[test]
+    fn held_events_are_filtered_by_seq_and_kept_in_order() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (h, mut rx, _) = session(1, "a", 16);
+        assert!(hub.add(&room, h));
+        for (seq, body) in [(4u64, "4"), (0, "typing"), (5, "5"), (6, "6")] {
+            hub.deliver(&room, seq, &Bytes::from(body), None);
+        }
+        assert!(rx.try_recv().is_err(), "nothing passes while holding");
+        hub.release(&room, 1, 5);
+        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv().ok().map(text)).collect();
+        assert_eq!(got, vec![Bytes::from("typing"), Bytes::from("6")]);
+        hub.deliver(&room, 7, &Bytes::from("7"), None);
+        assert_eq!(text(rx.try_recv().unwrap()), Bytes::from("7"));
+    }
+
+    #[test]
+    fn full_queue_closes_the_slow_session_only() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (slow, _slow_rx, slow_kill) = session(1, "slow", 2);
+        let (fast, mut fast_rx, fast_kill) = session(2, "fast", 64);
+        for h in [slow, fast] {
+            hub.add(&room, h.clone());
+            hub.release(&room, h.id, 0);
+        }
+        for i in 0..10 {
+            hub.deliver(&room, i + 1, &Bytes::from(format!("{i}")), None);
+        }
+        assert_eq!(slow_kill.code(), Some(close::SLOW_CONSUMER));
+        assert_eq!(fast_kill.code(), None);
+        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 10);
+    }
+
+    #[test]
+    fn except_user_and_last_member() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (a, mut arx, _) = session(1, "a", 8);
+        let (b, mut brx, _) = session(2, "b", 8);
+        assert!(hub.add(&room, a));
+        assert!(!hub.add(&room, b));
+        hub.release(&room, 1, 0);
+        hub.release(&room, 2, 0);
+        assert_eq!(hub.deliver(&room, 0, &Bytes::from("t"), Some("a")), 1);
+        assert!(arx.try_recv().is_err());
+        assert!(brx.try_recv().is_ok());
+        assert_eq!(hub.local_users(&room).len(), 2);
+        assert!(!hub.remove(&room, 1));
+        assert!(hub.remove(&room, 2));
+        assert_eq!(hub.deliver(&room, 1, &Bytes::from("x"), None), 0);
+    }
+}

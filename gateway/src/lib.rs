@@ -1,0 +1,95 @@
+//! The chat gateway: WebSocket edge of protocol v1.
+//!
+//! # Layout
+//! - [`config`]: flags and environment, validated before anything binds.
+//! - [`http`]: routes — the WebSocket upgrade (authenticated before upgrading), API paths,
+//!   health, readiness, metrics.
+//! - [`session`]: one per socket; its reader runs [`commands`], its [`writer`] drains a bounded
+//!   queue to the socket.
+//! - [`commands`]: what each client command does, authorized against [`rooms`].
+//! - [`node`]: per-process state shared by sessions (hub, broker, ids, drain state, typing).
+//! - [`hub`]: sharded local registry room → sessions and user → sessions; local fan-out.
+//! - [`broker`]: the cluster seam — seq assignment, recovery window, presence, pub/sub —
+//!   in memory (one node) or on Redis (many); [`bus`] reads frames that arrive from it.
+//! - [`persist`]: embedded mode's persistence queue into the store.
+//! - [`shutdown`], [`telemetry`].
+//!
+//! Where a room event goes: a session's command → [`commands`] validates and authorizes →
+//! [`broker`] assigns seq, appends to the persistence log, publishes → on every node the
+//! [`hub`] enqueues the same bytes to each local member's queue → [`writer`] writes them.
+
+pub mod broker;
+pub mod bus;
+pub mod commands;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod node;
+pub mod persist;
+pub mod rooms;
+pub mod session;
+pub mod shutdown;
+pub mod telemetry;
+pub mod writer;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use broker::{memory::MemoryBroker, AnyBroker};
+use config::Config;
+use hub::Hub;
+use node::Node;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot reach redis: {0}")]
+    Redis(String),
+}
+
+/// Builds a node from validated configuration: picks the broker and store.
+pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    telemetry::install_metrics();
+    let verifier = config.verifier().map_err(StartError::Config)?;
+    // A joining session holds live events until its replay is sent; bounded like its queue.
+    let hub = Arc::new(Hub::new(config.outbound_queue));
+    let broker = match &config.redis_url {
+        None => AnyBroker::Memory(MemoryBroker::new(hub.clone(), config.recovery_window, None)),
+        Some(url) => AnyBroker::Redis(
+            broker::redis::RedisBroker::connect(
+                url,
+                hub.clone(),
+                config.recovery_window,
+                config.node_name(),
+                std::time::Duration::from_secs(config.presence_ttl_seconds),
+            )
+            .await
+            .map_err(|e| StartError::Redis(e.to_string()))?,
+        ),
+    };
+    Ok(Arc::new(Node::new(config, verifier, hub, broker)))
+}
+
+/// Serves `node` on an already-bound listener until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = http::router(node.clone());
+    let drained = {
+        let node = node.clone();
+        async move {
+            shutdown.await;
+            shutdown::drain(node).await;
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(drained)
+        .await
+}

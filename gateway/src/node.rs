@@ -1,0 +1,182 @@
+//! One [`Node`] per process: configuration, the local hub, the broker, room settings, id
+//! generation, and the drain state. Sessions hold an `Arc<Node>`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::auth::Verifier;
+use proto::ids::MessageIdGen;
+use proto::server::Limits;
+use proto::{RoomId, ServerEvent, UserRef};
+use tokio::sync::{watch, Semaphore};
+
+use crate::broker::{AnyBroker, Broker};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::rooms::Rooms;
+
+/// How long a `typing` lasts without a repeat.
+pub const TYPING_TTL: Duration = Duration::from_secs(5);
+/// Users listed in one `online_users` frame at most (the count is always exact).
+pub const ONLINE_LIST_MAX: usize = 100;
+
+pub struct Node {
+    pub config: Config,
+    pub name: String,
+    pub verifier: Verifier,
+    pub hub: Arc<Hub>,
+    pub broker: AnyBroker,
+    pub rooms: Rooms,
+    pub ids: MessageIdGen,
+    pub connections: Arc<Semaphore>,
+    next_session: AtomicU64,
+    draining: AtomicBool,
+    drain_tx: watch::Sender<bool>,
+    /// (room, user) → generation of the user's latest `typing`; expiry compares generations.
+    typing: Mutex<HashMap<(RoomId, String), u64>>,
+    typing_gen: AtomicU64,
+}
+
+impl Node {
+    pub fn new(config: Config, verifier: Verifier, hub: Arc<Hub>, broker: AnyBroker) -> Self {
+        let name = config.node_name();
+        let ids = MessageIdGen::new(broker.worker_id());
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        Self {
+            name,
+            verifier,
+            hub,
+            broker,
+            rooms: Rooms::default(),
+            ids,
+            connections,
+            next_session: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            drain_tx: watch::channel(false).0,
+            typing: Mutex::default(),
+            typing_gen: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.config.max_frame_bytes,
+            max_content_chars: self.config.max_content_chars,
+            messages_per_s: self.config.messages_per_s,
+        }
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts draining: readiness off, no new upgrades, every session told to reconnect.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain_tx.send_replace(true);
+    }
+
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain_tx.subscribe()
+    }
+
+    pub fn ready(&self) -> bool {
+        !self.is_draining() && self.broker.healthy()
+    }
+
+    /// Publishes an ephemeral event to a room; failures are logged, not returned (best effort).
+    pub async fn publish_ephemeral(&self, room: &RoomId, ev: &ServerEvent) {
+        if let Err(e) = self
+            .broker
+            .publish_ephemeral(room, Bytes::from(ev.to_json()))
+            .await
+        {
+            tracing::debug!(error = %e, %room, "ephemeral publish failed");
+        }
+    }
+
+    /// Announces the room's online users (capped list, exact count).
+    pub async fn publish_online(&self, room: &RoomId) {
+        let Ok(mut users) = self.broker.presence(room).await else {
+            return;
+        };
+        let count = users.len() as u64;
+        users.truncate(ONLINE_LIST_MAX);
+        self.publish_ephemeral(
+            room,
+            &ServerEvent::OnlineUsers {
+                room: room.clone(),
+                users,
+                count,
+            },
+        )
+        .await;
+    }
+
+    /// Relays `typing` and (re)arms its expiry: without a repeat within [`TYPING_TTL`] the
+    /// room gets `stop_typing` from this node.
+    pub async fn typing(self: &Arc<Self>, room: &RoomId, user: &UserRef) {
+        let gen = self.typing_gen.fetch_add(1, Ordering::Relaxed) + 1;
+        let key = (room.clone(), user.id.clone());
+        self.typing
+            .lock()
+            .expect("typing lock")
+            .insert(key.clone(), gen);
+        self.publish_ephemeral(
+            room,
+            &ServerEvent::Typing {
+                room: room.clone(),
+                user: user.clone(),
+            },
+        )
+        .await;
+        let node = self.clone();
+        let user = user.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TYPING_TTL).await;
+            let expired = {
+                let mut t = node.typing.lock().expect("typing lock");
+                if t.get(&key) == Some(&gen) {
+                    t.remove(&key);
+                    true
+                } else {
+                    false
+                }
+            };
+            if expired {
+                let (room, _) = key;
+                node.publish_ephemeral(&room.clone(), &ServerEvent::StopTyping { room, user })
+                    .await;
+            }
+        });
+    }
+
+    /// Ends a `typing` now (explicit `stop_typing`, a sent message, a leave); no-op when the
+    /// user was not typing.
+    pub async fn stop_typing(&self, room: &RoomId, user: &UserRef, always: bool) {
+        let was = self
+            .typing
+            .lock()
+            .expect("typing lock")
+            .remove(&(room.clone(), user.id.clone()))
+            .is_some();
+        if was || always {
+            self.publish_ephemeral(
+                room,
+                &ServerEvent::StopTyping {
+                    room: room.clone(),
+                    user: user.clone(),
+                },
+            )
+            .await;
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The embedded mode's persistence log: a bounded queue from the in-process broker into one
+//! ingest task that writes batches to the store. A stored event's publisher waits until its
+//! batch is committed, so an acknowledged message is on disk; fan-out never waits for it.
+//! (Scaled out, the Redis persistence stream plays this role and the history service ingests.)
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proto::ServerEvent;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::BrokerError;
+
+/// Frames waiting for the store at most; a full queue makes publishers wait (backpressure on
+/// senders only).
+const QUEUE: usize = 8192;
+const BATCH: usize = 512;
+/// How long a publisher waits for its commit before answering `unavailable`.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Job = (Bytes, Option<oneshot::Sender<()>>);
+
+/// Writes one batch durably; the error is logged and the batch retried.
+pub type ApplyFn = Arc<
+    dyn Fn(Vec<ServerEvent>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Clone)]
+pub struct PersistQueue {
+    tx: mpsc::Sender<Job>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl PersistQueue {
+    /// Starts the ingest task.
+    pub fn spawn(apply: ApplyFn) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        tokio::spawn(ingest(rx, apply, healthy.clone()));
+        Self { tx, healthy }
+    }
+
+    /// Appends a frame and waits until it is committed.
+    pub async fn append_and_wait(&self, frame: Bytes) -> Result<(), BrokerError> {
+        let (done, committed) = oneshot::channel();
+        self.tx
+            .send((frame, Some(done)))
+            .await
+            .map_err(|_| BrokerError::Unavailable("store writer stopped".into()))?;
+        match tokio::time::timeout(COMMIT_TIMEOUT, committed).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(BrokerError::Unavailable(
+                "store did not commit in time".into(),
+            )),
+        }
+    }
+
+    /// Appends a frame without waiting for the commit (read receipts).
+    pub async fn append(&self, frame: Bytes) -> Result<(), BrokerError> {
+        self.tx
+            .send((frame, None))
+            .await
+            .map_err(|_| BrokerError::Unavailable("store writer stopped".into()))
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+async fn ingest(mut rx: mpsc::Receiver<Job>, apply: ApplyFn, healthy: Arc<AtomicBool>) {
+    let mut jobs = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut jobs, BATCH).await > 0 {
+        let events: Vec<ServerEvent> = jobs
+            .iter()
+            .filter_map(|(frame, _)| match serde_json::from_slice(frame) {
+                Ok(ev) => Some(ev),
+                Err(e) => {
+                    tracing::error!(error = %e, "undecodable frame in persistence queue");
+                    None
+                }
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match apply(events.clone()).await {
+                Ok(()) => {
+                    metrics::histogram!("chat_store_batch_seconds").record(started.elapsed());
+                    healthy.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, batch = events.len(), "store write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for (_, done) in jobs.drain(..) {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! One session per WebSocket: a reader that parses frames and runs commands, a writer that
+//! drains the bounded outbound queue ([`crate::writer`]); both end together.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, WebSocket, WebSocketError};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use proto::auth::Identity;
+use proto::errors::close;
+use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::commands;
+use crate::hub::{Kill, Outbound, SessionHandle};
+use crate::node::Node;
+use crate::writer::{self, Coalesce, LastSeen};
+
+/// Rejected commands in a row after which a flooding client is closed with 1008.
+const MAX_STRIKES: u32 = 200;
+
+/// What the reader knows about its session; commands read and change it.
+pub struct SessionState {
+    pub handle: SessionHandle,
+    pub identity: Identity,
+    pub rooms: HashSet<RoomId>,
+    limiter: DefaultDirectRateLimiter,
+    strikes: u32,
+}
+
+impl SessionState {
+    pub fn user(&self) -> &UserRef {
+        &self.identity.user
+    }
+
+    /// Queues a direct answer to this session.
+    pub fn send(&self, ev: &ServerEvent) {
+        self.handle.send(Bytes::from(ev.to_json()));
+    }
+}
+
+/// Runs a session to its end. `permit` holds this connection's place under the node's limit.
+pub async fn run(
+    node: Arc<Node>,
+    ws: WebSocket<TokioIo<Upgraded>>,
+    identity: Identity,
+    auto_join: Option<RoomId>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = tokio::time::Instant::now();
+    let (tx, rx) = mpsc::channel(node.config.outbound_queue);
+    let kill = Arc::new(Kill::default());
+    let handle = SessionHandle::new(
+        node.next_session_id(),
+        Arc::new(identity.user.clone()),
+        tx,
+        kill.clone(),
+    );
+    node.hub.register(handle.clone());
+    metrics::gauge!("chat_connections").increment(1.0);
+
+    let quota = Quota::per_second(NonZeroU32::new(node.config.messages_per_s).expect("validated"))
+        .allow_burst(NonZeroU32::new(node.config.burst).expect("validated"));
+    let mut state = SessionState {
+        handle: handle.clone(),
+        identity,
+        rooms: HashSet::new(),
+        limiter: RateLimiter::direct(quota),
+        strikes: 0,
+    };
+    state.send(&ServerEvent::Hello {
+        session_id: format!("{}-{}", node.name, handle.id),
+        user: state.identity.user.clone(),
+        node: node.name.clone(),
+        heartbeat_s: node.config.heartbeat_seconds as u32,
+        limits: node.limits(),
+    });
+
+    let (read, write) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, Coalesce::new(w))
+    });
+    let last_seen: LastSeen = Default::default();
+    let heartbeat = node.config.heartbeat();
+    {
+        let writer = writer::run(
+            write,
+            rx,
+            kill.clone(),
+            heartbeat,
+            last_seen.clone(),
+            started,
+        );
+        let reader = read_loop(
+            &node, &mut state, read, &kill, &last_seen, started, auto_join,
+        );
+        let drainer = drain_when_told(&node, &handle);
+        tokio::pin!(writer, reader, drainer);
+        tokio::select! {
+            _ = &mut drainer => {}
+            _ = &mut writer => {}
+            _ = &mut reader => {
+                // Let the writer send what is queued (and the close frame) before ending.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut writer).await;
+            }
+        }
+    }
+
+    for room in std::mem::take(&mut state.rooms) {
+        commands::leave_room(&node, &state, &room).await;
+    }
+    node.hub.unregister(&state.identity.user.id, handle.id);
+    metrics::gauge!("chat_connections").decrement(1.0);
+}
+
+/// On drain: `reconnect` at a random point of the drain window, then close 1012 at that point,
+/// so a node's clients spread their reconnects instead of stampeding. Never completes.
+async fn drain_when_told(node: &Node, handle: &SessionHandle) {
+    let mut drain = node.drain_signal();
+    if drain.wait_for(|d| *d).await.is_ok() {
+        let window_ms = node.config.drain_seconds * 1000 * 3 / 4;
+        let after_ms = rand::random_range(0..=window_ms);
+        handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
+        tokio::time::sleep(std::time::Duration::from_millis(after_ms)).await;
+        handle.close(close::RESTARTING);
+    }
+    std::future::pending::<()>().await
+}
+
+async fn read_loop<S>(
+    node: &Arc<Node>,
+    state: &mut SessionState,
+    read: fastwebsockets::WebSocketRead<S>,
+    kill: &Arc<Kill>,
+    last_seen: &LastSeen,
+    started: tokio::time::Instant,
+    auto_join: Option<RoomId>,
+) where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut read = read;
+    read.set_max_message_size(node.config.max_frame_bytes);
+    read.set_auto_close(true);
+    read.set_auto_pong(true);
+    let mut read = FragmentCollectorRead::new(read);
+
+    if let Some(room) = auto_join {
+        commands::join(node, state, None, room, None).await;
+    }
+
+    let pong_tx = state.handle.clone();
+    loop {
+        // Obligated answers (pong to a ping, the close echo) go through the writer.
+        let mut obligated = |frame: Frame<'_>| {
+            match frame.opcode {
+                OpCode::Pong => {
+                    pong_tx.send_control(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
+                }
+                OpCode::Close => {
+                    let code = (frame.payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]))
+                        .filter(|c| {
+                            (1000..5000).contains(c) && ![1004, 1005, 1006, 1015].contains(c)
+                        })
+                        .unwrap_or(1000);
+                    pong_tx.close(code);
+                }
+                _ => {}
+            }
+            std::future::ready(Ok::<(), std::io::Error>(()))
+        };
+        let frame = tokio::select! {
+            f = read.read_frame(&mut obligated) => f,
+            _ = kill.wait() => return,
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(WebSocketError::FrameTooLarge) => {
+                kill.close(close::TOO_BIG);
+                return;
+            }
+            Err(WebSocketError::InvalidUTF8) => {
+                kill.close(1007);
+                return;
+            }
+            Err(_) => return,
+        };
+        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary => {
+                metrics::counter!("chat_frames_in_total").increment(1);
+                let decoded = proto::client::decode(&frame.payload);
+                let r#ref = match &decoded {
+                    Ok(inb) => inb.r#ref.clone(),
+                    Err(e) => e.r#ref.clone(),
+                };
+                if admit(state, r#ref) {
+                    commands::handle(node, state, decoded).await;
+                }
+            }
+            OpCode::Close => return,
+            _ => {}
+        }
+    }
+}
+
+/// The per-connection token bucket. A rejected command is answered `rate_limited`; a client
+/// that keeps flooding is closed with 1008.
+fn admit(state: &mut SessionState, r#ref: Option<proto::Ref>) -> bool {
+    match state.limiter.check() {
+        Ok(()) => {
+            state.strikes = 0;
+            true
+        }
+        Err(not_until) => {
+            use governor::clock::{Clock, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            state.strikes += 1;
+            metrics::counter!("chat_rate_limited_total").increment(1);
+            if state.strikes > MAX_STRIKES {
+                state.handle.close(close::POLICY);
+            } else {
+                state.send(&ServerEvent::Error {
+                    r#ref,
+                    code: ErrorCode::RateLimited,
+                    message: "too many commands".into(),
+                    retry_after_ms: Some(wait.as_millis().max(1) as u64),
+                });
+            }
+            false
+        }
+    }
+}

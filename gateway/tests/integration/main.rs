@@ -1,0 +1,11 @@
+//! Gateway integration tests: real servers on port 0, real WebSocket clients. One test binary
+//! (link time on 2 cores); modules by subject.
+
+mod support;
+
+mod auth;
+mod bad_input;
+mod messaging;
+mod presence;
+mod recovery;
+mod slow_and_floods;

@@ -1,0 +1,115 @@
+//! Slow consumers are cut off without stalling their room; floods are rate limited.
+
+use std::time::Duration;
+
+use crate::support::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_1013_and_others_keep_receiving() {
+    let server = Server::start_with(|c| {
+        c.outbound_queue = 16;
+        // 400 × 16 KB outgrows the kernel's socket buffers (up to 4 MiB on loopback).
+        c.max_content_chars = 16_000;
+        c.messages_per_s = 100_000;
+        c.burst = 100_000;
+    })
+    .await;
+    // The slow client: a small receive buffer, and it never reads after joining.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/ws?token={}", server.addr, token("slow"));
+    let (mut slow_ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    {
+        use futures_util::SinkExt;
+        slow_ws
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                json!({"type": "join", "room": "firehose"}).to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut reader = Client::connect(&server, "reader").await;
+    reader.join("firehose").await;
+    let mut sender = Client::connect(&server, "sender").await;
+    sender.join("firehose").await;
+    // wait until the slow client is in the room (online count 3)
+    reader
+        .recv_where(|f| f["type"] == "online_users" && f["count"] == 3)
+        .await;
+
+    const N: usize = 400;
+    let body = "y".repeat(16_000);
+    let send_all = async {
+        for _ in 0..N {
+            sender.say("firehose", &body).await;
+        }
+    };
+    let read_all = async {
+        let mut got = 0;
+        while got < N {
+            if reader.recv().await["type"] == "message" {
+                got += 1;
+            }
+        }
+        got
+    };
+    let ((), got) = tokio::join!(send_all, read_all);
+    assert_eq!(got, N, "the reading client got every message");
+    // the slow client was told why: read the rest of its socket up to the close frame
+    let mut slow = Client::from_ws(slow_ws, "slow");
+    assert_eq!(slow.expect_close().await, 1013);
+    let metrics = http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chat_slow_consumer_closes_total"),
+        "counted in metrics"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn flooding_gets_rate_limited_with_retry_after() {
+    let server = Server::start_with(|c| {
+        c.messages_per_s = 5;
+        c.burst = 5;
+    })
+    .await;
+    let mut c = Client::connect(&server, "flood").await;
+    for i in 0..20 {
+        c.send(json!({"type": "ping", "ref": i})).await;
+    }
+    let mut pongs = 0;
+    let mut limited = None;
+    for _ in 0..20 {
+        let f = c.recv().await;
+        match f["type"].as_str().unwrap() {
+            "pong" => pongs += 1,
+            "error" => {
+                assert_eq!(f["code"], "rate_limited", "{f}");
+                limited = Some(f["retry_after_ms"].as_u64().expect("retry_after_ms"));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        (5..20).contains(&pongs),
+        "burst admitted, rest refused: {pongs}"
+    );
+    let wait = limited.expect("some were limited");
+    assert!(wait > 0 && wait <= 1000, "{wait}");
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await; // waiting out the advertised retry_after_ms is the behaviour under test
+    let p = c.call(json!({"type": "ping"})).await;
+    assert_eq!(p["type"], "pong", "admitted again after retry_after_ms");
+    server.stop().await;
+}

@@ -1,0 +1,263 @@
+//! Starting servers and driving clients.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::config::Config;
+use gateway::node::Node;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for an expected frame before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+        let mut config = Config::for_tests();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.drain_seconds = 1;
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let node = gateway::build_node(config).await.expect("node starts");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let n = node.clone();
+        let task = tokio::spawn(async move {
+            gateway::serve(listener, n, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Server {
+            addr,
+            node,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Drains and stops the server; returns when it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// A dev-key token for `user`.
+pub fn token(user: &str) -> String {
+    proto::auth::sign_hs256(
+        proto::auth::DEV_SECRET,
+        &proto::auth::claims(user, &user.to_uppercase(), 3600),
+    )
+}
+
+pub fn admin_token(user: &str) -> String {
+    let mut c = proto::auth::claims(user, user, 3600);
+    c.roles = vec!["admin".into()];
+    proto::auth::sign_hs256(proto::auth::DEV_SECRET, &c)
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub user: String,
+    pub hello: Value,
+    /// Frames read while looking for another one; later reads see them first, in order.
+    pub pending: std::collections::VecDeque<Value>,
+}
+
+/// The HTTP status and body of a refused upgrade.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: Value,
+}
+
+pub async fn try_connect_url(
+    url: &str,
+) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, Refused> {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            Err(Refused { status, body })
+        }
+        Err(e) => panic!("connect failed: {e}"),
+    }
+}
+
+impl Client {
+    pub async fn connect(server: &Server, user: &str) -> Client {
+        Self::connect_path(server, user, "/ws").await
+    }
+
+    pub async fn connect_path(server: &Server, user: &str, path: &str) -> Client {
+        Self::connect_addr(server.addr, user, path).await
+    }
+
+    pub async fn connect_addr(addr: SocketAddr, user: &str, path: &str) -> Client {
+        let url = format!("ws://{addr}{path}?token={}", token(user));
+        let ws = try_connect_url(&url).await.expect("upgrade accepted");
+        let mut c = Client::from_ws(ws, user);
+        c.hello = c.recv_type("hello").await;
+        c
+    }
+
+    pub fn from_ws(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, user: &str) -> Client {
+        Client {
+            ws,
+            user: user.into(),
+            hello: Value::Null,
+            pending: Default::default(),
+        }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    /// The next text frame as JSON.
+    pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
+        self.read().await
+    }
+
+    /// The next text frame from the socket.
+    async fn read(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{}: no frame within {WAIT:?}", self.user))
+                .unwrap_or_else(|| panic!("{}: connection ended", self.user))
+                .unwrap_or_else(|e| panic!("{}: {e}", self.user));
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("server sends JSON"),
+                Message::Close(c) => panic!("{}: closed: {c:?}", self.user),
+                _ => {}
+            }
+        }
+    }
+
+    /// The first frame of `kind`, earlier frames kept for later reads.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        self.recv_where(|v| v["type"] == kind).await
+    }
+
+    /// The first frame that matches, earlier frames kept for later reads.
+    pub async fn recv_where(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.pending.iter().position(&pred) {
+            return self.pending.remove(i).expect("index is valid");
+        }
+        loop {
+            let v = self.read().await;
+            if pred(&v) {
+                return v;
+            }
+            self.pending.push_back(v);
+        }
+    }
+
+    /// Sends a command with a ref and returns the answer carrying that ref.
+    pub async fn call(&mut self, mut v: Value) -> Value {
+        let r = format!("r{}", rand_u64());
+        v["ref"] = json!(r);
+        self.send(v).await;
+        self.recv_where(|f| f["ref"] == json!(r)).await
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        let v = self.call(json!({"type": "join", "room": room})).await;
+        assert_eq!(v["type"], "joined", "{v}");
+        v
+    }
+
+    /// Sends a message and returns its ack.
+    pub async fn say(&mut self, room: &str, content: &str) -> Value {
+        let v = self
+            .call(json!({"type": "message", "room": room, "content": content}))
+            .await;
+        assert_eq!(v["type"], "ack", "{v}");
+        v
+    }
+
+    /// Waits for the close frame and returns its code (skipping other frames).
+    pub async fn expect_close(&mut self) -> u16 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("{}: not closed within {WAIT:?}", self.user),
+                Ok(None) => panic!("{}: ended without a close frame", self.user),
+                Ok(Some(Err(e))) => panic!("{}: error before close: {e}", self.user),
+                Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
+                Ok(Some(Ok(Message::Close(None)))) => return u16::from(CloseCode::Status),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Asserts nothing matching arrives before a `ping` round trip completes: everything
+    /// the server sent before answering the ping has been seen.
+    pub async fn assert_none_before_pong(&mut self, pred: impl Fn(&Value) -> bool) {
+        let r = format!("sync{}", rand_u64());
+        self.send(json!({"type": "ping", "ref": r})).await;
+        loop {
+            let v = match self.pending.pop_front() {
+                Some(v) => v,
+                None => self.read().await,
+            };
+            assert!(!pred(&v), "{}: unexpected frame {v}", self.user);
+            if v["type"] == "pong" && v["ref"] == json!(r) {
+                return;
+            }
+        }
+    }
+}
+
+pub fn rand_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
