@@ -31,3 +31,29 @@ pub fn excluded_user(p: &Peek) -> Option<&str> {
         _ => None,
     }
 }
+
+/// The `type` of a frame, read from its first bytes without parsing it: stored frames start
+/// `{"seq":N,"type":"…"`, others `{"type":"…"` (serde writes the tag first).
+pub fn kind_of(frame: &[u8]) -> Option<&str> {
+    const TAG: &[u8] = b"\"type\":\"";
+    let head = &frame[..frame.len().min(48)];
+    let start = head.windows(TAG.len()).position(|w| w == TAG)? + TAG.len();
+    let len = frame[start..].iter().take(32).position(|&b| b == b'"')?;
+    std::str::from_utf8(&frame[start..start + len]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_of_reads_the_tag_of_stored_and_plain_frames() {
+        assert_eq!(
+            kind_of(br#"{"seq":12,"type":"banned","room":"a"}"#),
+            Some("banned")
+        );
+        assert_eq!(kind_of(br#"{"type":"typing","room":"a"}"#), Some("typing"));
+        assert_eq!(kind_of(br#"{"room":"a"}"#), None);
+        assert_eq!(kind_of(b""), None);
+    }
+}

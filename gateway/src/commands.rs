@@ -9,8 +9,13 @@ use proto::client::{DecodeError, DecodeErrorKind};
 use proto::rooms::RoomSummary;
 use proto::{Command, ErrorCode, Inbound, MessageId, Ref, RoomId, ServerEvent, Timestamp};
 
+use history_service::{Store, StoreError};
+use proto::rooms::{Role, RoomInfo, Visibility};
+
 use crate::broker::{Broker, BrokerError, Dedupe, Published};
+use crate::moderation::{self, state_of};
 use crate::node::Node;
+use crate::rooms::Access;
 use crate::session::SessionState;
 
 /// `client_msg_id` longer than this is refused.
@@ -39,13 +44,25 @@ impl From<BrokerError> for CommandError {
     }
 }
 
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Internal(_) => {
+                tracing::warn!(error = %e, "store failure");
+                CommandError::new(e.code(), "the store is unavailable; retry")
+            }
+            other => CommandError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
 impl From<DecodeError> for CommandError {
     fn from(e: DecodeError) -> Self {
         CommandError::new(ErrorCode::Invalid, e.kind.to_string())
     }
 }
 
-type Result<T = ()> = std::result::Result<T, CommandError>;
+pub type Result<T = ()> = std::result::Result<T, CommandError>;
 
 /// Runs one decoded (or undecodable) frame.
 pub async fn handle(
@@ -90,10 +107,24 @@ async fn run(
             Ok(())
         }
         Command::Leave { room } => {
-            if !s.rooms.remove(&room) {
+            if !in_room(node, s, &room) {
                 return Err(CommandError::new(ErrorCode::NotFound, "not in this room"));
             }
+            s.rooms.remove(&room);
             leave_room(node, s, &room).await;
+            // Leaving a public room ends a plain membership (admins and owners keep theirs).
+            if let Ok(Some(state)) = node.rooms.state(&room).await {
+                let access = Access::of(&state, &s.identity);
+                if state.info.visibility == Visibility::Public
+                    && access.role() == Some(Role::Member)
+                {
+                    node.rooms
+                        .store()
+                        .remove_member(&room, &s.user().id)
+                        .await?;
+                    node.rooms.invalidate(&room);
+                }
+            }
             s.send(&ServerEvent::Left { r#ref, room });
             Ok(())
         }
@@ -104,10 +135,10 @@ async fn run(
             reply_to,
         } => send_message(node, s, r#ref, room, content, client_msg_id, reply_to).await,
         Command::Edit { room, id, content } => {
-            must_be_in(s, &room)?;
+            may_post(node, s, &room).await?;
             check_content(node, &content)?;
-            let author = find_message(node, &room, id).await?;
-            if author != s.user().id {
+            let message = moderation::find_message(node, &room, id).await?;
+            if message.user.id != s.user().id {
                 return Err(CommandError::new(
                     ErrorCode::Forbidden,
                     "only the author may edit",
@@ -133,12 +164,19 @@ async fn run(
             Ok(())
         }
         Command::Delete { room, id } => {
-            must_be_in(s, &room)?;
-            let author = find_message(node, &room, id).await?;
-            if author != s.user().id && !s.identity.admin {
+            let state = state_of(node, &room).await?;
+            let access = Access::of(&state, &s.identity);
+            if !access.may_read() {
                 return Err(CommandError::new(
                     ErrorCode::Forbidden,
-                    "only the author or an admin may delete",
+                    "you may not read this room",
+                ));
+            }
+            let message = moderation::find_message(node, &room, id).await?;
+            if message.user.id != s.user().id && !access.moderates() {
+                return Err(CommandError::new(
+                    ErrorCode::Forbidden,
+                    "only the author, a room admin or the owner may delete",
                 ));
             }
             let ev = ServerEvent::MessageDeleted {
@@ -160,29 +198,112 @@ async fn run(
             Ok(())
         }
         Command::Typing { room } => {
-            must_be_in(s, &room)?;
+            may_post(node, s, &room).await?;
             node.typing(&room, s.user()).await;
             Ok(())
         }
         Command::StopTyping { room } => {
-            must_be_in(s, &room)?;
+            must_be_in(node, s, &room)?;
             node.stop_typing(&room, s.user(), true).await;
             Ok(())
         }
         Command::ListRooms => {
-            let rooms = list_rooms(node).await;
+            let rooms = list_rooms(node, &s.identity).await?;
             s.send(&ServerEvent::Rooms { r#ref, rooms });
             Ok(())
         }
-        other => Err(CommandError::new(
-            ErrorCode::Invalid,
-            format!("`{}` is not supported by this server yet", other.name()),
-        )),
+        Command::Read { room, seq } => {
+            must_be_in(node, s, &room)?;
+            if seq == 0 {
+                return Err(CommandError::new(
+                    ErrorCode::Invalid,
+                    "seq must be at least 1",
+                ));
+            }
+            crate::receipts::read(node, &room, s.user(), seq).await;
+            if r#ref.is_some() {
+                s.send(&ServerEvent::Ack {
+                    r#ref,
+                    id: None,
+                    seq: Some(seq),
+                    ts: None,
+                });
+            }
+            Ok(())
+        }
+        Command::Pin { room, id } => moderation::pin(node, s, r#ref, room, id, true).await,
+        Command::Unpin { room, id } => moderation::pin(node, s, r#ref, room, id, false).await,
+        Command::CreateRoom {
+            room,
+            name,
+            visibility,
+            topic,
+            max_members,
+        } => {
+            moderation::create_room(node, s, r#ref, room, name, visibility, topic, max_members)
+                .await
+        }
+        Command::UpdateRoom {
+            room,
+            name,
+            topic,
+            visibility,
+            max_members,
+            members_can_pin,
+        } => {
+            moderation::update_room(
+                node,
+                s,
+                r#ref,
+                room,
+                name,
+                topic,
+                visibility,
+                max_members,
+                members_can_pin,
+            )
+            .await
+        }
+        Command::DeleteRoom { room } => moderation::delete_room(node, s, r#ref, room).await,
+        Command::AddMember { room, user, role } => {
+            moderation::add_member(node, s, r#ref, room, user, role).await
+        }
+        Command::RemoveMember { room, user, reason } | Command::Kick { room, user, reason } => {
+            moderation::remove_member(node, s, r#ref, room, user, reason).await
+        }
+        Command::Ban {
+            room,
+            user,
+            reason,
+            duration_s,
+        } => moderation::ban(node, s, r#ref, room, user, reason, duration_s).await,
+        Command::Unban { room, user } => moderation::unban(node, s, r#ref, room, user).await,
+        Command::Mute {
+            room,
+            user,
+            duration_s,
+        } => moderation::mute(node, s, r#ref, room, user, duration_s, true).await,
+        Command::Unmute { room, user } => {
+            moderation::mute(node, s, r#ref, room, user, None, false).await
+        }
+        Command::SetRole { room, user, role } => {
+            moderation::set_role(node, s, r#ref, room, user, role).await
+        }
     }
 }
 
-fn must_be_in(s: &SessionState, room: &RoomId) -> Result {
-    if s.rooms.contains(room) {
+/// True while the session is in the room. The hub is the truth: a ban, kick or room deletion
+/// takes sessions out of the room there; the session's own list catches up here.
+fn in_room(node: &Node, s: &mut SessionState, room: &RoomId) -> bool {
+    if node.hub.contains(room, s.handle.id) {
+        return true;
+    }
+    s.rooms.remove(room);
+    false
+}
+
+fn must_be_in(node: &Node, s: &mut SessionState, room: &RoomId) -> Result {
+    if in_room(node, s, room) {
         Ok(())
     } else {
         Err(CommandError::new(
@@ -190,6 +311,32 @@ fn must_be_in(s: &SessionState, room: &RoomId) -> Result {
             "join the room first",
         ))
     }
+}
+
+/// Joined, allowed to post by the room's visibility and membership, not muted.
+async fn may_post(node: &Node, s: &mut SessionState, room: &RoomId) -> Result {
+    must_be_in(node, s, room)?;
+    let state = state_of(node, room).await?;
+    let access = Access::of(&state, &s.identity);
+    if access.banned() {
+        return Err(CommandError::new(
+            ErrorCode::Banned,
+            "you are banned from this room",
+        ));
+    }
+    if !access.may_post() {
+        return Err(CommandError::new(
+            ErrorCode::Forbidden,
+            "only members may post in this room",
+        ));
+    }
+    if let Some(until) = access.muted_until() {
+        return Err(CommandError::new(
+            ErrorCode::Muted,
+            format!("you are muted until {}", until),
+        ));
+    }
+    Ok(())
 }
 
 fn check_content(node: &Node, content: &str) -> Result {
@@ -218,7 +365,7 @@ async fn send_message(
     client_msg_id: Option<String>,
     reply_to: Option<MessageId>,
 ) -> Result {
-    must_be_in(s, &room)?;
+    may_post(node, s, &room).await?;
     check_content(node, &content)?;
     if client_msg_id
         .as_ref()
@@ -284,7 +431,7 @@ async fn try_join(
     room: &RoomId,
     since: Option<u64>,
 ) -> Result {
-    if s.rooms.contains(room) {
+    if in_room(node, s, room) {
         return Err(CommandError::new(
             ErrorCode::Conflict,
             "already in this room",
@@ -299,7 +446,81 @@ async fn try_join(
             ),
         ));
     }
-    let info = node.rooms.ensure(room);
+    let state = match node.rooms.state(room).await? {
+        Some(state) => state,
+        None if node.config.auto_create_rooms => {
+            let info = RoomInfo {
+                id: room.clone(),
+                name: room.to_string(),
+                topic: String::new(),
+                visibility: Visibility::Public,
+                max_members: None,
+                members_can_pin: false,
+                owner: Some(s.user().id.clone()),
+                created_at: Timestamp::now(),
+            };
+            match moderation::create(node, info, s.user()).await {
+                // Another join created it first: join that one.
+                Ok(_)
+                | Err(CommandError {
+                    code: ErrorCode::Conflict,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+            state_of(node, room).await?
+        }
+        None => {
+            return Err(CommandError::new(
+                ErrorCode::NotFound,
+                format!("no room {room}"),
+            ))
+        }
+    };
+    let access = Access::of(&state, &s.identity);
+    if access.banned() {
+        return Err(CommandError::new(
+            ErrorCode::Banned,
+            "you are banned from this room",
+        ));
+    }
+    if !access.may_read() {
+        return Err(CommandError::new(
+            ErrorCode::Forbidden,
+            "private room: members only",
+        ));
+    }
+    let mut role = access.role();
+    let stale_name = access.member.is_some_and(|m| m.user.name != s.user().name);
+    if state.info.visibility == Visibility::Public && (role.is_none() || stale_name) {
+        // Joining a public room makes the user a member (counted, may pin when allowed).
+        if role.is_none() {
+            if let Some(max) = state.info.max_members {
+                if access.member_count() >= max as usize {
+                    return Err(CommandError::new(
+                        ErrorCode::RoomFull,
+                        format!("the room is full ({max} members)"),
+                    ));
+                }
+            }
+        }
+        let r = role.unwrap_or(Role::Member);
+        node.rooms.store().put_member(room, s.user(), r).await?;
+        node.rooms.invalidate(room);
+        role = Some(r);
+    } else if stale_name {
+        if let Some(r) = role {
+            node.rooms.store().put_member(room, s.user(), r).await?;
+            node.rooms.invalidate(room);
+        }
+    }
+    let info = state.info.clone();
+    let store = node.rooms.store();
+    let (pins, markers) = tokio::try_join!(store.pins(room), store.markers(room))?;
+    let marker = markers
+        .iter()
+        .find(|m| m.user == s.user().id)
+        .map_or(0, |m| m.seq);
 
     let first = node.hub.add(room, s.handle.clone());
     let setup = async {
@@ -346,10 +567,10 @@ async fn try_join(
         room: info,
         seq: recovery.last_seq,
         online,
-        pins: vec![],
+        pins,
         recovered,
-        role: None,
-        unread: None,
+        role,
+        unread: Some(recovery.last_seq.saturating_sub(marker)),
     });
     node.hub.release(room, s.handle.id, recovery.last_seq);
     Ok(())
@@ -382,40 +603,23 @@ pub async fn leave_room(node: &Arc<Node>, s: &SessionState, room: &RoomId) {
     }
 }
 
-/// The author of a live message, looked up in the room's recovery window.
-async fn find_message(node: &Node, room: &RoomId, id: MessageId) -> Result<String> {
-    let recent = node.broker.recover(room, Some(0)).await?;
-    let not_found = || CommandError::new(ErrorCode::NotFound, "no such message");
-    for (_, frame) in recent.events.iter().rev() {
-        match serde_json::from_slice::<ServerEvent>(frame) {
-            Ok(ServerEvent::MessageDeleted { id: d, .. }) if d == id => return Err(not_found()),
-            Ok(ServerEvent::Message { id: m, user, .. }) if m == id => return Ok(user.id),
-            _ => {}
-        }
-    }
-    Err(not_found())
-}
-
-pub async fn list_rooms(node: &Node) -> Vec<RoomSummary> {
-    let mut out = Vec::new();
-    for info in node.rooms.listed() {
-        let online = node
+/// The rooms `who` may see (public, restricted, and private ones they are a member of), with
+/// member counts from the store and online counts from presence.
+pub async fn list_rooms(node: &Node, who: &proto::auth::Identity) -> Result<Vec<RoomSummary>> {
+    let mut rooms = node
+        .history
+        .list_rooms(who)
+        .await
+        .map_err(|e| CommandError::new(e.code, e.message))?;
+    for r in &mut rooms {
+        r.online_count = node
             .broker
-            .presence(&info.id)
+            .presence(&r.id)
             .await
             .map(|u| u.len() as u64)
             .unwrap_or(0);
-        out.push(RoomSummary {
-            id: info.id,
-            name: info.name,
-            topic: info.topic,
-            visibility: info.visibility,
-            member_count: online,
-            online_count: online,
-            unread: None,
-        });
     }
-    out
+    Ok(rooms)
 }
 
 /// Sends a site-wide notice to every connection on every node.

@@ -93,6 +93,10 @@ pub struct Config {
     /// Shared token for the history service's internal API.
     #[arg(long, env = "CHAT_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// A `join` of a room that does not exist creates it public, the joiner as owner (as a
+    /// `create_room` would). `false`: such a join answers `not_found`.
+    #[arg(long, env = "CHAT_AUTO_CREATE_ROOMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_create_rooms: bool,
 }
 
 impl Config {

@@ -40,8 +40,42 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// The web UI, compiled into the binary so one file is the whole deployable.
+const UI_INDEX: &str = include_str!("../ui/index.html");
+const UI_SCRIPT: &str = include_str!("../ui/app.js");
+const UI_STYLE: &str = include_str!("../ui/style.css");
+
+fn ui(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 pub fn router(node: Arc<Node>) -> Router {
+    // History, pins, receipts and members are the history API's, over this node's store
+    // (embedded SQLite, or the history service through its internal API when scaled out).
+    let history = history_service::http::router_with(
+        node.history.clone(),
+        history_service::http::RouterOptions { list_rooms: false },
+    );
     Router::new()
+        .route(
+            "/",
+            get(|| async { ui("text/html; charset=utf-8", UI_INDEX) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { ui("text/javascript; charset=utf-8", UI_SCRIPT) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { ui("text/css; charset=utf-8", UI_STYLE) }),
+        )
         .route("/ws", get(ws_upgrade))
         .route("/ws/room/{room}", get(ws_upgrade_room))
         .route("/api/dev/token", post(dev_token))
@@ -51,6 +85,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(node)
+        .merge(history)
 }
 
 #[derive(Deserialize, Default)]
@@ -208,10 +243,14 @@ async fn rooms(
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = authenticate(&node, &q, &headers) {
-        return e.into_response();
+    let who = match authenticate(&node, &q, &headers) {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
+    match commands::list_rooms(&node, &who).await {
+        Ok(rooms) => Json(serde_json::json!({ "rooms": rooms })).into_response(),
+        Err(e) => ApiError::new(e.code, e.message).into_response(),
     }
-    Json(serde_json::json!({ "rooms": commands::list_rooms(&node).await })).into_response()
 }
 
 #[derive(Deserialize)]

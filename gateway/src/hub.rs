@@ -9,7 +9,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use proto::errors::close;
@@ -119,8 +119,18 @@ struct Room {
     members: HashMap<SessionId, Member>,
 }
 
+/// What the node does around a stored room-state event (see [`crate::rooms`]).
+pub trait StateObserver: Send + Sync {
+    /// Before the event reaches any local session: drop cached state.
+    fn state_changed(&self, room: &RoomId);
+    /// After it: sessions of users the event removed from the room were taken out of it.
+    /// `emptied` is true when the room has no local session left.
+    fn evicted(&self, room: &RoomId, users: Vec<UserRef>, emptied: bool);
+}
+
 pub struct Hub {
     rooms: Vec<RwLock<HashMap<RoomId, Room>>>,
+    observer: OnceLock<Arc<dyn StateObserver>>,
     users: Vec<Mutex<HashMap<String, Vec<SessionHandle>>>>,
     /// Held events per joining session before it is closed as too slow to join.
     max_held: usize,
@@ -132,13 +142,61 @@ fn shard_of(key: &str) -> usize {
     (h.finish() as usize) % SHARDS
 }
 
+/// Takes out of the room the sessions a state event removes: the subject of `banned` and
+/// `member_removed`, everyone on `room_deleted`. They have already been sent the event.
+/// Returns the distinct users removed.
+fn evict(
+    shard: &mut HashMap<RoomId, Room>,
+    room: &RoomId,
+    kind: &str,
+    frame: &[u8],
+) -> Vec<UserRef> {
+    let subject = match kind {
+        "room_deleted" => None,
+        "banned" | "member_removed" => match crate::bus::peek(frame).and_then(|p| p.user) {
+            Some(u) => Some(u.id),
+            None => return Vec::new(),
+        },
+        _ => return Vec::new(),
+    };
+    let Some(entry) = shard.get_mut(room) else {
+        return Vec::new();
+    };
+    let mut users: Vec<UserRef> = Vec::new();
+    entry.members.retain(|_, m| {
+        let out = subject.as_ref().is_none_or(|s| *s == m.handle.user.id);
+        if out && !users.iter().any(|u| u.id == m.handle.user.id) {
+            users.push((*m.handle.user).clone());
+        }
+        !out
+    });
+    if entry.members.is_empty() {
+        shard.remove(room);
+    }
+    users
+}
+
 impl Hub {
     pub fn new(max_held: usize) -> Self {
         Self {
             rooms: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             users: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            observer: OnceLock::new(),
             max_held,
         }
+    }
+
+    /// Sets the observer of room-state events (once, at node start).
+    pub fn observe(&self, observer: Arc<dyn StateObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// True while the session is in the room (joined or joining).
+    pub fn contains(&self, room: &RoomId, session: SessionId) -> bool {
+        let shard = self.room_shard(room).read().expect("hub lock");
+        shard
+            .get(room)
+            .is_some_and(|r| r.members.contains_key(&session))
     }
 
     fn room_shard(&self, room: &RoomId) -> &RwLock<HashMap<RoomId, Room>> {
@@ -205,6 +263,15 @@ impl Hub {
         except_user: Option<&str>,
     ) -> usize {
         let started = std::time::Instant::now();
+        let state_event = (seq > 0)
+            .then(|| crate::bus::kind_of(frame))
+            .flatten()
+            .filter(|k| crate::rooms::STATE_EVENTS.contains(k));
+        if state_event.is_some() {
+            if let Some(o) = self.observer.get() {
+                o.state_changed(room);
+            }
+        }
         let mut shard = self.room_shard(room).write().expect("hub lock");
         let Some(entry) = shard.get_mut(room) else {
             return 0;
@@ -221,8 +288,18 @@ impl Hub {
             }
             n += 1;
         }
+        let evicted = match state_event {
+            Some(kind) => evict(&mut shard, room, kind, frame),
+            None => Vec::new(),
+        };
+        let emptied = !shard.contains_key(room);
         drop(shard);
         metrics::histogram!("chat_fanout_seconds").record(started.elapsed());
+        if !evicted.is_empty() {
+            if let Some(o) = self.observer.get() {
+                o.evicted(room, evicted, emptied);
+            }
+        }
         n
     }
 

@@ -24,8 +24,10 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod moderation;
 pub mod node;
 pub mod persist;
+pub mod receipts;
 pub mod rooms;
 pub mod session;
 pub mod shutdown;
@@ -39,6 +41,8 @@ use tokio::net::TcpListener;
 
 use broker::{memory::MemoryBroker, AnyBroker};
 use config::Config;
+use history_service::remote::RemoteStore;
+use history_service::{AnyStore, Store};
 use hub::Hub;
 use node::Node;
 
@@ -49,6 +53,8 @@ pub enum StartError {
     Config(String),
     #[error("cannot reach redis: {0}")]
     Redis(String),
+    #[error("cannot open the store: {0}")]
+    Store(String),
 }
 
 /// Builds a node from validated configuration: picks the broker and store.
@@ -58,8 +64,16 @@ pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
     let verifier = config.verifier().map_err(StartError::Config)?;
     // A joining session holds live events until its replay is sent; bounded like its queue.
     let hub = Arc::new(Hub::new(config.outbound_queue));
+    let store = Arc::new(open_store(&config).await?);
     let broker = match &config.redis_url {
-        None => AnyBroker::Memory(MemoryBroker::new(hub.clone(), config.recovery_window, None)),
+        None => {
+            let persist = persist::PersistQueue::spawn(apply_to(store.clone()));
+            AnyBroker::Memory(MemoryBroker::new(
+                hub.clone(),
+                config.recovery_window,
+                Some(persist),
+            ))
+        }
         Some(url) => AnyBroker::Redis(
             broker::redis::RedisBroker::connect(
                 url,
@@ -72,7 +86,40 @@ pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
             .map_err(|e| StartError::Redis(e.to_string()))?,
         ),
     };
-    Ok(Arc::new(Node::new(config, verifier, hub, broker)))
+    Ok(Node::new(config, verifier, hub, broker, store))
+}
+
+/// The history service's API when `CHAT_HISTORY_URL` is set, else the embedded SQLite file in
+/// the data directory.
+async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
+    let store = match &config.history_url {
+        Some(url) => AnyStore::Remote(
+            RemoteStore::new(url, config.internal_token.clone())
+                .map_err(|e| StartError::Store(e.to_string()))?,
+        ),
+        None => {
+            if config.redis_url.is_some() {
+                tracing::warn!(
+                    "CHAT_REDIS_URL without CHAT_HISTORY_URL: room state and history live in this \
+                     node's own SQLite file, not shared with other nodes; set CHAT_HISTORY_URL"
+                );
+            }
+            let path = config.data_dir.join("history.db");
+            let url = format!("sqlite://{}", path.display());
+            AnyStore::connect(&url)
+                .await
+                .map_err(|e| StartError::Store(format!("{url}: {e}")))?
+        }
+    };
+    Ok(store)
+}
+
+/// The embedded persistence queue's writer: batches go to the store's projection.
+fn apply_to(store: Arc<AnyStore>) -> persist::ApplyFn {
+    Arc::new(move |events| {
+        let store = store.clone();
+        Box::pin(async move { store.apply(&events).await.map_err(|e| e.to_string()) })
+    })
 }
 
 /// Serves `node` on an already-bound listener until `shutdown` resolves, then drains.

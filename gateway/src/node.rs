@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,9 +13,12 @@ use proto::server::Limits;
 use proto::{RoomId, ServerEvent, UserRef};
 use tokio::sync::{watch, Semaphore};
 
+use history_service::{AnyStore, HistoryApi};
+
 use crate::broker::{AnyBroker, Broker};
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Hub, StateObserver};
+use crate::receipts::Receipts;
 use crate::rooms::Rooms;
 
 /// How long a `typing` lasts without a repeat.
@@ -30,6 +33,9 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: AnyBroker,
     pub rooms: Rooms,
+    /// The history API over the same store (mounted on this node's HTTP router).
+    pub history: Arc<HistoryApi<AnyStore>>,
+    pub receipts: Receipts,
     pub ids: MessageIdGen,
     pub connections: Arc<Semaphore>,
     next_session: AtomicU64,
@@ -41,16 +47,28 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(config: Config, verifier: Verifier, hub: Arc<Hub>, broker: AnyBroker) -> Self {
+    pub fn new(
+        config: Config,
+        verifier: Verifier,
+        hub: Arc<Hub>,
+        broker: AnyBroker,
+        store: Arc<AnyStore>,
+    ) -> Arc<Self> {
         let name = config.node_name();
         let ids = MessageIdGen::new(broker.worker_id());
         let connections = Arc::new(Semaphore::new(config.max_connections));
-        Self {
+        let history = Arc::new(
+            HistoryApi::new(store.clone(), verifier.clone())
+                .with_internal_token(config.internal_token.clone()),
+        );
+        let node = Arc::new(Self {
             name,
             verifier,
             hub,
             broker,
-            rooms: Rooms::default(),
+            rooms: Rooms::new(store),
+            history,
+            receipts: Receipts::default(),
             ids,
             connections,
             next_session: AtomicU64::new(1),
@@ -59,7 +77,9 @@ impl Node {
             typing: Mutex::default(),
             typing_gen: AtomicU64::new(0),
             config,
-        }
+        });
+        node.hub.observe(Arc::new(Observer(Arc::downgrade(&node))));
+        node
     }
 
     pub fn limits(&self) -> Limits {
@@ -99,6 +119,13 @@ impl Node {
             .publish_ephemeral(room, Bytes::from(ev.to_json()))
             .await
         {
+            tracing::debug!(error = %e, %room, "ephemeral publish failed");
+        }
+    }
+
+    /// Publishes an already serialized ephemeral frame (best effort, like the above).
+    pub async fn publish_ephemeral_frame(&self, room: &RoomId, frame: Bytes) {
+        if let Err(e) = self.broker.publish_ephemeral(room, frame).await {
             tracing::debug!(error = %e, %room, "ephemeral publish failed");
         }
     }
@@ -178,5 +205,39 @@ impl Node {
             )
             .await;
         }
+    }
+}
+
+/// Keeps this node's view of rooms current as their state events pass through the hub.
+struct Observer(Weak<Node>);
+
+impl StateObserver for Observer {
+    fn state_changed(&self, room: &RoomId) {
+        if let Some(node) = self.0.upgrade() {
+            node.rooms.invalidate(room);
+        }
+    }
+
+    fn evicted(&self, room: &RoomId, users: Vec<UserRef>, emptied: bool) {
+        let Some(node) = self.0.upgrade() else { return };
+        let room = room.clone();
+        tokio::spawn(async move {
+            if emptied {
+                if let Err(e) = node.broker.unsubscribe(&room).await {
+                    tracing::warn!(error = %e, %room, "unsubscribe failed");
+                }
+            }
+            let mut changed = false;
+            for user in users {
+                changed |= node
+                    .broker
+                    .presence_remove(&room, &user.id)
+                    .await
+                    .unwrap_or(false);
+            }
+            if changed {
+                node.publish_online(&room).await;
+            }
+        });
     }
 }

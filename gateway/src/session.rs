@@ -21,6 +21,9 @@ use crate::hub::{Kill, Outbound, SessionHandle};
 use crate::node::Node;
 use crate::writer::{self, Coalesce, LastSeen};
 
+/// How long a closing session waits for its writer (queued frames, then the close frame).
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Rejected commands in a row after which a flooding client is closed with 1008.
 const MAX_STRIKES: u32 = 200;
 
@@ -105,8 +108,11 @@ pub async fn run(
             _ = &mut drainer => {}
             _ = &mut writer => {}
             _ = &mut reader => {
-                // Let the writer send what is queued (and the close frame) before ending.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut writer).await;
+                // The writer ends by sending the close frame (the reader's code, or 1000 when
+                // the client closed or vanished); a client that stopped reading gets this long
+                // to take it.
+                kill.close(1000);
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
             }
         }
     }

@@ -103,6 +103,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 }
                 metrics::counter!("chat_frames_out_total").increment(n as u64);
                 for out in batch.drain(..) {
+                    if kill.code().is_some() {
+                        break; // the close frame goes next, not the rest of the batch
+                    }
                     let frame = match &out {
                         Outbound::Text(b) => Frame::text(Payload::Borrowed(b)),
                         Outbound::Pong(b) => Frame::pong(Payload::Borrowed(b)),

@@ -1,1 +1,39 @@
-//! stub
+//! The history service: the product's durable state behind one trait, the HTTP API that
+//! reads it, and the consumer that fills it from the persistence stream. A library (the
+//! gateway embeds the store and the API in single-node mode) and a binary (`src/main.rs`, the
+//! separate service when scaled out).
+//!
+//! # Layout
+//! - [`store`]: the [`store::Store`] trait (the contract with the gateway) and its types;
+//!   [`store::sqlite`] (embedded default: WAL, one batching writer thread, a reader pool),
+//!   [`store::scylla`] (scaled out: seq-bucketed partitions, seq-as-write-timestamp
+//!   idempotence, schema in `deploy/scylla/schema.cql`), [`store::AnyStore`] (picked by URL).
+//! - [`remote`]: [`remote::RemoteStore`], the same trait over HTTP — a scaled-out gateway's
+//!   view of the history service.
+//! - [`internal`]: the `/internal/v1/*` routes that serve `RemoteStore` (never public).
+//! - [`http`]: the public HTTP API (`/api/rooms/{room}/messages`, pins, receipts, members,
+//!   rooms), built from a [`http::HistoryApi`] over any store; the gateway mounts it too.
+//! - [`singleflight`]: coalesces identical concurrent reads (a hot room's newest page).
+//! - [`consumer`]: Redis stream `chat:persist` → `Store::apply`, acked (and deleted from the
+//!   stream) after the write, dead consumers' entries reclaimed.
+//! - [`server`]: the process around them: `/healthz`, `/readyz`, `/metrics`, the consumer
+//!   beside the HTTP server, graceful shutdown. `src/main.rs` parses the configuration
+//!   (flags and `CHAT_*` variables) and calls [`server::run`]; `history-service migrate`
+//!   applies the schema.
+//!
+//! # Data flow
+//! Scaled out: gateway → (Redis stream `chat:persist`) → [`consumer::Consumer`] →
+//! `Store::apply` → ScyllaDB; clients read history through [`http`]; gateways read and write
+//! room state through [`remote::RemoteStore`] → [`internal`] → the store. Embedded: the
+//! gateway calls a [`store::sqlite::SqliteStore`] directly and mounts [`http::router`].
+
+pub mod consumer;
+pub mod http;
+pub mod internal;
+pub mod remote;
+pub mod server;
+pub mod singleflight;
+pub mod store;
+
+pub use http::{router, HistoryApi};
+pub use store::{AnyStore, Store, StoreError};

@@ -508,8 +508,20 @@ async fn presence_heartbeat(broker: std::sync::Weak<RedisBroker>) {
         let Some(b) = broker.upgrade() else { return };
         match b.presence_tick().await {
             Ok(changed) => {
-                for (room, _) in changed {
-                    // Other nodes' sessions learn it from the room channel.
+                for (room, gone) in changed {
+                    // Every node's sessions learn it from the room channel.
+                    for id in gone {
+                        let user = UserRef {
+                            name: id.clone(),
+                            id,
+                        };
+                        let leave = proto::ServerEvent::Leave {
+                            room: room.clone(),
+                            user,
+                        };
+                        let _ = Broker::publish_ephemeral(&b, &room, Bytes::from(leave.to_json()))
+                            .await;
+                    }
                     let users = Broker::presence(&b, &room).await.unwrap_or_default();
                     let count = users.len() as u64;
                     let frame = proto::ServerEvent::OnlineUsers {

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod bad_input;
+mod cluster;
 mod messaging;
 mod presence;
 mod recovery;

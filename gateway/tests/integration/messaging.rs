@@ -47,7 +47,8 @@ async fn rooms_are_isolated() {
 async fn seq_is_gapless_and_ordered_with_concurrent_senders() {
     let server = Server::start_with(|c| c.messages_per_s = 1000).await;
     let mut watcher = Client::connect(&server, "watcher").await;
-    watcher.join("busy").await;
+    // The first join creates the room (its `room_created` is seq 1).
+    let base = watcher.join("busy").await["seq"].as_u64().unwrap();
     let mut senders = Vec::new();
     for i in 0..4 {
         let mut c = Client::connect(&server, &format!("s{i}")).await;
@@ -81,7 +82,11 @@ async fn seq_is_gapless_and_ordered_with_concurrent_senders() {
         acked.extend(seqs);
     }
     let total = 4 * EACH as u64;
-    assert_eq!(acked, (1..=total).collect(), "acked seqs are exactly 1..=N");
+    assert_eq!(
+        acked,
+        (base + 1..=base + total).collect(),
+        "acked seqs are exactly the next N"
+    );
     let mut seen = Vec::new();
     while seen.len() < total as usize {
         let m = watcher.recv_type("message").await;

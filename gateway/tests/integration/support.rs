@@ -18,6 +18,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// The embedded store's directory (fresh per server unless given).
+    pub data_dir: std::path::PathBuf,
     pub node: Arc<Node>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -29,9 +31,15 @@ impl Server {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+        Self::start_in(temp_dir(), tweak).await
+    }
+
+    /// Starts on an existing data directory (a restart keeps the store).
+    pub async fn start_in(data_dir: std::path::PathBuf, tweak: impl FnOnce(&mut Config)) -> Server {
         let mut config = Config::for_tests();
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.drain_seconds = 1;
+        config.data_dir = data_dir.clone();
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -47,6 +55,7 @@ impl Server {
         });
         Server {
             addr,
+            data_dir,
             node,
             stop: Some(stop),
             task: Some(task),
@@ -66,6 +75,13 @@ impl Server {
             let _ = t.await;
         }
     }
+}
+
+/// A fresh directory under the system's temp dir.
+pub fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("chat-gateway-test-{}", rand_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// A dev-key token for `user`.

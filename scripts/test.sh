@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs what the tests need when it is missing, then
+# runs every suite against real servers on 127.0.0.1. Exits non-zero when anything fails.
+#
+#   scripts/test.sh              # everything
+#   SCYLLA_URI=scylla://host:9042/chat_test scripts/test.sh   # also the ScyllaDB contract tests
+#
+# Installs (when missing, as root): Debian packages redis-server, nginx, chromium; the browser
+# tests' npm packages (playwright-core only; browsers are never downloaded); the deploy
+# checks' PyPI tools (scripts/check-deploy.sh).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+apt_install() {
+    local missing=()
+    for pair in "$@"; do
+        local cmd=${pair%%:*} pkg=${pair#*:}
+        command -v "$cmd" >/dev/null 2>&1 || [[ -x /usr/sbin/$cmd ]] || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    step "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+apt_install redis-server:redis-server nginx:nginx chromium:chromium
+export PATH=$PATH:/usr/sbin
+
+step "build (debug): every binary the multi-process tests start"
+cargo build --workspace --bins --locked
+
+step "unit and integration tests (embedded mode, and real Redis + nginx + several gateways)"
+cargo test --workspace --locked -- --test-threads=2
+
+if [[ -z ${SCYLLA_URI:-} ]]; then
+    echo
+    echo "SKIPPED: ScyllaDB store contract tests — SCYLLA_URI is not set (no ScyllaDB server here)."
+    echo "         The same contract tests ran against SQLite and the remote store above."
+fi
+
+step "browser tests (real gateway, headless Chromium via playwright-core)"
+(
+    cd tests/browser
+    npm ci --no-audit --no-fund --loglevel=error
+    GATEWAY_CMD="$ROOT/target/debug/gateway" npm test
+)
+
+step "deployment checks (k8s manifests, Dockerfiles, nginx, compose, local cluster script)"
+scripts/check-deploy.sh
+
+echo
+echo "all test suites passed"
