@@ -166,6 +166,7 @@ async fn run(
         Command::Delete { room, id } => {
             let state = state_of(node, &room).await?;
             let access = Access::of(&state, &s.identity);
+            moderation::not_banned(&access)?;
             if !access.may_read() {
                 return Err(CommandError::new(
                     ErrorCode::Forbidden,
@@ -203,7 +204,7 @@ async fn run(
             Ok(())
         }
         Command::StopTyping { room } => {
-            must_be_in(node, s, &room)?;
+            must_be_in(node, s, &room).await?;
             node.stop_typing(&room, s.user(), true).await;
             Ok(())
         }
@@ -213,14 +214,14 @@ async fn run(
             Ok(())
         }
         Command::Read { room, seq } => {
-            must_be_in(node, s, &room)?;
+            must_be_in(node, s, &room).await?;
             if seq == 0 {
                 return Err(CommandError::new(
                     ErrorCode::Invalid,
                     "seq must be at least 1",
                 ));
             }
-            crate::receipts::read(node, &room, s.user(), seq).await;
+            let seq = crate::receipts::read(node, &room, s.user(), seq).await;
             if r#ref.is_some() {
                 s.send(&ServerEvent::Ack {
                     r#ref,
@@ -302,20 +303,23 @@ fn in_room(node: &Node, s: &mut SessionState, room: &RoomId) -> bool {
     false
 }
 
-fn must_be_in(node: &Node, s: &mut SessionState, room: &RoomId) -> Result {
+/// In the room, or the reason why not: the room does not exist (or was deleted) → `not_found`,
+/// the user is banned → `banned`, else `forbidden` (join first).
+async fn must_be_in(node: &Node, s: &mut SessionState, room: &RoomId) -> Result {
     if in_room(node, s, room) {
-        Ok(())
-    } else {
-        Err(CommandError::new(
-            ErrorCode::Forbidden,
-            "join the room first",
-        ))
+        return Ok(());
     }
+    let state = state_of(node, room).await?;
+    moderation::not_banned(&Access::of(&state, &s.identity))?;
+    Err(CommandError::new(
+        ErrorCode::Forbidden,
+        "join the room first",
+    ))
 }
 
 /// Joined, allowed to post by the room's visibility and membership, not muted.
 async fn may_post(node: &Node, s: &mut SessionState, room: &RoomId) -> Result {
-    must_be_in(node, s, room)?;
+    must_be_in(node, s, room).await?;
     let state = state_of(node, room).await?;
     let access = Access::of(&state, &s.identity);
     if access.banned() {
@@ -549,6 +553,15 @@ async fn try_join(
         .presence_add(room, s.user())
         .await
         .unwrap_or(false);
+    if !node.hub.contains(room, s.handle.id) {
+        // A ban, kick or deletion took this session out while it was joining (its held
+        // events went with it): undo the presence and say so instead of a dead `joined`.
+        let _ = node.broker.presence_remove(room, &s.user().id).await;
+        return Err(CommandError::new(
+            ErrorCode::Forbidden,
+            "removed from the room while joining; retry",
+        ));
+    }
     s.rooms.insert(room.clone());
     if newly_online {
         node.publish_ephemeral(
@@ -578,11 +591,18 @@ async fn try_join(
 
 /// Takes a session out of a room (leave, disconnect, removal); tells the room when the user's
 /// last connection left.
+///
+/// A session an eviction (ban, kick, room deletion) already took out is not counted out of
+/// presence again: the eviction did that.
 pub async fn leave_room(node: &Arc<Node>, s: &SessionState, room: &RoomId) {
-    if node.hub.remove(room, s.handle.id) {
-        if let Err(e) = node.broker.unsubscribe(room).await {
-            tracing::warn!(error = %e, %room, "unsubscribe failed");
+    match node.hub.take(room, s.handle.id) {
+        None => return,
+        Some(true) => {
+            if let Err(e) = node.broker.unsubscribe(room).await {
+                tracing::warn!(error = %e, %room, "unsubscribe failed");
+            }
         }
+        Some(false) => {}
     }
     if node
         .broker

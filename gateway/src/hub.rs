@@ -44,7 +44,8 @@ impl Kill {
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.notify.notify_one();
+            // Every waiter (the reader and the writer both wait) must wake.
+            self.notify.notify_waiters();
         }
     }
 
@@ -57,10 +58,14 @@ impl Kill {
 
     pub async fn wait(&self) -> u16 {
         loop {
+            // Registered before the check, so a close between the two is not missed.
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(c) = self.code() {
                 return c;
             }
-            self.notify.notified().await;
+            notified.await;
         }
     }
 }
@@ -123,7 +128,8 @@ struct Room {
 pub trait StateObserver: Send + Sync {
     /// Before the event reaches any local session: drop cached state.
     fn state_changed(&self, room: &RoomId);
-    /// After it: sessions of users the event removed from the room were taken out of it.
+    /// After it: sessions the event removed from the room were taken out of it (`users` has
+    /// one entry per session).
     /// `emptied` is true when the room has no local session left.
     fn evicted(&self, room: &RoomId, users: Vec<UserRef>, emptied: bool);
 }
@@ -144,7 +150,8 @@ fn shard_of(key: &str) -> usize {
 
 /// Takes out of the room the sessions a state event removes: the subject of `banned` and
 /// `member_removed`, everyone on `room_deleted`. They have already been sent the event.
-/// Returns the distinct users removed.
+/// Returns the user of every session removed (a user once per session: presence counts
+/// connections, and each removed one must be uncounted once).
 fn evict(
     shard: &mut HashMap<RoomId, Room>,
     room: &RoomId,
@@ -165,7 +172,7 @@ fn evict(
     let mut users: Vec<UserRef> = Vec::new();
     entry.members.retain(|_, m| {
         let out = subject.as_ref().is_none_or(|s| *s == m.handle.user.id);
-        if out && !users.iter().any(|u| u.id == m.handle.user.id) {
+        if out {
             users.push((*m.handle.user).clone());
         }
         !out
@@ -233,6 +240,20 @@ impl Hub {
                     m.handle.send(frame);
                 }
             }
+        }
+    }
+
+    /// Removes a session from a room: None when it was not in it (never joined, or already
+    /// taken out by an eviction), else whether it was the room's last local session.
+    pub fn take(&self, room: &RoomId, session: SessionId) -> Option<bool> {
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        let entry = shard.get_mut(room)?;
+        entry.members.remove(&session)?;
+        if entry.members.is_empty() {
+            shard.remove(room);
+            Some(true)
+        } else {
+            Some(false)
         }
     }
 

@@ -72,6 +72,7 @@ pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
                 hub.clone(),
                 config.recovery_window,
                 Some(persist),
+                Some(last_seq_from(store.clone())),
             ))
         }
         Some(url) => AnyBroker::Redis(
@@ -112,6 +113,36 @@ async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
         }
     };
     Ok(store)
+}
+
+/// A room's last stored seq as the store knows it: its newest message, pin or read marker.
+/// (Room-state events are not in the projection; a restart may reuse their seqs, which only
+/// makes a reconnecting client's `since` look newer than the room — answered `recovered:
+/// false`, so it reloads from history.)
+fn last_seq_from(store: Arc<AnyStore>) -> broker::memory::SeedFn {
+    Arc::new(move |room| {
+        let store = store.clone();
+        Box::pin(async move {
+            let newest = history_service::store::Page::Before {
+                before: None,
+                limit: 1,
+            };
+            let (messages, pins, markers) = tokio::try_join!(
+                store.messages(&room, newest),
+                store.pins(&room),
+                store.markers(&room)
+            )
+            .map_err(|e| e.to_string())?;
+            let seq = messages
+                .iter()
+                .map(|m| m.seq)
+                .chain(pins.iter().map(|p| p.message.seq))
+                .chain(markers.iter().map(|m| m.seq))
+                .max()
+                .unwrap_or(0);
+            Ok(seq)
+        })
+    })
 }
 
 /// The embedded persistence queue's writer: batches go to the store's projection.

@@ -32,6 +32,16 @@ fn err(code: ErrorCode, message: impl Into<String>) -> CommandError {
     CommandError::new(code, message)
 }
 
+/// A banned user is answered `banned` by every command on the room, before any other refusal
+/// (they learn why, not just that they may not).
+pub fn not_banned(access: &Access) -> Result {
+    if access.banned() {
+        Err(err(ErrorCode::Banned, "you are banned from this room"))
+    } else {
+        Ok(())
+    }
+}
+
 /// The room's state, or `not_found`.
 pub async fn state_of(node: &Node, room: &RoomId) -> Result<Arc<RoomState>> {
     node.rooms
@@ -213,6 +223,7 @@ pub async fn update_room(
 ) -> Result {
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !access.moderates() {
         return Err(err(
             ErrorCode::Forbidden,
@@ -256,6 +267,7 @@ pub async fn delete_room(
 ) -> Result {
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !(access.global_admin || access.role() == Some(Role::Owner)) {
         return Err(err(
             ErrorCode::Forbidden,
@@ -281,6 +293,7 @@ pub async fn add_member(
 ) -> Result {
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !access.moderates() {
         return Err(err(
             ErrorCode::Forbidden,
@@ -344,6 +357,7 @@ pub async fn remove_member(
     check_reason(&reason)?;
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !access.moderates() {
         return Err(err(
             ErrorCode::Forbidden,
@@ -377,6 +391,7 @@ pub async fn ban(
     let until = until_of(duration_s)?;
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !access.moderates() {
         return Err(err(
             ErrorCode::Forbidden,
@@ -420,7 +435,9 @@ pub async fn unban(
     user: String,
 ) -> Result {
     let state = state_of(node, &room).await?;
-    if !Access::of(&state, &s.identity).moderates() {
+    let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
+    if !access.moderates() {
         return Err(err(
             ErrorCode::Forbidden,
             "only the owner or an admin may unban",
@@ -451,6 +468,7 @@ pub async fn mute(
     let until = if muted { until_of(duration_s)? } else { None };
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !access.moderates() {
         return Err(err(
             ErrorCode::Forbidden,
@@ -498,6 +516,7 @@ pub async fn set_role(
 ) -> Result {
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !(access.global_admin || access.role() == Some(Role::Owner)) {
         return Err(err(ErrorCode::Forbidden, "only the owner may change roles"));
     }
@@ -534,6 +553,7 @@ pub async fn pin(
 ) -> Result {
     let state = state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
+    not_banned(&access)?;
     if !access.may_read() || !access.may_pin() {
         return Err(err(ErrorCode::Forbidden, "you may not pin in this room"));
     }

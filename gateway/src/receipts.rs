@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use history_service::Store;
 use proto::{RoomId, ServerEvent, UserRef};
 
 use crate::broker::Broker;
@@ -66,6 +67,25 @@ impl Receipts {
         }
     }
 
+    /// True when this node tracks the user's marker in the room.
+    fn knows(&self, room: &RoomId, user: &str) -> bool {
+        let slots = self.slots.lock().expect("receipts lock");
+        slots.contains_key(&(room.clone(), user.to_string()))
+    }
+
+    /// Raises the known marker to `stored` (the store's), creating the slot.
+    fn seed(&self, room: &RoomId, user: &str, stored: u64) {
+        let mut slots = self.slots.lock().expect("receipts lock");
+        let slot = slots
+            .entry((room.clone(), user.to_string()))
+            .or_insert(Slot {
+                sent: 0,
+                pending: 0,
+                window_open: false,
+            });
+        slot.sent = slot.sent.max(stored);
+    }
+
     /// At the end of a window: the pending marker to broadcast (keeping the window open for
     /// another round), or None (the window closes).
     fn close_window(&self, room: &RoomId, user: &str) -> Option<u64> {
@@ -83,8 +103,31 @@ impl Receipts {
     }
 }
 
-/// Handles a `read`: returns at once; broadcasting and storing follow the coalescing rule.
-pub async fn read(node: &Arc<Node>, room: &RoomId, user: &UserRef, seq: u64) {
+/// Handles a `read`: returns at once with the marker the read stands for (clamped to the
+/// room's last seq: a read past the end marks no future message read); broadcasting and
+/// storing follow the coalescing rule.
+pub async fn read(node: &Arc<Node>, room: &RoomId, user: &UserRef, seq: u64) -> u64 {
+    let seq = match node.broker.recover(room, None).await {
+        Ok(r) => seq.min(r.last_seq),
+        Err(e) => {
+            tracing::warn!(error = %e, %room, "receipt dropped: broker unavailable");
+            return seq;
+        }
+    };
+    if !node.receipts.knows(room, &user.id) {
+        // First read of this user here (or after a restart): start from the stored marker, so
+        // an older read is not broadcast as if the marker went back.
+        match node.rooms.store().markers(room).await {
+            Ok(markers) => {
+                let stored = markers
+                    .iter()
+                    .find(|m| m.user == user.id)
+                    .map_or(0, |m| m.seq);
+                node.receipts.seed(room, &user.id, stored);
+            }
+            Err(e) => tracing::warn!(error = %e, %room, "read markers unavailable"),
+        }
+    }
     match node.receipts.step(room, &user.id, seq) {
         Step::Stale | Step::Folded => {}
         Step::Lead => {
@@ -102,6 +145,7 @@ pub async fn read(node: &Arc<Node>, room: &RoomId, user: &UserRef, seq: u64) {
             });
         }
     }
+    seq
 }
 
 async fn publish(node: &Node, room: &RoomId, user: &UserRef, seq: u64) {

@@ -3,6 +3,8 @@
 //! store's writer ([`crate::persist`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,21 +63,53 @@ struct Shard {
     presence: HashMap<RoomId, HashMap<String, (UserRef, usize)>>,
 }
 
+/// Reads a room's last stored seq from the store: after a restart a room's numbering goes on
+/// from there instead of starting again at 1.
+pub type SeedFn =
+    Arc<dyn Fn(RoomId) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send>> + Send + Sync>;
+
 pub struct MemoryBroker {
     hub: Arc<Hub>,
     shards: Vec<Mutex<Shard>>,
     window: usize,
     persist: Option<PersistQueue>,
+    seed: Option<SeedFn>,
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>, window: usize, persist: Option<PersistQueue>) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        window: usize,
+        persist: Option<PersistQueue>,
+        seed: Option<SeedFn>,
+    ) -> Self {
         Self {
             hub,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             window,
             persist,
+            seed,
         }
+    }
+
+    /// Creates the room's log on first use, its seq seeded from the store.
+    async fn ensure_log(&self, room: &RoomId) -> Result<(), BrokerError> {
+        if self.shard(room).logs.contains_key(room) {
+            return Ok(());
+        }
+        let last_seq = match &self.seed {
+            Some(seed) => seed(room.clone()).await.map_err(BrokerError::Unavailable)?,
+            None => 0,
+        };
+        // Two first uses may race here; both read the same value.
+        self.shard(room)
+            .logs
+            .entry(room.clone())
+            .or_insert_with(|| RoomLog {
+                last_seq,
+                recent: VecDeque::new(),
+            });
+        Ok(())
     }
 
     fn shard(&self, room: &RoomId) -> std::sync::MutexGuard<'_, Shard> {
@@ -99,6 +133,7 @@ impl Broker for MemoryBroker {
         frame: &[u8],
         dedupe: Option<Dedupe<'_>>,
     ) -> Result<Published, BrokerError> {
+        self.ensure_log(room).await?;
         let now = Instant::now();
         let (published, stored) = {
             // One critical section per room: the dedupe check, seq assignment and delivery,
@@ -165,6 +200,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
+        self.ensure_log(room).await?;
         let shard = self.shard(room);
         let Some(log) = shard.logs.get(room) else {
             return Ok(Recovery {
@@ -182,7 +218,8 @@ impl Broker for MemoryBroker {
         };
         let oldest = log.recent.front().map_or(log.last_seq + 1, |(s, _)| *s);
         // Complete when nothing after `since` fell out of the window.
-        let complete = since + 1 >= oldest || since >= log.last_seq;
+        // A `since` past the last seq comes from before a restart that lost the window.
+        let complete = since <= log.last_seq && (since + 1 >= oldest || since == log.last_seq);
         let events = log
             .recent
             .iter()

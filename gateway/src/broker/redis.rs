@@ -679,6 +679,12 @@ async fn catch_up(
             hub.close_room(room, proto::errors::close::RESTARTING);
             last.insert(room.clone(), rec.last_seq);
         }
-        Err(e) => tracing::warn!(error = %e, %room, "catch-up failed"),
+        Err(e) => {
+            // Delivering newer events now would skip the gap for good: make the room's
+            // clients reconnect and recover from the window (or history) instead.
+            tracing::warn!(error = %e, %room, seen, "catch-up failed; closing local sessions");
+            hub.close_room(room, proto::errors::close::RESTARTING);
+            last.remove(room);
+        }
     }
 }

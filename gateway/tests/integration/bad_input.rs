@@ -18,7 +18,7 @@ async fn each_bad_input_gets_its_error_and_the_connection_survives() {
         ("wrong field type", json!({"type": "read", "room": "lobby", "seq": "x", "ref": 4}).to_string(), "invalid"),
         ("empty content", json!({"type": "message", "room": "lobby", "content": "  ", "ref": 5}).to_string(), "invalid"),
         ("content too long", json!({"type": "message", "room": "lobby", "content": "x".repeat(101), "ref": 6}).to_string(), "too_large"),
-        ("not joined", json!({"type": "message", "room": "elsewhere", "content": "hi", "ref": 7}).to_string(), "forbidden"),
+        ("not joined, no such room", json!({"type": "message", "room": "elsewhere", "content": "hi", "ref": 7}).to_string(), "not_found"),
         ("unknown message", json!({"type": "delete", "room": "lobby", "id": "12345", "ref": 8}).to_string(), "not_found"),
         ("leave a room not joined", json!({"type": "leave", "room": "nowhere", "ref": 9}).to_string(), "not_found"),
         ("join twice", json!({"type": "join", "room": "lobby", "ref": 10}).to_string(), "conflict"),

@@ -7,6 +7,8 @@ mod auth;
 mod bad_input;
 mod cluster;
 mod messaging;
+mod pins_receipts;
 mod presence;
 mod recovery;
+mod rooms;
 mod slow_and_floods;

@@ -94,7 +94,7 @@ async fn seq_is_gapless_and_ordered_with_concurrent_senders() {
     }
     assert_eq!(
         seen,
-        (1..=total).collect::<Vec<_>>(),
+        (base + 1..=base + total).collect::<Vec<_>>(),
         "delivered in seq order without gaps"
     );
     server.stop().await;

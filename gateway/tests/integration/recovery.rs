@@ -78,3 +78,17 @@ async fn since_older_than_the_window_is_not_recovered() {
     assert_eq!(j["recovered"], true);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn draining_tells_clients_to_reconnect_then_closes_1012() {
+    let server = Server::start_with(|c| c.drain_seconds = 1).await;
+    let mut ann = Client::connect(&server, "ann").await;
+    ann.join("drain").await;
+    let node = server.node.clone();
+    let drained = tokio::spawn(gateway::shutdown::drain(node));
+    let r = ann.recv_type("reconnect").await;
+    assert!(r["after_ms"].as_u64().unwrap() <= 1000);
+    assert_eq!(ann.expect_close().await, 1012);
+    drained.await.unwrap();
+    server.stop().await;
+}

@@ -77,9 +77,17 @@ impl Server {
     }
 }
 
-/// A fresh directory under the system's temp dir.
+/// A fresh directory under the system's temp dir (unique across runs too: a reused directory
+/// would hand a test the previous run's rooms, pins and markers).
 pub fn temp_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("chat-gateway-test-{}", rand_u64()));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "chat-gateway-test-{}-{nanos}-{}",
+        std::process::id(),
+        rand_u64()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

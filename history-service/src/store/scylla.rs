@@ -179,13 +179,22 @@ pub async fn migrate(config: &ScyllaConfig, replication: &str) -> Result<(), Sto
     }
     let session = config.session().await?;
     let ks = &config.keyspace;
-    session
-        .query_unpaged(
-            format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}"),
-            &[],
-        )
-        .await
-        .map_err(exec_err)?;
+    let create = format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}");
+    // ScyllaDB ≥ 6 may create NetworkTopologyStrategy keyspaces with tablets, and tablet
+    // keyspaces do not support the LWTs rooms are created with. Ask for vnodes explicitly;
+    // servers that do not know the `tablets` option (Cassandra, ScyllaDB < 6) refuse it, and
+    // then the plain statement is right. (SimpleStrategy keyspaces never use tablets.)
+    let mut created = false;
+    if replication.contains("NetworkTopologyStrategy") {
+        let with_vnodes = format!("{create} AND tablets = {{'enabled': false}}");
+        match session.query_unpaged(with_vnodes, &[]).await {
+            Ok(_) => created = true,
+            Err(e) => tracing::info!(error = %e, "keyspace without the tablets option"),
+        }
+    }
+    if !created {
+        session.query_unpaged(create, &[]).await.map_err(exec_err)?;
+    }
     session
         .use_keyspace(ks.as_str(), false)
         .await
@@ -1229,7 +1238,7 @@ impl Store for ScyllaStore {
             .try_filter_map(|p| async move { Ok(p) })
             .try_collect()
             .await?;
-        pins.sort_by(|a, b| (b.0.pinned_at, b.1).cmp(&(a.0.pinned_at, a.1)));
+        pins.sort_by_key(|(p, seq)| std::cmp::Reverse((p.pinned_at, *seq)));
         Ok(pins.into_iter().map(|(p, _)| p).collect())
     }
 

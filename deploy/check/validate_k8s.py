@@ -1,0 +1,600 @@
+#!/usr/bin/env python3
+"""Offline checks of a rendered Kustomize build (`kubectl kustomize DIR`).
+
+Used by scripts/check-deploy.sh, one call per overlay:
+
+  validate_k8s.py RENDERED.yaml --name k8s/overlays/production \
+      --kube-version 1.31.0 [--external Secret/chat-secrets ...] \
+      [--min-gateway-replicas 3] [--pinned-images]
+
+Three layers, all offline:
+1. Schema: every built-in object (core and *.k8s.io groups) is validated with
+   kubernetes-validate against the pinned Kubernetes version, strict mode
+   (unknown fields are errors). Custom resources (ScyllaCluster,
+   ServiceMonitor, PrometheusRule: no built-in schema exists) are skipped
+   from this layer, listed by name, and only shape-checked here.
+2. References: Service/PDB/HPA/NetworkPolicy/ServiceMonitor selectors match
+   pods, named ports exist, ConfigMaps/Secrets/PVCs/ServiceAccounts used by
+   pods exist in the build (or are declared --external: created out of band).
+3. Policy: what the operations runbook promises (non-root, read-only root
+   filesystem, no capabilities, RuntimeDefault seccomp, no token automount,
+   resources, probes, drain timing, zero-downtime rollouts, WebSocket
+   timeouts, routing, AOF).
+4. Contract with the binaries (deploy/check/contract.py reads it from the
+   Rust source): every CHAT_* variable a pod gets is one its binary accepts,
+   values parse the way the binary parses them, secrets come from Secrets,
+   the schema Job runs a real subcommand, and every metric a PrometheusRule
+   uses is one the binaries export.
+"""
+
+import argparse
+import re
+import sys
+
+import kubernetes_validate
+import yaml
+
+import contract
+
+failures = []
+passed = 0
+
+
+def expect(cond, what):
+    global passed
+    if cond:
+        passed += 1
+    else:
+        failures.append(what)
+    return cond
+
+
+# ------------------------------------------------------------------ helpers
+def builtin(api_version: str) -> bool:
+    group = api_version.rsplit("/", 1)[0] if "/" in api_version else ""
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def ident(o):
+    return f"{o['kind']}/{o['metadata']['name']}"
+
+
+def selector_matches(sel, labels) -> bool:
+    if sel is None:
+        return False
+    for k, v in (sel.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in sel.get("matchExpressions") or []:
+        k, op, vals = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(k) not in vals:
+            return False
+        if op == "NotIn" and labels.get(k) in vals:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+def pod_template(o):
+    k = o["kind"]
+    if k in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
+        return o["spec"]["template"]
+    if k == "CronJob":
+        return o["spec"]["jobTemplate"]["spec"]["template"]
+    return None
+
+
+def containers(tpl):
+    spec = tpl["spec"]
+    return (spec.get("initContainers") or []) + spec["containers"]
+
+
+def quantity_ok(res, *path):
+    cur = res
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return False
+        cur = cur[p]
+    return True
+
+
+class Pod:
+    """A pod template, or the pods an operator creates for a custom resource."""
+
+    def __init__(self, owner, labels, ports, template=None):
+        self.owner, self.labels, self.ports, self.template = owner, labels, ports, template
+
+
+# ------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("rendered")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--kube-version", required=True)
+    ap.add_argument("--external", action="append", default=[],
+                    help="Kind/name that is created out of band (e.g. Secret/chat-secrets)")
+    ap.add_argument("--min-gateway-replicas", type=int, default=1)
+    ap.add_argument("--pinned-images", action="store_true",
+                    help="fail on images without a tag or tagged latest/dev")
+    a = ap.parse_args()
+
+    with open(a.rendered) as f:
+        objs = [o for o in yaml.safe_load_all(f) if o]
+    external = set(a.external)
+    by_kind = {}
+    for o in objs:
+        by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
+
+    def exists(kind, name):
+        return name in by_kind.get(kind, {}) or f"{kind}/{name}" in external
+
+    # ---------------------------------------------------------- 1. schema
+    skipped = []
+    n_builtin = 0
+    for o in objs:
+        if not builtin(o["apiVersion"]):
+            skipped.append(o)
+            continue
+        n_builtin += 1
+        try:
+            kubernetes_validate.validate(o, a.kube_version, strict=True)
+            expect(True, "")
+        except kubernetes_validate.ValidationError as e:
+            expect(False, f"{ident(o)}: schema: {e.message} at {'/'.join(map(str, e.path))}")
+        except kubernetes_validate.SchemaNotFoundError:
+            expect(False, f"{ident(o)}: no schema for {o['apiVersion']} {o['kind']} in Kubernetes {a.kube_version}")
+
+    # Shape checks of the custom resources we ship (their CRDs are not here).
+    for o in skipped:
+        s = o.get("spec") or {}
+        if o["kind"] == "ScyllaCluster":
+            dc = s.get("datacenter") or {}
+            racks = dc.get("racks") or []
+            expect(s.get("version") and dc.get("name") and racks, f"{ident(o)}: needs spec.version, datacenter.name, racks")
+            for r in racks:
+                expect(r.get("name") and isinstance(r.get("members"), int) and r["members"] >= 1
+                       and quantity_ok(r, "storage", "capacity"),
+                       f"{ident(o)}: rack needs name, members >= 1, storage.capacity")
+        elif o["kind"] == "ServiceMonitor":
+            expect(s.get("selector") and s.get("endpoints") and all(e.get("port") for e in s["endpoints"]),
+                   f"{ident(o)}: needs selector and endpoints[].port")
+        elif o["kind"] == "PrometheusRule":
+            for g in s.get("groups") or []:
+                for r in g.get("rules") or []:
+                    expect(r.get("expr") and (r.get("alert") or r.get("record")),
+                           f"{ident(o)}: rule in group {g.get('name')} needs expr and alert/record")
+        else:
+            expect(False, f"{ident(o)}: unknown custom resource kind; add a shape check")
+
+    notes = []
+    try:
+        check_refs_and_policy(objs, by_kind, exists, a)
+        check_contract(objs, by_kind, exists, external, notes)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # Malformed input that the schema layer has already reported.
+        expect(False, f"reference/policy checks stopped on malformed input: {e!r}")
+
+    # ---------------------------------------------------------- report
+    skipped_txt = ", ".join(ident(o) for o in skipped) or "none"
+    print(f"  {a.name}: {len(objs)} objects; {n_builtin} built-in objects checked against "
+          f"Kubernetes {a.kube_version} schemas (strict)")
+    if skipped:
+        print(f"  {a.name}: NOTE skipped schema validation of {len(skipped)} custom resource(s) "
+              f"(no built-in schema; shape-checked only): {skipped_txt}")
+    if external:
+        print(f"  {a.name}: NOTE expected to exist already (created out of band): {', '.join(sorted(external))}")
+    for n in notes:
+        print(f"  {a.name}: NOTE {n}")
+    for f in failures:
+        print(f"  FAIL {a.name}: {f}", file=sys.stderr)
+    print(f"  {a.name}: {passed} checks passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+def check_refs_and_policy(objs, by_kind, exists, a):
+    # ---------------------------------------------------------- 2. references
+    pods = []
+    for o in objs:
+        tpl = pod_template(o)
+        if tpl:
+            ports = {p["name"]: p["containerPort"] for c in tpl["spec"]["containers"]
+                     for p in c.get("ports") or [] if "name" in p}
+            pods.append(Pod(ident(o), tpl["metadata"].get("labels") or {}, ports, tpl))
+    for o in by_kind.get("ScyllaCluster", {}).values():
+        # Labels and ports of the pods the Scylla Operator creates.
+        pods.append(Pod(ident(o), {"scylla/cluster": o["metadata"]["name"], "app.kubernetes.io/name": "scylla"},
+                        {"cql": 9042, "cql-shard-aware": 19042, "prometheus": 9180, "agent-prometheus": 5090}))
+
+    def matching(sel):
+        return [p for p in pods if selector_matches(sel, p.labels)]
+
+    pvc_templates = set()
+    for o in by_kind.get("StatefulSet", {}).values():
+        for t in o["spec"].get("volumeClaimTemplates") or []:
+            pvc_templates.add(t["metadata"]["name"])
+
+    for p in pods:
+        if not p.template:
+            continue
+        spec = p.template["spec"]
+        sa = spec.get("serviceAccountName", "default")
+        expect(sa == "default" or exists("ServiceAccount", sa), f"{p.owner}: ServiceAccount {sa} missing")
+        for c in containers(p.template):
+            for ef in c.get("envFrom") or []:
+                if "configMapRef" in ef:
+                    expect(exists("ConfigMap", ef["configMapRef"]["name"]) or ef["configMapRef"].get("optional"),
+                           f"{p.owner}: ConfigMap {ef['configMapRef']['name']} missing")
+                if "secretRef" in ef:
+                    expect(exists("Secret", ef["secretRef"]["name"]) or ef["secretRef"].get("optional"),
+                           f"{p.owner}: Secret {ef['secretRef']['name']} missing (or declare it --external)")
+            for e in c.get("env") or []:
+                vf = e.get("valueFrom") or {}
+                if "configMapKeyRef" in vf:
+                    expect(exists("ConfigMap", vf["configMapKeyRef"]["name"]), f"{p.owner}: ConfigMap for {e['name']} missing")
+                if "secretKeyRef" in vf:
+                    expect(exists("Secret", vf["secretKeyRef"]["name"]), f"{p.owner}: Secret for {e['name']} missing")
+        vols = {v["name"] for v in spec.get("volumes") or []} | pvc_templates
+        for c in containers(p.template):
+            for m in c.get("volumeMounts") or []:
+                expect(m["name"] in vols, f"{p.owner}: volumeMount {m['name']} has no volume")
+        for v in spec.get("volumes") or []:
+            if "configMap" in v:
+                expect(exists("ConfigMap", v["configMap"]["name"]), f"{p.owner}: ConfigMap volume {v['configMap']['name']} missing")
+            if "secret" in v:
+                expect(exists("Secret", v["secret"]["secretName"]), f"{p.owner}: Secret volume {v['secret']['secretName']} missing")
+            if "persistentVolumeClaim" in v:
+                expect(exists("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]),
+                       f"{p.owner}: PVC {v['persistentVolumeClaim']['claimName']} missing")
+
+    for svc in by_kind.get("Service", {}).values():
+        m = matching(svc["spec"].get("selector") and {"matchLabels": svc["spec"]["selector"]})
+        if expect(m, f"{ident(svc)}: selector matches no pods"):
+            for port in svc["spec"]["ports"]:
+                tp = port.get("targetPort", port["port"])
+                for p in m:
+                    if p.template:
+                        ok = tp in p.ports if isinstance(tp, str) else tp in p.ports.values()
+                        expect(ok, f"{ident(svc)}: targetPort {tp} not a container port of {p.owner}")
+
+    for ing in by_kind.get("Ingress", {}).values():
+        for rule in ing["spec"].get("rules") or []:
+            for path in rule["http"]["paths"]:
+                b = path["backend"]["service"]
+                svc = by_kind.get("Service", {}).get(b["name"])
+                if expect(svc, f"{ident(ing)}: backend Service {b['name']} missing"):
+                    names = {p.get("name") for p in svc["spec"]["ports"]}
+                    nums = {p["port"] for p in svc["spec"]["ports"]}
+                    expect(b["port"].get("name") in names or b["port"].get("number") in nums,
+                           f"{ident(ing)}: backend port {b['port']} not on Service {b['name']}")
+        for t in ing["spec"].get("tls") or []:
+            expect(exists("Secret", t["secretName"]), f"{ident(ing)}: TLS Secret {t['secretName']} missing (or declare it --external)")
+
+    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        ref = hpa["spec"]["scaleTargetRef"]
+        expect(exists(ref["kind"], ref["name"]), f"{ident(hpa)}: target {ref['kind']}/{ref['name']} missing")
+        expect(hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"], f"{ident(hpa)}: minReplicas > maxReplicas")
+        tgt = by_kind.get(ref["kind"], {}).get(ref["name"])
+        if tgt and "replicas" in tgt["spec"]:
+            expect(tgt["spec"]["replicas"] == hpa["spec"].get("minReplicas", 1),
+                   f"{ident(hpa)}: {ref['name']} replicas ({tgt['spec']['replicas']}) != minReplicas; apply would fight the HPA")
+
+    for pdb in by_kind.get("PodDisruptionBudget", {}).values():
+        expect(matching(pdb["spec"]["selector"]), f"{ident(pdb)}: selector matches no pods")
+
+    for npol in by_kind.get("NetworkPolicy", {}).values():
+        sel = npol["spec"]["podSelector"]
+        targets = pods if not sel else matching(sel)
+        expect(targets, f"{ident(npol)}: podSelector matches no pods")
+        for rule in npol["spec"].get("ingress") or []:
+            for peer in rule.get("from") or []:
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    expect(matching(peer["podSelector"]), f"{ident(npol)}: from.podSelector {peer['podSelector']} matches no pods")
+            for port in rule.get("ports") or []:
+                if isinstance(port.get("port"), str):
+                    for t in targets:
+                        expect(port["port"] in t.ports, f"{ident(npol)}: named port {port['port']} not on {t.owner}")
+
+    for sm in by_kind.get("ServiceMonitor", {}).values():
+        svcs = [s for s in by_kind.get("Service", {}).values()
+                if selector_matches(sm["spec"]["selector"], s["metadata"].get("labels") or {})]
+        if expect(svcs, f"{ident(sm)}: selector matches no Service"):
+            for ep in sm["spec"]["endpoints"]:
+                for s in svcs:
+                    expect(ep["port"] in {p.get("name") for p in s["spec"]["ports"]},
+                           f"{ident(sm)}: port {ep['port']} not on {ident(s)}")
+
+    # ---------------------------------------------------------- 3. policy
+    for sa in by_kind.get("ServiceAccount", {}).values():
+        expect(sa.get("automountServiceAccountToken") is False, f"{ident(sa)}: automountServiceAccountToken must be false")
+
+    for p in pods:
+        if not p.template:
+            continue
+        spec = p.template["spec"]
+        psc = spec.get("securityContext") or {}
+        expect(spec.get("automountServiceAccountToken") is False, f"{p.owner}: pod automountServiceAccountToken must be false")
+        expect(psc.get("runAsNonRoot") is True, f"{p.owner}: securityContext.runAsNonRoot must be true")
+        expect((psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", f"{p.owner}: seccompProfile must be RuntimeDefault")
+        for c in containers(p.template):
+            csc = c.get("securityContext") or {}
+            who = f"{p.owner} container {c['name']}"
+            expect(csc.get("readOnlyRootFilesystem") is True, f"{who}: readOnlyRootFilesystem must be true")
+            expect(csc.get("allowPrivilegeEscalation") is False, f"{who}: allowPrivilegeEscalation must be false")
+            expect("ALL" in ((csc.get("capabilities") or {}).get("drop") or []), f"{who}: must drop ALL capabilities")
+            res = c.get("resources") or {}
+            expect(quantity_ok(res, "requests", "cpu") and quantity_ok(res, "requests", "memory")
+                   and quantity_ok(res, "limits", "memory"), f"{who}: needs cpu/memory requests and a memory limit")
+            img = c["image"]
+            tag = img.rsplit(":", 1)[1] if ":" in img.rsplit("/", 1)[-1] else ""
+            expect(tag or "@" in img, f"{who}: image {img} has no tag")
+            if a.pinned_images and "@" not in img:
+                expect(tag not in ("", "latest", "dev"), f"{who}: image {img} must be pinned in this overlay")
+
+    def config_value(tpl, key):
+        for c in tpl["spec"]["containers"]:
+            for e in c.get("env") or []:
+                if e["name"] == key and "value" in e:
+                    return e["value"]
+            for ef in c.get("envFrom") or []:
+                cm = by_kind.get("ConfigMap", {}).get((ef.get("configMapRef") or {}).get("name"))
+                if cm and key in (cm.get("data") or {}):
+                    return cm["data"][key]
+        return None
+
+    for dep in by_kind.get("Deployment", {}).values():
+        tpl = dep["spec"]["template"]
+        strat = dep["spec"].get("strategy") or {}
+        if strat.get("type", "RollingUpdate") == "RollingUpdate":
+            expect((strat.get("rollingUpdate") or {}).get("maxUnavailable") == 0,
+                   f"{ident(dep)}: rollingUpdate.maxUnavailable must be 0")
+        for c in tpl["spec"]["containers"]:
+            expect((c.get("readinessProbe") or {}).get("httpGet", {}).get("path") == "/readyz",
+                   f"{ident(dep)}: readinessProbe must GET /readyz")
+            expect((c.get("livenessProbe") or {}).get("httpGet", {}).get("path") == "/healthz",
+                   f"{ident(dep)}: livenessProbe must GET /healthz")
+            expect((c.get("lifecycle") or {}).get("preStop"), f"{ident(dep)}: needs a preStop hook (endpoint propagation)")
+
+    gw = by_kind.get("Deployment", {}).get("gateway")
+    if expect(gw, "Deployment/gateway missing"):
+        tpl = gw["spec"]["template"]
+        drain = int(config_value(tpl, "CHAT_DRAIN_SECONDS") or 20)
+        pre = tpl["spec"]["containers"][0].get("lifecycle", {}).get("preStop", {})
+        cmd = (pre.get("exec") or {}).get("command") or []
+        sleep = int(cmd[1]) if len(cmd) == 2 and cmd[0] == "sleep" else int((pre.get("sleep") or {}).get("seconds", 0))
+        tgps = tpl["spec"].get("terminationGracePeriodSeconds", 30)
+        expect(tgps > sleep + drain,
+               f"Deployment/gateway: terminationGracePeriodSeconds {tgps} must exceed preStop {sleep}s + CHAT_DRAIN_SECONDS {drain}s")
+        expect(tpl["spec"].get("topologySpreadConstraints"), "Deployment/gateway: needs topologySpreadConstraints")
+        expect(gw["spec"].get("replicas", 1) >= a.min_gateway_replicas,
+               f"Deployment/gateway: replicas {gw['spec'].get('replicas', 1)} < {a.min_gateway_replicas}")
+        hpas = [h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()
+                if h["spec"]["scaleTargetRef"]["name"] == "gateway"]
+        if expect(hpas, "Deployment/gateway: no HorizontalPodAutoscaler"):
+            expect(hpas[0]["apiVersion"] == "autoscaling/v2", "HPA gateway must be autoscaling/v2")
+            expect(hpas[0]["spec"].get("minReplicas", 1) >= a.min_gateway_replicas,
+                   f"HPA gateway: minReplicas < {a.min_gateway_replicas}")
+        expect(any(selector_matches(p["spec"]["selector"], tpl["metadata"]["labels"])
+                   for p in by_kind.get("PodDisruptionBudget", {}).values()), "Deployment/gateway: no PodDisruptionBudget")
+        expect(config_value(tpl, "CHAT_LISTEN", ) == "0.0.0.0:8080", "Deployment/gateway: CHAT_LISTEN must bind 0.0.0.0:8080")
+
+    for ing in by_kind.get("Ingress", {}).values():
+        ann = ing["metadata"].get("annotations") or {}
+        for k in ("proxy-read-timeout", "proxy-send-timeout"):
+            v = ann.get(f"nginx.ingress.kubernetes.io/{k}", "0")
+            expect(v.isdigit() and int(v) >= 3600, f"{ident(ing)}: {k} must be >= 3600 for WebSockets (is {v})")
+        routes = {p["path"]: p["backend"]["service"]["name"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]}
+        expect(routes.get("/ws") == "gateway" and routes.get("/") == "gateway", f"{ident(ing)}: /ws and / must go to gateway")
+        for word in ("messages", "pins", "receipts", "members"):
+            expect(any(word in p and s == "history-service" for p, s in routes.items()),
+                   f"{ident(ing)}: {word} paths must go to history-service")
+        expect(any(p.startswith("/api/messages") and s == "history-service" for p, s in routes.items()),
+               f"{ident(ing)}: /api/messages must go to history-service")
+
+    redis = by_kind.get("StatefulSet", {}).get("redis")
+    if expect(redis, "StatefulSet/redis missing"):
+        expect(redis["spec"].get("volumeClaimTemplates"), "StatefulSet/redis: needs a PVC for the AOF")
+        conf = next((cm["data"].get("redis.conf", "") for cm in by_kind.get("ConfigMap", {}).values()
+                     if "redis.conf" in (cm.get("data") or {})), "")
+        expect(re.search(r"^appendonly yes", conf, re.M) and re.search(r"^appendfsync everysec", conf, re.M),
+               "redis.conf: appendonly yes + appendfsync everysec expected")
+        expect(re.search(r"^maxmemory-policy noeviction", conf, re.M), "redis.conf: maxmemory-policy noeviction expected")
+
+    expect(any(not n["spec"]["podSelector"] and not n["spec"].get("ingress")
+               for n in by_kind.get("NetworkPolicy", {}).values()), "no default-deny ingress NetworkPolicy")
+
+
+# ------------------------------------------------------------------ 4. contract
+SECRET_SETTINGS = {"CHAT_JWT_SECRET", "CHAT_INTERNAL_TOKEN"}
+
+
+def binary_of(image: str):
+    name = image.rsplit("@", 1)[0]
+    name = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+    last = name.rsplit("/", 1)[-1]
+    return last if last in contract.SOURCES else None
+
+
+def check_value(who, key, value, spec):
+    """The value parses the way the binary's clap/validate() parses it."""
+    t = spec["type"]
+    if t in ("u64", "u32", "usize", "Option<u32>", "Option<u64>"):
+        expect(re.fullmatch(r"\d+", value), f"{who}: {key}={value!r} is not an unsigned integer")
+    elif t == "bool":
+        expect(value in ("true", "false"), f"{who}: {key}={value!r} must be true or false")
+    elif t == "SocketAddr":
+        expect(re.fullmatch(r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:]+\]):\d+", value),
+               f"{who}: {key}={value!r} must be IP:PORT (no host names)")
+    if key == "CHAT_REDIS_URL":
+        expect(value.startswith(("redis://", "rediss://")), f"{who}: CHAT_REDIS_URL must start with redis://")
+    if key == "CHAT_HISTORY_URL":
+        expect(value.startswith(("http://", "https://")), f"{who}: CHAT_HISTORY_URL must be http(s)://")
+    if key == "CHAT_STORE":
+        expect(re.fullmatch(r"sqlite://.+|scylla://([^@/]+@)?[^/]+/\w+|https?://.+", value),
+               f"{who}: CHAT_STORE={value!r}: expected sqlite://PATH or scylla://HOSTS/KEYSPACE")
+    if key == "CHAT_LOG_FORMAT":
+        expect(value in ("text", "json"), f"{who}: CHAT_LOG_FORMAT must be text or json")
+    if key == "CHAT_SCYLLA_REPLICATION":
+        expect(value.strip().startswith("{") and "class" in value, f"{who}: CHAT_SCYLLA_REPLICATION must be a CQL map")
+    expect(value != "", f"{who}: {key} is empty; leave it out instead")
+
+
+def check_contract(objs, by_kind, exists, external, notes):
+    table = {b: contract.settings(b) for b in contract.SOURCES}
+    for b, t in table.items():
+        expect(t, f"no CHAT_* settings found in {contract.SOURCES[b]} (source moved?)")
+    known_any = set(table["gateway"]) | set(table["history-service"])
+    configmaps = by_kind.get("ConfigMap", {})
+    secrets = by_kind.get("Secret", {})
+
+    for o in objs:
+        tpl = pod_template(o)
+        if not tpl:
+            continue
+        for c in tpl["spec"]["containers"]:
+            binary = binary_of(c["image"])
+            if not binary:
+                continue
+            who = f"{ident(o)} ({binary})"
+            accepted = table[binary]
+            values, sources = {}, {}
+            for ef in c.get("envFrom") or []:
+                if "configMapRef" in ef:
+                    cm = configmaps.get(ef["configMapRef"]["name"]) or {}
+                    for k, v in (cm.get("data") or {}).items():
+                        if not k.startswith("CHAT_"):
+                            continue
+                        # A shared ConfigMap may hold the other binary's settings.
+                        expect(k in known_any, f"{who}: ConfigMap {cm['metadata']['name']} sets {k}, which no binary accepts")
+                        expect(k not in SECRET_SETTINGS, f"{who}: {k} belongs in a Secret, not ConfigMap {cm['metadata']['name']}")
+                        if k in accepted:
+                            values[k], sources[k] = v, "configmap"
+                if "secretRef" in ef:
+                    name = ef["secretRef"]["name"]
+                    sec = secrets.get(name)
+                    if sec is not None:
+                        for k in list((sec.get("data") or {})) + list((sec.get("stringData") or {})):
+                            if k.startswith("CHAT_"):
+                                expect(k in known_any, f"{who}: Secret {name} holds {k}, which no binary accepts")
+                                if k in accepted:
+                                    values[k], sources[k] = "<secret>", "secret"
+                    elif f"Secret/{name}" in external:
+                        for k in SECRET_SETTINGS & set(accepted):
+                            sources.setdefault(k, "external-secret")
+            for e in c.get("env") or []:
+                k = e["name"]
+                if not k.startswith("CHAT_"):
+                    continue
+                expect(k in accepted, f"{who}: env {k} is not a setting of {binary}")
+                vf = e.get("valueFrom") or {}
+                if "value" in e:
+                    expect(k not in SECRET_SETTINGS, f"{who}: {k} must come from a Secret, not a literal")
+                    values[k], sources[k] = e["value"], "literal"
+                elif "secretKeyRef" in vf:
+                    values[k], sources[k] = "<secret>", "secret"
+                elif "fieldRef" in vf:
+                    values[k], sources[k] = "<field>", "field"
+            for k, v in values.items():
+                if v not in ("<secret>", "<field>") and k in accepted:
+                    check_value(who, k, v, accepted[k])
+
+            args = c.get("args") or []
+            subcommand = args[0] if args and not args[0].startswith("-") else None
+            if binary == "history-service" and subcommand:
+                expect(subcommand in contract.subcommands(),
+                       f"{who}: args {args}: {subcommand!r} is not a subcommand ({contract.subcommands()})")
+            elif binary == "gateway":
+                expect(not subcommand, f"{who}: the gateway has no subcommands (args {args})")
+            if subcommand == "migrate":
+                expect(str(values.get("CHAT_STORE", "")).startswith("scylla://"), f"{who}: migrate needs CHAT_STORE=scylla://")
+                both = {"CHAT_SCYLLA_REPLICATION", "CHAT_SCYLLA_REPLICATION_FACTOR"} <= set(values)
+                expect(not both, f"{who}: set CHAT_SCYLLA_REPLICATION or CHAT_SCYLLA_REPLICATION_FACTOR, not both")
+                continue  # a one-shot Job: no listener, no probes, no drain
+
+            # A server: listens on its container port, on all interfaces.
+            listen = values.get("CHAT_LISTEN", "")
+            ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
+            expect(listen.startswith("0.0.0.0:") and ports.get("http") == int(listen.rsplit(":", 1)[1] or 0),
+                   f"{who}: CHAT_LISTEN={listen!r} must be 0.0.0.0:<containerPort http {ports.get('http')}>")
+            expect(sources.get("CHAT_NODE_ID") == "field", f"{who}: CHAT_NODE_ID should be the pod name (fieldRef metadata.name)")
+            expect(not ({"CHAT_JWT_SECRET", "CHAT_JWT_PUBLIC_KEY"} <= set(values)),
+                   f"{who}: set CHAT_JWT_SECRET or CHAT_JWT_PUBLIC_KEY, not both")
+            if "CHAT_JWT_SECRET" not in sources and "CHAT_JWT_PUBLIC_KEY" not in values:
+                expect(False, f"{who}: no JWT key: it would run with the built-in development key")
+            # Drain: the kubelet must not SIGKILL before the binary's drain ends.
+            drain = int(values.get("CHAT_DRAIN_SECONDS") or accepted.get("CHAT_DRAIN_SECONDS", {}).get("default") or 0)
+            pre = (c.get("lifecycle") or {}).get("preStop") or {}
+            cmd = (pre.get("exec") or {}).get("command") or []
+            sleep = int(cmd[1]) if len(cmd) == 2 and cmd[0] == "sleep" else int((pre.get("sleep") or {}).get("seconds", 0))
+            tgps = tpl["spec"].get("terminationGracePeriodSeconds", 30)
+            expect(tgps > sleep + drain,
+                   f"{who}: terminationGracePeriodSeconds {tgps} must exceed preStop {sleep}s + CHAT_DRAIN_SECONDS {drain}s")
+            if binary == "gateway":
+                expect("CHAT_REDIS_URL" in values, f"{who}: CHAT_REDIS_URL unset: each pod would be an isolated single node")
+                expect("CHAT_HISTORY_URL" in values, f"{who}: CHAT_HISTORY_URL unset: each pod would keep its own SQLite history")
+                hb = int(values.get("CHAT_HEARTBEAT_SECONDS") or accepted["CHAT_HEARTBEAT_SECONDS"]["default"])
+                for ing in by_kind.get("Ingress", {}).values():
+                    ann = ing["metadata"].get("annotations") or {}
+                    t = ann.get("nginx.ingress.kubernetes.io/proxy-read-timeout", "60")
+                    expect(t.isdigit() and int(t) > 2 * hb, f"{ident(ing)}: proxy-read-timeout {t}s must exceed 2 x heartbeat ({hb}s)")
+            if "CHAT_HISTORY_URL" in values or binary == "history-service":
+                # The internal API is guarded by a token both sides must share.
+                expect(sources.get("CHAT_INTERNAL_TOKEN") in ("secret", "external-secret"),
+                       f"{who}: CHAT_INTERNAL_TOKEN must come from a Secret (gateway and history-service share it)")
+            for k, url_key, svc_name in (("CHAT_REDIS_URL", "redis", None), ("CHAT_HISTORY_URL", "http", None),
+                                          ("CHAT_STORE", "scylla", None)):
+                v = values.get(k, "")
+                m = re.match(r"\w+://(?:[^@/]+@)?([^:/,]+)(?::(\d+))?", v)
+                if not m or v.startswith("sqlite"):
+                    continue
+                host, port = m.group(1), m.group(2)
+                svc = by_kind.get("Service", {}).get(host)
+                if svc is None and "." not in host and host != "localhost":
+                    # Operator-created Services (scylla-client) are not in the build.
+                    if not any(sc["metadata"]["name"] + "-client" == host for sc in by_kind.get("ScyllaCluster", {}).values()):
+                        expect(False, f"{who}: {k} host {host} is no Service of this build")
+                elif svc is not None and port:
+                    expect(int(port) in {p["port"] for p in svc["spec"]["ports"]}, f"{who}: {k} port {port} not on Service/{host}")
+
+    # SQLite is one file on one pod's volume: more replicas would each keep a
+    # different history (the stream's consumer group splits entries between them).
+    hist = by_kind.get("Deployment", {}).get("history-service")
+    if hist:
+        store = ""
+        for ef in hist["spec"]["template"]["spec"]["containers"][0].get("envFrom") or []:
+            cm = configmaps.get((ef.get("configMapRef") or {}).get("name")) or {}
+            store = (cm.get("data") or {}).get("CHAT_STORE", store)
+        if store.startswith("sqlite://"):
+            expect(hist["spec"].get("replicas", 1) == 1,
+                   f"Deployment/history-service: CHAT_STORE is SQLite, so replicas must be 1 (is {hist['spec'].get('replicas', 1)})")
+
+    # Generated Secrets (dev) must carry what the pods expect.
+    for name, sec in secrets.items():
+        keys = set(sec.get("data") or {}) | set(sec.get("stringData") or {})
+        if any(k.startswith("CHAT_") for k in keys):
+            for k in ("CHAT_JWT_SECRET", "CHAT_INTERNAL_TOKEN"):
+                expect(k in keys, f"Secret/{name}: key {k} missing")
+    for ext in sorted(external):
+        if ext.startswith("Secret/") and ext != "Secret/chat-tls":
+            notes.append(f"{ext} must hold keys CHAT_JWT_SECRET and CHAT_INTERNAL_TOKEN (docs/operations.md \"Secrets\")")
+
+    # Alerts use only metrics the binaries export.
+    table = contract.metrics()
+    exported = contract.series_names(table)
+    for rule_obj in by_kind.get("PrometheusRule", {}).values():
+        for g in rule_obj["spec"].get("groups") or []:
+            for r in g.get("rules") or []:
+                # Queries must name real series (histograms: _bucket/_sum/_count);
+                # the prose of annotations may name a metric itself.
+                texts = ((r.get("expr", ""), exported),
+                         (" ".join((r.get("annotations") or {}).values()), exported | set(table)))
+                for text, known in texts:
+                    for name in set(re.findall(r"\bchat_[a-z0-9_]+", text)):
+                        expect(name in known, f"{ident(rule_obj)}: {r.get('alert') or r.get('record')} uses {name}, "
+                                              f"which no binary exports")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

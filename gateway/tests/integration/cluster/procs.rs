@@ -1,0 +1,370 @@
+//! Real processes for multi-node tests: redis-server, gateway binaries, nginx. Each is killed
+//! when dropped, so a failing test leaves nothing running.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "chat-test-{name}-{}-{}",
+        std::process::id(),
+        crate::support::rand_u64()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Whether the external servers these tests need are installed; `scripts/test.sh` installs
+/// them, so in CI this is always true.
+pub fn have(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn require(bin: &str) {
+    assert!(
+        have(bin),
+        "{bin} is not installed: run ./scripts/test.sh, which installs it"
+    );
+}
+
+/// What gateways in scaled mode need behind them: a redis-server and a history service
+/// (SQLite store, consuming the persistence stream).
+pub struct Backend {
+    pub redis: Redis,
+    pub history: History,
+}
+
+impl Backend {
+    pub async fn start() -> Backend {
+        let redis = Redis::start().await;
+        let history = History::start(&redis).await;
+        Backend { redis, history }
+    }
+}
+
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// A redis-server with AOF fsync on every write, as production runs it for durability.
+    pub async fn start() -> Redis {
+        require("redis-server");
+        let mut r = Redis {
+            port: free_port(),
+            dir: tempdir("redis"),
+            child: None,
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        wait_for_port(self.port).await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, then start again on the same port and data (AOF).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub async fn wait_for_port(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "port {port} never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Spawns a binary of this workspace with `env` (and nothing else from the environment) and
+/// waits for its `listening on ADDR` line; its output is drained (shown with CHAT_TEST_LOGS).
+async fn spawn_service(
+    bin: &std::path::Path,
+    name: &str,
+    env: &[(&str, String)],
+) -> (Child, SocketAddr) {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{name} ({}) starts: {e}", bin.display()));
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(a) = line.split("listening on ").nth(1) {
+                return a.trim().parse::<SocketAddr>().unwrap();
+            }
+        }
+        panic!("{name} exited before listening");
+    })
+    .await
+    .expect("service printed its address");
+    let label = name.to_string();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if std::env::var_os("CHAT_TEST_LOGS").is_some() {
+                eprintln!("[{label}] {line}");
+            }
+        }
+    });
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let label = name.to_string();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            eprintln!("[{label} stderr] {line}");
+        }
+    });
+    (child, addr)
+}
+
+/// The history-service binary next to this test's gateway binary (`scripts/test.sh` builds
+/// every binary first).
+fn history_bin() -> PathBuf {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gateway")).with_file_name("history-service");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct History {
+    pub addr: SocketAddr,
+    _child: Child,
+}
+
+impl History {
+    pub async fn start(redis: &Redis) -> History {
+        let dir = tempdir("history");
+        let env = [
+            ("CHAT_LISTEN", "127.0.0.1:0".to_string()),
+            ("CHAT_REDIS_URL", redis.url()),
+            (
+                "CHAT_STORE",
+                format!("sqlite://{}/history.db", dir.display()),
+            ),
+            ("CHAT_NODE_ID", "history-1".to_string()),
+            ("CHAT_INTERNAL_TOKEN", INTERNAL_TOKEN.to_string()),
+            ("CHAT_DRAIN_SECONDS", "1".to_string()),
+            ("CHAT_LOG", "info".to_string()),
+        ];
+        let (child, addr) = spawn_service(&history_bin(), "history", &env).await;
+        wait_ready(addr).await;
+        History {
+            addr,
+            _child: child,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+const INTERNAL_TOKEN: &str = "cluster-test-internal-token";
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub node: String,
+    child: Child,
+}
+
+impl Gateway {
+    /// Starts the gateway binary on a free port with `env` on top of test defaults.
+    pub async fn start(backend: &Backend, node: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_on(backend, node, 0, env).await
+    }
+
+    pub async fn start_on(
+        backend: &Backend,
+        node: &str,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        let mut all = vec![
+            ("CHAT_LISTEN", format!("127.0.0.1:{port}")),
+            ("CHAT_REDIS_URL", backend.redis.url()),
+            ("CHAT_HISTORY_URL", backend.history.url()),
+            ("CHAT_INTERNAL_TOKEN", INTERNAL_TOKEN.to_string()),
+            ("CHAT_NODE_ID", node.to_string()),
+            ("CHAT_LOG", "info".to_string()),
+            ("CHAT_DRAIN_SECONDS", "2".to_string()),
+            ("CHAT_PRESENCE_TTL_SECONDS", "3".to_string()),
+            ("CHAT_DATA_DIR", tempdir(node).display().to_string()),
+        ];
+        all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gateway"));
+        let (child, addr) = spawn_service(bin, node, &all).await;
+        wait_ready(addr).await;
+        Gateway {
+            addr,
+            node: node.into(),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub async fn sigkill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn sigterm(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    pub async fn wait_exit(mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("exited in time")
+            .unwrap()
+    }
+}
+
+/// Waits until `/readyz` answers 200.
+pub async fn wait_ready(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct Nginx {
+    pub addr: SocketAddr,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    /// nginx from deploy/nginx/local.conf.template in front of `gateways`.
+    pub async fn start(gateways: &[SocketAddr], history: SocketAddr) -> Nginx {
+        require("nginx");
+        let prefix = tempdir("nginx");
+        let port = free_port();
+        let template = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/nginx/local.conf.template"
+        ))
+        .unwrap();
+        let upstreams: String = gateways.iter().map(|g| format!("server {g};\n")).collect();
+        let conf = template
+            .replace("@PREFIX@", prefix.to_str().unwrap())
+            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+            .replace("@GATEWAYS@", &upstreams)
+            .replace("@HISTORY@", &history.to_string());
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let status = Command::new("nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .status()
+            .await
+            .expect("nginx runs");
+        assert!(
+            status.success(),
+            "nginx failed to start: {}",
+            std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default()
+        );
+        wait_for_port(port).await;
+        Nginx {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            prefix,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.prefix.join("nginx.pid")) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", pid.trim()])
+                .status();
+        }
+    }
+}

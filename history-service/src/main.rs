@@ -1,0 +1,314 @@
+//! The history service binary: `history-service [serve]` runs the HTTP API and the
+//! persistence-stream consumer; `history-service migrate` applies the store schema and exits
+//! (the Kubernetes schema Job and the compose `schema-migrate` service run it).
+//!
+//! Every setting is a flag with an environment fallback (the flag wins), parsed and validated
+//! before any port is bound; a bad setting prints one line and exits with status 2.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use history_service::consumer::ConsumerConfig;
+use history_service::server::{self, RunOptions};
+use history_service::store::scylla::DEFAULT_REPLICATION;
+use history_service::{AnyStore, HistoryApi};
+use proto::auth::{KeyConfig, Verifier};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "history-service",
+    version,
+    about = "Durable chat history: HTTP API, persistence-stream consumer, schema migrations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API and consume the persistence stream (the default).
+    Serve,
+    /// Create or upgrade the store's schema (idempotent), then exit.
+    Migrate,
+}
+
+#[derive(Debug, clap::Args)]
+struct Config {
+    /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
+    #[arg(
+        long,
+        env = "CHAT_LISTEN",
+        default_value = "127.0.0.1:8081",
+        global = true
+    )]
+    listen: SocketAddr,
+    /// `sqlite://<path>` or `scylla://[user:pass@]host[:port][,host2[:port]]/keyspace`.
+    #[arg(
+        long,
+        env = "CHAT_STORE",
+        default_value = "sqlite://./data/history.db",
+        global = true
+    )]
+    store: String,
+    /// Redis holding the persistence stream `chat:persist`; unset → API only, no consumer.
+    #[arg(long, env = "CHAT_REDIS_URL", global = true)]
+    redis_url: Option<String>,
+    /// This replica's consumer name in the stream's group; defaults to the host name.
+    #[arg(long, env = "CHAT_NODE_ID", global = true)]
+    node_id: Option<String>,
+    /// Shared token the internal API (`/internal/v1/*`) requires; unset → open (keep the
+    /// port private).
+    #[arg(
+        long,
+        env = "CHAT_INTERNAL_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    internal_token: Option<String>,
+    /// HS256 secret; with no key at all the built-in development key is used.
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true, global = true)]
+    jwt_secret: Option<String>,
+    /// Path to a PEM public key (RS256 or EdDSA).
+    #[arg(long, env = "CHAT_JWT_PUBLIC_KEY", global = true)]
+    jwt_public_key: Option<PathBuf>,
+    #[arg(long, env = "CHAT_JWT_ISSUER", global = true)]
+    jwt_issuer: Option<String>,
+    #[arg(long, env = "CHAT_JWT_AUDIENCE", global = true)]
+    jwt_audience: Option<String>,
+    /// `migrate` on ScyllaDB: keyspace replication factor (SimpleStrategy, one data centre).
+    #[arg(long, env = "CHAT_SCYLLA_REPLICATION_FACTOR", global = true)]
+    scylla_replication_factor: Option<u32>,
+    /// `migrate` on ScyllaDB: the whole replication map instead, e.g.
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
+    #[arg(long, env = "CHAT_SCYLLA_REPLICATION", global = true)]
+    scylla_replication: Option<String>,
+    /// `serve`: apply the schema before serving (what `migrate` does).
+    #[arg(long, env = "CHAT_MIGRATE_ON_START", global = true)]
+    migrate_on_start: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "CHAT_DRAIN_SECONDS", default_value_t = 20, global = true)]
+    drain_seconds: u64,
+    /// OTLP endpoint for traces. Accepted for a uniform configuration; this binary does not
+    /// export traces (a warning says so when it is set).
+    #[arg(long, env = "CHAT_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "CHAT_LOG", default_value = "info", global = true)]
+    log: String,
+    /// `json` for JSON lines, `text` otherwise.
+    #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+}
+
+impl Config {
+    /// Checks what clap cannot; the error is the one line to print.
+    fn validate(&self) -> Result<(), String> {
+        history_service::store::any::StoreUrl::parse(&self.store)
+            .map_err(|e| format!("CHAT_STORE: {e}"))?;
+        if let Some(url) = &self.redis_url {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                return Err(format!(
+                    "CHAT_REDIS_URL must start with redis:// (got {url})"
+                ));
+            }
+            redis::Client::open(url.as_str()).map_err(|e| format!("CHAT_REDIS_URL: {e}"))?;
+        }
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            return Err("set either CHAT_JWT_SECRET or CHAT_JWT_PUBLIC_KEY, not both".into());
+        }
+        if self.scylla_replication.is_some() && self.scylla_replication_factor.is_some() {
+            return Err(
+                "set either CHAT_SCYLLA_REPLICATION or CHAT_SCYLLA_REPLICATION_FACTOR, not both"
+                    .into(),
+            );
+        }
+        if self.scylla_replication_factor == Some(0) {
+            return Err("CHAT_SCYLLA_REPLICATION_FACTOR must be at least 1".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "CHAT_LOG_FORMAT must be text or json (got {})",
+                self.log_format
+            ));
+        }
+        self.verifier().map(drop)
+    }
+
+    fn key_config(&self) -> Result<KeyConfig, String> {
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(s), _) if s.is_empty() => Err("CHAT_JWT_SECRET is empty".into()),
+            (Some(s), _) => Ok(KeyConfig::Secret(s.as_bytes().to_vec())),
+            (None, Some(path)) => std::fs::read(path)
+                .map(KeyConfig::PublicPem)
+                .map_err(|e| format!("cannot read CHAT_JWT_PUBLIC_KEY {}: {e}", path.display())),
+            (None, None) => Ok(KeyConfig::Dev),
+        }
+    }
+
+    fn verifier(&self) -> Result<Verifier, String> {
+        Verifier::new(
+            &self.key_config()?,
+            self.jwt_issuer.as_deref(),
+            self.jwt_audience.as_deref(),
+        )
+        .map_err(|e| format!("JWT key: {e}"))
+    }
+
+    /// The CQL replication map `migrate` creates the keyspace with.
+    fn replication(&self) -> String {
+        match (&self.scylla_replication, self.scylla_replication_factor) {
+            (Some(map), _) => map.clone(),
+            (None, Some(rf)) => {
+                format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}")
+            }
+            (None, None) => DEFAULT_REPLICATION.to_owned(),
+        }
+    }
+
+    /// The consumer name: the node id, else the host name, else a random one (a replica that
+    /// restarts under a new name leaves its pending entries to be reclaimed by the others).
+    fn node_name(&self) -> String {
+        self.node_id
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+            })
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos();
+                format!("history-{:x}{:08x}", std::process::id(), nanos)
+            })
+    }
+}
+
+/// Logs go to stderr, so stdout's first line is `listening on ADDR` for whoever started us.
+fn init_logging(filter: &str, format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+fn fail(what: impl std::fmt::Display) -> ! {
+    eprintln!("history-service: {what}");
+    std::process::exit(2);
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => fail(format!("cannot handle SIGTERM: {e}")),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.config;
+    if let Err(e) = config.validate() {
+        fail(e);
+    }
+    init_logging(&config.log, &config.log_format);
+    if config.otlp_endpoint.is_some() {
+        tracing::warn!("CHAT_OTLP_ENDPOINT is set, but history-service does not export traces");
+    }
+
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => {
+            if let Err(e) = AnyStore::migrate(&config.store, &config.replication()).await {
+                eprintln!("history-service: migrate failed: {e}");
+                std::process::exit(1);
+            }
+            tracing::info!(store = %config.store, "schema is up to date");
+            Ok(())
+        }
+        Command::Serve => serve(config).await,
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let verifier = config.verifier().unwrap_or_else(|e| fail(e));
+    if config.migrate_on_start {
+        if let Err(e) = AnyStore::migrate(&config.store, &config.replication()).await {
+            eprintln!("history-service: migrate failed: {e}");
+            std::process::exit(1);
+        }
+    }
+    let store = match AnyStore::connect(&config.store).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("history-service: cannot open the store: {e}");
+            std::process::exit(1);
+        }
+    };
+    let redis = config.redis_url.as_deref().map(|url| {
+        redis::Client::open(url).unwrap_or_else(|e| fail(format!("CHAT_REDIS_URL: {e}")))
+    });
+    let node = config.node_name();
+    let api = Arc::new(
+        HistoryApi::new(store.clone(), verifier).with_internal_token(config.internal_token.clone()),
+    );
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .unwrap_or_else(|e| fail(format!("cannot listen on {}: {e}", config.listen)));
+    let addr = listener.local_addr()?;
+    println!("listening on {addr}");
+    tracing::info!(
+        %addr,
+        store = store.kind(),
+        consumer = if redis.is_some() { node.as_str() } else { "off" },
+        dev_key = api.verifier().is_dev(),
+        internal_token = api.internal_token().is_some(),
+        "history-service started"
+    );
+    if redis.is_none() {
+        tracing::warn!("CHAT_REDIS_URL is not set: the persistence stream is not consumed");
+    }
+
+    server::run(
+        listener,
+        api,
+        RunOptions {
+            redis,
+            consumer: ConsumerConfig::new(node),
+            drain: Duration::from_secs(config.drain_seconds),
+        },
+        signal(),
+    )
+    .await?;
+    Ok(())
+}
