@@ -20,7 +20,13 @@ pub struct PeekUser {
 }
 
 pub fn peek(frame: &[u8]) -> Option<Peek> {
-    serde_json::from_slice(frame).ok()
+    let mut p: Peek = serde_json::from_slice(frame).ok()?;
+    if p.kind == "receipt" {
+        // A receipt's `seq` is the reader's marker, not the room's event seq: the frame is
+        // ephemeral, and must not be mistaken for (or ordered against) stored events.
+        p.seq = 0;
+    }
+    Some(p)
 }
 
 /// The user an ephemeral frame is about and who must not receive it: the typist of
@@ -55,5 +61,13 @@ mod tests {
         assert_eq!(kind_of(br#"{"type":"typing","room":"a"}"#), Some("typing"));
         assert_eq!(kind_of(br#"{"room":"a"}"#), None);
         assert_eq!(kind_of(b""), None);
+    }
+
+    #[test]
+    fn a_receipt_is_not_a_stored_event() {
+        let p = peek(br#"{"type":"receipt","room":"a","user":{"id":"u","name":"U"},"seq":7}"#);
+        assert_eq!(p.map(|p| p.seq), Some(0));
+        let p = peek(br#"{"seq":7,"type":"message","room":"a"}"#);
+        assert_eq!(p.map(|p| p.seq), Some(7));
     }
 }

@@ -624,20 +624,29 @@ pub async fn leave_room(node: &Arc<Node>, s: &SessionState, room: &RoomId) {
 }
 
 /// The rooms `who` may see (public, restricted, and private ones they are a member of), with
-/// member counts from the store and online counts from presence.
+/// member counts from the store, online counts from presence, and — in rooms where `who` has
+/// a read marker — `unread` = the room's last seq − that marker.
 pub async fn list_rooms(node: &Node, who: &proto::auth::Identity) -> Result<Vec<RoomSummary>> {
     let mut rooms = node
         .history
         .list_rooms(who)
         .await
         .map_err(|e| CommandError::new(e.code, e.message))?;
+    let store = node.rooms.store();
     for r in &mut rooms {
-        r.online_count = node
-            .broker
-            .presence(&r.id)
-            .await
-            .map(|u| u.len() as u64)
-            .unwrap_or(0);
+        let (online, markers, log) = tokio::join!(
+            node.broker.presence(&r.id),
+            store.markers(&r.id),
+            node.broker.recover(&r.id, None)
+        );
+        r.online_count = online.map_or(0, |u| u.len() as u64);
+        let marker = markers
+            .ok()
+            .and_then(|m| m.into_iter().find(|m| m.user == who.user.id));
+        r.unread = match (marker, log) {
+            (Some(m), Ok(log)) => Some(log.last_seq.saturating_sub(m.seq)),
+            _ => None,
+        };
     }
     Ok(rooms)
 }

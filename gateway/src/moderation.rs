@@ -50,6 +50,14 @@ pub async fn state_of(node: &Node, room: &RoomId) -> Result<Arc<RoomState>> {
         .ok_or_else(|| err(ErrorCode::NotFound, format!("no room {room}")))
 }
 
+/// The room's state read from the store, not the cache: moderation is rare, and its target's
+/// membership may have changed on another node without a room event (joining a public room
+/// makes a member silently; see `commands::try_join`).
+async fn fresh_state_of(node: &Node, room: &RoomId) -> Result<Arc<RoomState>> {
+    node.rooms.invalidate(room);
+    state_of(node, room).await
+}
+
 fn check_text(what: &str, text: &str, max: usize) -> Result {
     if text.chars().count() > max {
         return Err(err(
@@ -221,7 +229,7 @@ pub async fn update_room(
     max_members: Option<u32>,
     members_can_pin: Option<bool>,
 ) -> Result {
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !access.moderates() {
@@ -265,7 +273,7 @@ pub async fn delete_room(
     r#ref: Option<Ref>,
     room: RoomId,
 ) -> Result {
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !(access.global_admin || access.role() == Some(Role::Owner)) {
@@ -291,7 +299,7 @@ pub async fn add_member(
     user: String,
     role: Option<Role>,
 ) -> Result {
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !access.moderates() {
@@ -355,7 +363,7 @@ pub async fn remove_member(
     reason: Option<String>,
 ) -> Result {
     check_reason(&reason)?;
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !access.moderates() {
@@ -389,7 +397,7 @@ pub async fn ban(
 ) -> Result {
     check_reason(&reason)?;
     let until = until_of(duration_s)?;
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !access.moderates() {
@@ -434,7 +442,7 @@ pub async fn unban(
     room: RoomId,
     user: String,
 ) -> Result {
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !access.moderates() {
@@ -466,7 +474,7 @@ pub async fn mute(
     muted: bool,
 ) -> Result {
     let until = if muted { until_of(duration_s)? } else { None };
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !access.moderates() {
@@ -514,7 +522,7 @@ pub async fn set_role(
     user: String,
     role: Role,
 ) -> Result {
-    let state = state_of(node, &room).await?;
+    let state = fresh_state_of(node, &room).await?;
     let access = Access::of(&state, &s.identity);
     not_banned(&access)?;
     if !(access.global_admin || access.role() == Some(Role::Owner)) {

@@ -396,6 +396,22 @@ async fn joined_unread_is_last_seq_minus_marker() {
     let mut bob2 = Client::connect(&server, "bob").await;
     let j = bob2.join("un").await;
     assert_eq!(j["unread"], last - seqs[3]);
+    // the listing says the same, over HTTP and over the socket
+    let (_, listed) = get_json(&server, "/api/rooms", &token("bob")).await;
+    let un = |rooms: &serde_json::Value| {
+        rooms["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == "un")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(un(&listed)["unread"], last - seqs[3]);
+    assert_eq!(
+        un(&bob2.call(json!({"type": "list_rooms"})).await)["unread"],
+        last - seqs[3]
+    );
     // a marker of one user is not another's
     let mut ann = Client::connect(&server, "ann").await;
     let j = ann.join("un").await;

@@ -1,7 +1,9 @@
 //! Multi-node behaviour with several real gateway processes, a real redis-server, and nginx
 //! as the load balancer.
 
+mod chaos;
 mod procs;
+mod soak;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -431,4 +433,149 @@ async fn draining_a_node_moves_its_clients_without_losing_acked_messages() {
     );
     let status = gw2.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "drained node exits cleanly: {status:?}");
+}
+
+/// Room state changed on one node is enforced on the others at once: a ban on node A removes
+/// the user's connection on node B and blocks rejoining through the load balancer; a mute
+/// issued on A of a user who became a member on B stops their posts on B.
+#[tokio::test]
+async fn moderation_on_one_node_is_enforced_on_the_others() {
+    let backend = Backend::start().await;
+    let gw1 = Gateway::start(&backend, "m1", &[]).await;
+    let gw2 = Gateway::start(&backend, "m2", &[]).await;
+    let lb = Nginx::start(&[gw1.addr, gw2.addr], backend.history.addr).await;
+    let mut owner = Client::connect_addr(gw1.addr, "boss", "/ws").await;
+    owner.join("mod").await; // creates the room: boss is its owner
+    let mut troll = Client::connect_addr(gw2.addr, "troll", "/ws").await;
+    troll.join("mod").await; // a public join makes a member, on node 2 only
+    let mut chatty = Client::connect_addr(gw2.addr, "chatty", "/ws").await;
+    chatty.join("mod").await;
+
+    let ack = owner
+        .call(json!({"type": "mute", "room": "mod", "user": "chatty"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    chatty.recv_type("muted").await;
+    let r = chatty
+        .call(json!({"type": "message", "room": "mod", "content": "hi"}))
+        .await;
+    assert_eq!(r["code"], "muted", "{r}");
+
+    let ack = owner
+        .call(json!({"type": "ban", "room": "mod", "user": "troll", "reason": "spam"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let banned = troll.recv_type("banned").await;
+    assert_eq!(banned["user"]["id"], "troll");
+    let r = troll
+        .call(json!({"type": "message", "room": "mod", "content": "still here?"}))
+        .await;
+    assert_eq!(r["code"], "banned", "{r}");
+    // through the load balancer, whichever node it picks
+    for _ in 0..2 {
+        let mut again = Client::connect_addr(lb.addr, "troll", "/ws").await;
+        let r = again.call(json!({"type": "join", "room": "mod"})).await;
+        assert_eq!(r["code"], "banned", "{r}");
+    }
+    // the owner's node saw the troll leave the room's presence
+    owner
+        .recv_where(|f| {
+            f["type"] == "online_users"
+                && !f["users"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|u| u["id"] == "troll")
+        })
+        .await;
+}
+
+/// Receipts and pins made on one node reach the others and the history service; room state
+/// (a private room and its members) survives restarting every gateway.
+#[tokio::test]
+async fn receipts_pins_and_room_state_across_nodes_and_restarts() {
+    let backend = Backend::start().await;
+    let gw1 = Gateway::start(&backend, "p1", &[]).await;
+    let gw2 = Gateway::start(&backend, "p2", &[]).await;
+    let mut ann = Client::connect_addr(gw1.addr, "ann", "/ws").await;
+    let mut bob = Client::connect_addr(gw2.addr, "bob", "/ws").await;
+    let ack = ann
+        .call(json!({"type": "create_room", "room": "vault", "name": "Vault", "visibility": "private"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let ack = ann
+        .call(json!({"type": "add_member", "room": "vault", "user": "bob"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    ann.join("vault").await;
+    bob.join("vault").await;
+    let m = ann.say("vault", "the combination").await;
+    let seq = m["seq"].as_u64().unwrap();
+    bob.recv_where(|f| f["type"] == "message" && f["seq"] == seq)
+        .await;
+    let a = bob
+        .call(json!({"type": "read", "room": "vault", "seq": seq}))
+        .await;
+    assert_eq!(a["type"], "ack", "{a}");
+    let r = ann.recv_type("receipt").await;
+    assert_eq!(
+        (r["user"]["id"].clone(), r["seq"].clone()),
+        (json!("bob"), json!(seq))
+    );
+    let ack = ann
+        .call(json!({"type": "pin", "room": "vault", "id": m["id"]}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(bob.recv_type("pinned").await["message"]["id"], m["id"]);
+
+    // the history service has all of it (the stream consumer may lag a moment)
+    let base = backend.history.url();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let get = |path: String| {
+            let url = format!("{base}{path}");
+            async move {
+                http()
+                    .get(url)
+                    .bearer_auth(token("bob"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            }
+        };
+        let receipts = get("/api/rooms/vault/receipts".into()).await;
+        let pins = get("/api/rooms/vault/pins".into()).await;
+        let has_marker = receipts["markers"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["user"] == "bob" && m["seq"] == seq));
+        let has_pin = pins
+            .as_array()
+            .or(pins["pins"].as_array())
+            .is_some_and(|p| p.iter().any(|p| p["message"]["id"] == m["id"]));
+        if has_marker && has_pin {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history service never got them: {receipts} {pins}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // every gateway restarts: the private room still keeps strangers out and lets bob in
+    drop((ann, bob));
+    gw1.sigkill().await;
+    gw2.sigkill().await;
+    let gw3 = Gateway::start(&backend, "p3", &[]).await;
+    let mut eve = Client::connect_addr(gw3.addr, "eve", "/ws").await;
+    let r = eve.call(json!({"type": "join", "room": "vault"})).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let mut bob = Client::connect_addr(gw3.addr, "bob", "/ws").await;
+    let j = bob.join("vault").await;
+    assert_eq!(j["role"], "member");
+    assert_eq!(j["pins"][0]["message"]["id"], m["id"]);
+    assert_eq!(j["unread"], j["seq"].as_u64().unwrap() - seq);
 }
