@@ -78,7 +78,7 @@ def main() -> int:
 
     redis_cmd = " ".join(map(str, services.get("redis", {}).get("command") or []))
     expect("--appendonly yes" in redis_cmd, "redis: must run with --appendonly yes")
-    expect("--appendfsync everysec" in redis_cmd, "redis: must run with --appendfsync everysec")
+    expect("--appendfsync always" in redis_cmd, "redis: must run with --appendfsync always (acked = durable)")
     expect("noeviction" in redis_cmd, "redis: must run with --maxmemory-policy noeviction")
     expect(str(services.get("scylla", {}).get("image", "")).startswith("scylladb/scylla:"), "scylla: image scylladb/scylla:<tag>")
 

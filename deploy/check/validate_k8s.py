@@ -398,8 +398,8 @@ def check_refs_and_policy(objs, by_kind, exists, a):
         expect(redis["spec"].get("volumeClaimTemplates"), "StatefulSet/redis: needs a PVC for the AOF")
         conf = next((cm["data"].get("redis.conf", "") for cm in by_kind.get("ConfigMap", {}).values()
                      if "redis.conf" in (cm.get("data") or {})), "")
-        expect(re.search(r"^appendonly yes", conf, re.M) and re.search(r"^appendfsync everysec", conf, re.M),
-               "redis.conf: appendonly yes + appendfsync everysec expected")
+        expect(re.search(r"^appendonly yes", conf, re.M) and re.search(r"^appendfsync always", conf, re.M),
+               "redis.conf: appendonly yes + appendfsync always expected")
         expect(re.search(r"^maxmemory-policy noeviction", conf, re.M), "redis.conf: maxmemory-policy noeviction expected")
 
     expect(any(not n["spec"]["podSelector"] and not n["spec"].get("ingress")
