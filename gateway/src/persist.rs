@@ -2,6 +2,7 @@
 //! ingest task that writes batches to the store. A stored event's publisher waits until its
 //! batch is committed, so an acknowledged message is on disk; fan-out never waits for it.
 //! (Scaled out, the Redis persistence stream plays this role and the history service ingests.)
+//! Each batch is one `store_batch` span, linked to the publishes it contains.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,8 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use opentelemetry::trace::SpanContext;
 use proto::ServerEvent;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::broker::BrokerError;
 
@@ -22,7 +26,11 @@ const BATCH: usize = 512;
 /// How long a publisher waits for its commit before answering `unavailable`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Job = (Bytes, Option<oneshot::Sender<()>>);
+/// Links a `store_batch` span records at most.
+const MAX_LINKS: usize = 32;
+
+/// A frame, who waits for its commit, and the publisher's span (traced only) to link to.
+type Job = (Bytes, Option<oneshot::Sender<()>>, Option<SpanContext>);
 
 /// Writes one batch durably; the error is logged and the batch retried.
 pub type ApplyFn = Arc<
@@ -50,7 +58,7 @@ impl PersistQueue {
     pub async fn append_and_wait(&self, frame: Bytes) -> Result<(), BrokerError> {
         let (done, committed) = oneshot::channel();
         self.tx
-            .send((frame, Some(done)))
+            .send((frame, Some(done), publisher()))
             .await
             .map_err(|_| BrokerError::Unavailable("store writer stopped".into()))?;
         match tokio::time::timeout(COMMIT_TIMEOUT, committed).await {
@@ -64,7 +72,7 @@ impl PersistQueue {
     /// Appends a frame without waiting for the commit (read receipts).
     pub async fn append(&self, frame: Bytes) -> Result<(), BrokerError> {
         self.tx
-            .send((frame, None))
+            .send((frame, None, publisher()))
             .await
             .map_err(|_| BrokerError::Unavailable("store writer stopped".into()))
     }
@@ -79,7 +87,7 @@ async fn ingest(mut rx: mpsc::Receiver<Job>, apply: ApplyFn, healthy: Arc<Atomic
     while rx.recv_many(&mut jobs, BATCH).await > 0 {
         let events: Vec<ServerEvent> = jobs
             .iter()
-            .filter_map(|(frame, _)| match serde_json::from_slice(frame) {
+            .filter_map(|(frame, _, _)| match serde_json::from_slice(frame) {
                 Ok(ev) => Some(ev),
                 Err(e) => {
                     tracing::error!(error = %e, "undecodable frame in persistence queue");
@@ -87,27 +95,45 @@ async fn ingest(mut rx: mpsc::Receiver<Job>, apply: ApplyFn, healthy: Arc<Atomic
                 }
             })
             .collect();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            match apply(events.clone()).await {
-                Ok(()) => {
-                    metrics::histogram!("chat_store_batch_seconds").record(started.elapsed());
-                    healthy.store(true, Ordering::Relaxed);
-                    break;
-                }
-                Err(e) => {
-                    healthy.store(false, Ordering::Relaxed);
-                    tracing::error!(error = %e, batch = events.len(), "store write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        let span = tracing::info_span!("store_batch", entries = events.len());
+        for sc in jobs
+            .iter()
+            .filter_map(|(_, _, sc)| sc.clone())
+            .take(MAX_LINKS)
+        {
+            span.add_link(sc);
         }
-        for (_, done) in jobs.drain(..) {
+        store(&apply, &events, &healthy).instrument(span).await;
+        for (_, done, _) in jobs.drain(..) {
             if let Some(done) = done {
                 let _ = done.send(());
             }
         }
     }
+}
+
+/// Writes one batch, retrying until the store takes it.
+async fn store(apply: &ApplyFn, events: &[ServerEvent], healthy: &AtomicBool) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let started = Instant::now();
+        match apply(events.to_vec()).await {
+            Ok(()) => {
+                metrics::histogram!("chat_store_batch_seconds").record(started.elapsed());
+                healthy.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, batch = events.len(), "store write failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The appending span (the broker publish) when traces are exported, for the batch to link.
+fn publisher() -> Option<SpanContext> {
+    history_service::telemetry::span_context(&tracing::Span::current())
 }

@@ -15,6 +15,7 @@ use proto::auth::Identity;
 use proto::errors::close;
 use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tracing::Instrument;
 
 use crate::commands;
 use crate::hub::{Kill, Outbound, SessionHandle};
@@ -48,22 +49,38 @@ impl SessionState {
 }
 
 /// Runs a session to its end. `permit` holds this connection's place under the node's limit.
+/// The whole session is one `connect` span.
 pub async fn run(
     node: Arc<Node>,
     ws: WebSocket<TokioIo<Upgraded>>,
     identity: Identity,
     auto_join: Option<RoomId>,
+    permit: OwnedSemaphorePermit,
+) {
+    let id = node.next_session_id();
+    let span = tracing::info_span!(
+        "connect",
+        otel.kind = "server",
+        user = %identity.user.id,
+        session = id,
+    );
+    run_session(node, ws, identity, auto_join, permit, id)
+        .instrument(span)
+        .await
+}
+
+async fn run_session(
+    node: Arc<Node>,
+    ws: WebSocket<TokioIo<Upgraded>>,
+    identity: Identity,
+    auto_join: Option<RoomId>,
     _permit: OwnedSemaphorePermit,
+    id: u64,
 ) {
     let started = tokio::time::Instant::now();
     let (tx, rx) = mpsc::channel(node.config.outbound_queue);
     let kill = Arc::new(Kill::default());
-    let handle = SessionHandle::new(
-        node.next_session_id(),
-        Arc::new(identity.user.clone()),
-        tx,
-        kill.clone(),
-    );
+    let handle = SessionHandle::new(id, Arc::new(identity.user.clone()), tx, kill.clone());
     node.hub.register(handle.clone());
     metrics::gauge!("chat_connections").increment(1.0);
 
@@ -156,7 +173,10 @@ async fn read_loop<S>(
     let mut read = FragmentCollectorRead::new(read);
 
     if let Some(room) = auto_join {
-        commands::join(node, state, None, room, None).await;
+        let span = command_span("join", Some(&room));
+        commands::join(node, state, None, room, None)
+            .instrument(span)
+            .await;
     }
 
     let pong_tx = state.handle.clone();
@@ -206,13 +226,35 @@ async fn read_loop<S>(
                     Err(e) => e.r#ref.clone(),
                 };
                 if admit(state, r#ref) {
-                    commands::handle(node, state, decoded).await;
+                    let span = match &decoded {
+                        Ok(inb) => command_span(inb.command.name(), inb.command.room()),
+                        Err(_) => command_span("invalid", None),
+                    };
+                    commands::handle(node, state, decoded)
+                        .instrument(span)
+                        .await;
                 }
             }
             OpCode::Close => return,
             _ => {}
         }
     }
+}
+
+/// One command's span: the root of its own trace (a session lasts hours; a trace per command
+/// stays readable), following from the session's `connect` span (the current one).
+fn command_span(name: &'static str, room: Option<&RoomId>) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "command",
+        cmd = name,
+        room = tracing::field::Empty,
+    );
+    if let Some(room) = room {
+        span.record("room", tracing::field::display(room));
+    }
+    span.follows_from(tracing::Span::current());
+    span
 }
 
 /// The per-connection token bucket. A rejected command is answered `rate_limited`; a client

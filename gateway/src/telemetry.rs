@@ -1,10 +1,33 @@
 //! Logs, traces and metrics setup.
+//!
+//! Traces (see `history_service::telemetry`, shared by both binaries) are exported only when
+//! `CHAT_OTLP_ENDPOINT` is set. The gateway's spans:
+//! - `connect`: one per WebSocket session, from the upgraded socket to the session's end.
+//!   Sessions live for hours, so it is not the parent of what happens in it:
+//! - `command`: one per client command (`cmd`, `room`), the root of its own short trace,
+//!   linked (follows-from) to its `connect` span;
+//! - `broker_publish`: a stored event's seq assignment, persistence append and publish; its
+//!   traceparent rides in the persistence stream entry (`tp`) to the history service;
+//! - `store_batch`: embedded mode's persistence writer, one per batch, linked to the publishes
+//!   it contains.
+//!
+//! Metrics: one Prometheus recorder per process, rendered on `/metrics`; every metric has a
+//! HELP text ([`describe_metrics`]).
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub use history_service::telemetry::Telemetry;
+
+use crate::config::Config;
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Buckets of `chat_outbound_queue_depth` (frames), up to past the largest sane queue.
+const DEPTH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+];
 
 /// Installs the process-wide Prometheus recorder once (tests start several nodes in one
 /// process; they share it).
@@ -16,28 +39,89 @@ pub fn install_metrics() -> &'static PrometheusHandle {
                 1.0, 2.5,
             ])
             .expect("static buckets are valid")
+            .set_buckets_for_metric(
+                Matcher::Full("chat_outbound_queue_depth".into()),
+                DEPTH_BUCKETS,
+            )
+            .expect("static buckets are valid")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only when another recorder is installed; then ours simply records nothing.
         let _ = metrics::set_global_recorder(recorder);
+        describe_metrics();
         handle
     })
+}
+
+/// HELP text of every metric the gateway exports (docs/operations.md has the same table).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("chat_connections", "Open WebSocket sessions on this node.");
+    describe_counter!(
+        "chat_frames_in_total",
+        "Text and binary frames received from clients."
+    );
+    describe_counter!(
+        "chat_frames_out_total",
+        "Frames written to clients (several may share one socket write)."
+    );
+    describe_histogram!(
+        "chat_outbound_queue_depth",
+        Unit::Count,
+        "Frames in a session's outbound queue when its writer takes a batch."
+    );
+    describe_gauge!(
+        "chat_outbound_queue_depth_max",
+        Unit::Count,
+        "Deepest recipient outbound queue after this node's latest room fan-out."
+    );
+    describe_counter!(
+        "chat_rate_limited_total",
+        "Commands refused by the per-connection token bucket."
+    );
+    describe_counter!(
+        "chat_slow_consumer_closes_total",
+        "Sessions closed with 1013 because their outbound queue was full."
+    );
+    describe_histogram!(
+        "chat_fanout_seconds",
+        Unit::Seconds,
+        "Time to enqueue one room event to every local member."
+    );
+    describe_histogram!(
+        "chat_broker_publish_seconds",
+        Unit::Seconds,
+        "Round trip of the Redis publish script (seq, recovery window, persistence, publish)."
+    );
+    describe_histogram!(
+        "chat_store_batch_seconds",
+        Unit::Seconds,
+        "Time to write one batch to the embedded store (each attempt)."
+    );
 }
 
 pub fn render_metrics() -> String {
     install_metrics().render()
 }
 
-/// Initializes logging: `filter` in EnvFilter syntax, `format` "json" or text.
-pub fn init_logging(filter: &str, format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    if format == "json" {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
+/// Initializes logging (`CHAT_LOG`, `CHAT_LOG_FORMAT`, to stdout) and, when
+/// `CHAT_OTLP_ENDPOINT` is set, trace export. Call inside the runtime; call
+/// [`Telemetry::shutdown`] after the server stopped so the last spans are sent.
+pub fn init(config: &Config) -> Result<Telemetry, String> {
+    let protocol = config.otlp_protocol.parse()?;
+    history_service::telemetry::init(&history_service::telemetry::TelemetryConfig {
+        service: "gateway",
+        instance: Some(config.node_name()),
+        log_filter: &config.log,
+        log_format: &config.log_format,
+        log_to_stderr: false,
+        otlp_endpoint: config.otlp_endpoint.as_deref(),
+        otlp_protocol: protocol,
+    })
+}
+
+/// The W3C traceparent of the current span, when traces are exported: what the persistence
+/// stream carries to the history service (field `tp`).
+pub fn current_traceparent() -> Option<String> {
+    history_service::telemetry::traceparent(&tracing::Span::current())
 }

@@ -89,6 +89,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
     ws.set_writev(false); // everything goes through the coalescing buffer
     let mut ping = tokio::time::interval_at(started + heartbeat, heartbeat);
     let mut batch = Vec::with_capacity(BATCH);
+    // Handles looked up once per session: recording is then a couple of atomic operations.
+    let frames_out = metrics::counter!("chat_frames_out_total");
+    let queue_depth = metrics::histogram!("chat_outbound_queue_depth");
     loop {
         tokio::select! {
             biased;
@@ -101,7 +104,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 if n == 0 {
                     return None;
                 }
-                metrics::counter!("chat_frames_out_total").increment(n as u64);
+                frames_out.increment(n as u64);
+                // Sampled once per batch: what was queued when the writer woke up.
+                queue_depth.record((n + rx.len()) as f64);
                 for out in batch.drain(..) {
                     if kill.code().is_some() {
                         break; // the close frame goes next, not the rest of the batch

@@ -19,7 +19,8 @@
 //!
 //! Writes are idempotent and ordered by seq (see [`crate::store`]), so an entry processed
 //! twice — reclaimed from a consumer that was merely slow — changes nothing: every entry ends
-//! up in the store exactly once. Metrics: `chat_store_batch_seconds` (apply latency),
+//! up in the store exactly once. Each batch is one `store_batch` span (child of the first
+//! entry's `tp`, linked to the others'; see [`crate::telemetry`]). Metrics: `chat_store_batch_seconds` (apply latency),
 //! `chat_stream_lag` (entries not yet stored: never delivered + delivered but not acked, from
 //! `XINFO GROUPS`), `chat_stream_pending`, `chat_stream_entries_total`.
 
@@ -29,12 +30,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::TraceContextExt;
 use proto::ServerEvent;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncTypedCommands, RedisError, Value};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::store::{Store, StoreError};
+use crate::telemetry;
+
+/// Links a `store_batch` span records at most (besides its parent).
+const MAX_LINKS: usize = 32;
 
 pub const STREAM: &str = "chat:persist";
 pub const GROUP: &str = "history";
@@ -229,22 +237,37 @@ impl<S: Store> Consumer<S> {
         }
     }
 
-    /// Stores a batch (retrying until it succeeds), then acknowledges it.
+    /// Stores a batch (retrying until it succeeds), then acknowledges it, in one `store_batch`
+    /// span. Its parent is the trace of the batch's first entry that carries a `tp`
+    /// (traceparent) field, so a one-message batch shows up in that message's trace; the
+    /// other traced entries become links.
     async fn process(&self, conn: &mut ConnectionManager, raw: Vec<StreamId>) {
         let entries: Vec<Entry> = raw.iter().map(|e| self.decode(e)).collect();
-        let events: Vec<ServerEvent> = entries.iter().filter_map(|e| e.event.clone()).collect();
-        let span = tracing::debug_span!(
-            "persist_batch",
+        let span = tracing::info_span!(
+            "store_batch",
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.destination.name = %self.config.stream,
             entries = entries.len(),
             first = %entries.first().map_or("", |e| e.id.as_str()),
-            traceparent = tracing::field::Empty,
         );
-        // The traceparent of the first traced entry links the batch to a request; the lead's
-        // OpenTelemetry layer can turn this field into a span link.
-        if let Some(tp) = raw.iter().find_map(|e| e.get::<String>("tp")) {
-            span.record("traceparent", tp.as_str());
+        if !span.is_disabled() {
+            let mut parents = raw
+                .iter()
+                .filter_map(|e| e.get::<String>("tp"))
+                .filter_map(|tp| telemetry::remote_parent(&tp));
+            if let Some(parent) = parents.next() {
+                let _ = span.set_parent(parent);
+            }
+            for cx in parents.take(MAX_LINKS) {
+                span.add_link(cx.span().span_context().clone());
+            }
         }
-        let _enter = span.enter();
+        self.store_and_ack(conn, entries).instrument(span).await
+    }
+
+    async fn store_and_ack(&self, conn: &mut ConnectionManager, entries: Vec<Entry>) {
+        let events: Vec<ServerEvent> = entries.iter().filter_map(|e| e.event.clone()).collect();
         let mut backoff = self.config.retry_min;
         loop {
             let started = Instant::now();

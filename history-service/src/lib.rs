@@ -20,6 +20,8 @@
 //!   beside the HTTP server, graceful shutdown. `src/main.rs` parses the configuration
 //!   (flags and `CHAT_*` variables) and calls [`server::run`]; `history-service migrate`
 //!   applies the schema.
+//! - [`telemetry`]: logs and OpenTelemetry traces for both binaries (the gateway's telemetry
+//!   uses it), W3C `traceparent` in and out of the persistence stream.
 //!
 //! # Data flow
 //! Scaled out: gateway → (Redis stream `chat:persist`) → [`consumer::Consumer`] →
@@ -34,6 +36,7 @@ pub mod remote;
 pub mod server;
 pub mod singleflight;
 pub mod store;
+pub mod telemetry;
 
 pub use http::{router, HistoryApi};
 pub use store::{AnyStore, Store, StoreError};

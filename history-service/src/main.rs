@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
 use history_service::server::{self, RunOptions};
 use history_service::store::scylla::DEFAULT_REPLICATION;
+use history_service::telemetry::{self, OtlpProtocol, TelemetryConfig};
 use history_service::{AnyStore, HistoryApi};
 use proto::auth::{KeyConfig, Verifier};
 
@@ -94,10 +95,18 @@ struct Config {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "CHAT_DRAIN_SECONDS", default_value_t = 20, global = true)]
     drain_seconds: u64,
-    /// OTLP endpoint for traces. Accepted for a uniform configuration; this binary does not
-    /// export traces (a warning says so when it is set).
+    /// OTLP collector for traces (`http://collector:4317` for gRPC); unset → no export.
     #[arg(long, env = "CHAT_OTLP_ENDPOINT", global = true)]
     otlp_endpoint: Option<String>,
+    /// OTLP transport: `grpc` or `http/protobuf` (then `/v1/traces` is appended to an
+    /// endpoint without a path).
+    #[arg(
+        long,
+        env = "CHAT_OTLP_PROTOCOL",
+        default_value = "grpc",
+        global = true
+    )]
+    otlp_protocol: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "CHAT_LOG", default_value = "info", global = true)]
     log: String,
@@ -130,6 +139,10 @@ impl Config {
         }
         if self.scylla_replication_factor == Some(0) {
             return Err("CHAT_SCYLLA_REPLICATION_FACTOR must be at least 1".into());
+        }
+        self.otlp_protocol.parse::<OtlpProtocol>()?;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            telemetry::validate_endpoint(endpoint)?;
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(
@@ -194,22 +207,6 @@ impl Config {
     }
 }
 
-/// Logs go to stderr, so stdout's first line is `listening on ADDR` for whoever started us.
-fn init_logging(filter: &str, format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
-}
-
 fn fail(what: impl std::fmt::Display) -> ! {
     eprintln!("history-service: {what}");
     std::process::exit(2);
@@ -241,12 +238,22 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = config.validate() {
         fail(e);
     }
-    init_logging(&config.log, &config.log_format);
-    if config.otlp_endpoint.is_some() {
-        tracing::warn!("CHAT_OTLP_ENDPOINT is set, but history-service does not export traces");
-    }
+    // Logs go to stderr, so stdout's first line is `listening on ADDR` for whoever started us.
+    let command = cli.command.unwrap_or(Command::Serve);
+    let serving = matches!(command, Command::Serve);
+    let telemetry = telemetry::init(&TelemetryConfig {
+        service: "history-service",
+        instance: Some(config.node_name()),
+        log_filter: &config.log,
+        log_format: &config.log_format,
+        log_to_stderr: true,
+        // `migrate` is a one-off Job: nothing worth tracing.
+        otlp_endpoint: config.otlp_endpoint.as_deref().filter(|_| serving),
+        otlp_protocol: config.otlp_protocol.parse().unwrap_or_else(|e| fail(e)),
+    })
+    .unwrap_or_else(|e| fail(e));
 
-    match cli.command.unwrap_or(Command::Serve) {
+    let result = match command {
         Command::Migrate => {
             if let Err(e) = AnyStore::migrate(&config.store, &config.replication()).await {
                 eprintln!("history-service: migrate failed: {e}");
@@ -256,7 +263,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(config).await,
-    }
+    };
+    telemetry.shutdown().await;
+    result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

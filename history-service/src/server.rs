@@ -48,8 +48,43 @@ pub fn install_metrics() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Fails only when another recorder is installed; then ours records nothing.
         let _ = metrics::set_global_recorder(recorder);
+        describe_metrics();
         handle
     })
+}
+
+/// HELP text of every metric this service exports (docs/operations.md has the same table).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        "chat_store_batch_seconds",
+        Unit::Seconds,
+        "Time to write one batch of persistence entries to the store (each attempt)."
+    );
+    describe_counter!(
+        "chat_store_errors_total",
+        "Failed store batch writes; the batch is retried and not acknowledged."
+    );
+    describe_counter!(
+        "chat_stream_entries_total",
+        "Persistence stream entries stored and acknowledged."
+    );
+    describe_gauge!(
+        "chat_stream_lag",
+        "Entries of chat:persist not yet stored: never delivered plus delivered but unacknowledged."
+    );
+    describe_gauge!(
+        "chat_stream_pending",
+        "Entries delivered to a consumer of the group but not acknowledged."
+    );
+    describe_counter!(
+        "chat_stream_claimed_total",
+        "Entries taken over from an idle (presumably dead) consumer."
+    );
+    describe_counter!(
+        "chat_stream_undecodable_total",
+        "Entries skipped because their frame could not be decoded."
+    );
 }
 
 /// What `/readyz` checks besides the store.

@@ -161,7 +161,13 @@ impl Broker for AnyBroker {
         frame: &[u8],
         dedupe: Option<Dedupe<'_>>,
     ) -> Result<Published, BrokerError> {
-        delegate!(self, b => b.publish_stored(room, frame, dedupe).await)
+        use tracing::Instrument;
+        // One span per stored publish; the Redis broker writes its traceparent into the
+        // persistence entry so the history service's write joins the trace.
+        let span = tracing::info_span!("broker_publish", otel.kind = "producer", room = %room);
+        async { delegate!(self, b => b.publish_stored(room, frame, dedupe).await) }
+            .instrument(span)
+            .await
     }
     async fn publish_ephemeral(&self, room: &RoomId, frame: Bytes) -> Result<(), BrokerError> {
         delegate!(self, b => b.publish_ephemeral(room, frame).await)

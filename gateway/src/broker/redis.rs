@@ -12,6 +12,8 @@
 //! - `chat:persist` — the persistence stream the history service consumes. It is the one key
 //!   not tagged by room: on Redis Cluster the publish script would need per-slot persistence
 //!   streams (docs/scaling.md says how); a single primary with replicas is the supported shape.
+//!   Entries: `f` = the frame, and `tp` = the publisher's W3C traceparent when traces are
+//!   exported.
 //!
 //! # Why one script per publish
 //! INCR, the window append, the persistence append and PUBLISH run in one Lua script: Redis
@@ -58,7 +60,11 @@ local rest = string.sub(ARGV[1], 2)
 local frame
 if rest == '}' then frame = '{"seq":' .. seq .. '}' else frame = '{"seq":' .. seq .. ',' .. rest end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-1', 'f', frame)
-redis.call('XADD', KEYS[3], '*', 'f', frame)
+if ARGV[7] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'f', frame, 'tp', ARGV[7])
+else
+  redis.call('XADD', KEYS[3], '*', 'f', frame)
+end
 redis.call('PUBLISH', ARGV[3], frame)
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[4], seq .. ':' .. ARGV[5], 'EX', ARGV[6])
@@ -312,7 +318,10 @@ impl Broker for Arc<RedisBroker> {
                     .as_ref()
                     .map_or_else(String::new, |d| format!("{}:{}", d.id, d.ts.0)),
             )
-            .arg(DEDUPE_TTL_S);
+            .arg(DEDUPE_TTL_S)
+            // ARGV[7]: the publish span's traceparent (empty when not tracing), stored as the
+            // persistence entry's `tp` so the history service's write joins the trace.
+            .arg(crate::telemetry::current_traceparent().unwrap_or_default());
         let (fresh, value): (String, String) = self.invoke(inv).await?;
         metrics::histogram!("chat_broker_publish_seconds").record(started.elapsed());
         if fresh == "1" {
@@ -371,17 +380,14 @@ impl Broker for Arc<RedisBroker> {
 
     async fn persist(&self, frame: Bytes) -> Result<(), BrokerError> {
         let mut conn = self.conn().await?;
-        let r: Result<String, _> = tokio::time::timeout(
-            CALL_TIMEOUT,
-            redis::cmd("XADD")
-                .arg(PERSIST_STREAM)
-                .arg("*")
-                .arg("f")
-                .arg(&frame[..])
-                .query_async(&mut *conn),
-        )
-        .await
-        .map_err(|_| unavailable("redis call timed out"))?;
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(PERSIST_STREAM).arg("*").arg("f").arg(&frame[..]);
+        if let Some(tp) = crate::telemetry::current_traceparent() {
+            xadd.arg("tp").arg(tp);
+        }
+        let r: Result<String, _> = tokio::time::timeout(CALL_TIMEOUT, xadd.query_async(&mut *conn))
+            .await
+            .map_err(|_| unavailable("redis call timed out"))?;
         r.map(|_| ()).map_err(unavailable)
     }
 

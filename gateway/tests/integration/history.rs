@@ -67,7 +67,11 @@ async fn history_pages_cover_every_message_once_and_survive_a_restart() {
         assert_eq!(seqs, want, "newest first, every message exactly once");
         let by_seq = |s: u64| pages.iter().find(|p| p.0 == s).unwrap().1.clone();
         assert_eq!(by_seq(sent[10].0), json!("m10 (edited)"));
-        assert_eq!(by_seq(*deleted_seq), Value::Null, "tombstone has no content");
+        assert_eq!(
+            by_seq(*deleted_seq),
+            Value::Null,
+            "tombstone has no content"
+        );
     };
     check(all_pages(&server, "log", 10).await);
 
@@ -83,7 +87,11 @@ async fn history_pages_cover_every_message_once_and_survive_a_restart() {
     assert_eq!(ids.len(), 57);
 
     // forwards with `after`
-    let fwd = get(&server, &format!("/api/rooms/log/messages?after={}&limit=100", sent[49].0)).await;
+    let fwd = get(
+        &server,
+        &format!("/api/rooms/log/messages?after={}&limit=100", sent[49].0),
+    )
+    .await;
     let fwd: Vec<u64> = fwd["messages"]
         .as_array()
         .unwrap()

@@ -163,6 +163,8 @@ fn migrate_and_bad_configuration() {
         ("CHAT_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
         ("CHAT_SCYLLA_REPLICATION_FACTOR", "0"),
         ("CHAT_LOG_FORMAT", "xml"),
+        ("CHAT_OTLP_PROTOCOL", "http/json"),
+        ("CHAT_OTLP_ENDPOINT", "collector:4317"),
     ] {
         let out = clean_env(&mut Command::new(BIN))
             .env("CHAT_LISTEN", "127.0.0.1:0")

@@ -6,9 +6,12 @@
 //! - `http`: the public HTTP API of PROTOCOL.md on a real socket.
 //! - `consumer`: the persistence-stream consumer against a real `redis-server`.
 //! - `binary`: the `history-service` executable itself (flags, `listening on`, SIGTERM).
+//! - `telemetry`: traces over OTLP/HTTP to a fake collector (traceparent from the stream),
+//!   HELP text on `/metrics`.
 
 mod binary;
 mod consumer;
 mod contract;
 mod http;
 mod support;
+mod telemetry;

@@ -200,18 +200,33 @@ fn history_bin() -> PathBuf {
 
 pub struct History {
     pub addr: SocketAddr,
-    _child: Child,
+    redis_url: String,
+    /// The SQLite store's directory: a restart reopens the same file.
+    dir: PathBuf,
+    child: Option<Child>,
 }
 
 impl History {
     pub async fn start(redis: &Redis) -> History {
-        let dir = tempdir("history");
+        let mut h = History {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            redis_url: redis.url(),
+            dir: tempdir("history"),
+            child: None,
+        };
+        h.spawn().await;
+        h
+    }
+
+    /// Starts the binary on `self.addr` (port 0 the first time: it picks one, which later
+    /// restarts reuse so that gateways and nginx keep finding it).
+    async fn spawn(&mut self) {
         let env = [
-            ("CHAT_LISTEN", "127.0.0.1:0".to_string()),
-            ("CHAT_REDIS_URL", redis.url()),
+            ("CHAT_LISTEN", self.addr.to_string()),
+            ("CHAT_REDIS_URL", self.redis_url.clone()),
             (
                 "CHAT_STORE",
-                format!("sqlite://{}/history.db", dir.display()),
+                format!("sqlite://{}/history.db", self.dir.display()),
             ),
             ("CHAT_NODE_ID", "history-1".to_string()),
             ("CHAT_INTERNAL_TOKEN", INTERNAL_TOKEN.to_string()),
@@ -220,14 +235,30 @@ impl History {
         ];
         let (child, addr) = spawn_service(&history_bin(), "history", &env).await;
         wait_ready(addr).await;
-        History {
-            addr,
-            _child: child,
-        }
+        self.addr = addr;
+        self.child = Some(child);
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL (no drain, no flush), then start again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

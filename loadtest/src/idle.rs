@@ -1,0 +1,267 @@
+//! Opening many connections: the shared `open_many` (bounded concurrency), the `connect` mode
+//! (connect + auth + join rate and latency) and the `idle` mode (server RSS per held
+//! connection).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{self, Endpoint, Target, Tokens, Ws};
+use crate::stats;
+use crate::Common;
+
+/// Users are shared by this many connections (the gateway allows 16 per user by default);
+/// it keeps dev-token requests few when tokens come from /api/dev/token.
+const CONNS_PER_USER: usize = 8;
+
+pub struct Opened {
+    pub conns: Vec<(usize, Ws)>,
+    pub failures: usize,
+    pub first_error: Option<String>,
+    /// Microseconds from TCP connect to `joined` (or `hello` without a room).
+    pub latency: Histogram<u64>,
+    /// Seconds spent opening (tokens excluded).
+    pub secs: f64,
+}
+
+/// Opens `n` connections with at most `--concurrency` handshakes in flight, round-robin over
+/// the endpoints; connection i joins `room(i)` when that is `Some`.
+pub async fn open_many(
+    common: &Common,
+    eps: &[Endpoint],
+    tokens: &Tokens,
+    n: usize,
+    room: impl Fn(usize) -> Option<String>,
+) -> Opened {
+    // Tokens first, so that the timed part is connect + auth + join only.
+    let mut user_tokens: HashMap<usize, Arc<str>> = HashMap::new();
+    let mut first_error = None;
+    if !matches!(tokens, Tokens::None) {
+        for u in 0..n.div_ceil(CONNS_PER_USER) {
+            match tokens.token(&format!("{}{u}", common.user_prefix)).await {
+                Ok(t) => {
+                    user_tokens.insert(u, t.into());
+                }
+                Err(e) => {
+                    return Opened {
+                        conns: vec![],
+                        failures: n,
+                        first_error: Some(format!("token: {e:#}")),
+                        latency: Histogram::new(3).expect("sigfig"),
+                        secs: 0.0,
+                    }
+                }
+            }
+        }
+    }
+    let target = common.target;
+    let started = Instant::now();
+    let jobs = (0..n).map(|i| {
+        let ep = eps[i % eps.len()].clone();
+        let token = user_tokens
+            .get(&(i / CONNS_PER_USER))
+            .cloned()
+            .unwrap_or_else(|| "".into());
+        let room = room(i);
+        async move {
+            let t = Instant::now();
+            let r = async {
+                let mut ws = client::open(target, &ep, &token).await?;
+                if let Some(room) = room {
+                    client::join(&mut ws, target, &room).await?;
+                }
+                anyhow::Ok(ws)
+            }
+            .await;
+            (i, t.elapsed(), r)
+        }
+    });
+    let mut stream = futures_util::stream::iter(jobs).buffer_unordered(common.concurrency);
+    let mut conns = Vec::with_capacity(n);
+    let mut failures = 0;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    while let Some((i, took, r)) = stream.next().await {
+        match r {
+            Ok(ws) => {
+                latency.saturating_record(took.as_micros() as u64);
+                conns.push((i, ws));
+            }
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    Opened {
+        conns,
+        failures,
+        first_error,
+        latency,
+        secs: started.elapsed().as_secs_f64(),
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConnectArgs {
+    /// Connections to open (and hold until all are open).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Rooms to spread the joins over (0: connect + auth only).
+    #[arg(long, default_value_t = 10)]
+    pub rooms: usize,
+    #[arg(long, default_value = "lgc")]
+    pub room_prefix: String,
+}
+
+pub async fn connect(common: &Common, a: &ConnectArgs) -> Result<Value> {
+    if a.connections == 0 || a.connections > crate::MAX_CONNECTIONS {
+        bail!("--connections must be 1..={}", crate::MAX_CONNECTIONS);
+    }
+    let (eps, tokens) = (common.endpoints()?, common.tokens()?);
+    let before = stats::sample_all(&common.server_pid);
+    let opened = open_many(common, &eps, &tokens, a.connections, |i| {
+        (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, i % a.rooms))
+    })
+    .await;
+    let after = stats::sample_all(&common.server_pid);
+    let ok = opened.conns.len();
+    let out = json!({
+        "target": format!("{:?}", common.target).to_lowercase(),
+        "url": common.url,
+        "connections": a.connections,
+        "opened": ok,
+        "failures": opened.failures,
+        "first_error": opened.first_error,
+        "concurrency": common.concurrency,
+        "rooms": a.rooms,
+        "secs": (opened.secs * 1000.0).round() / 1000.0,
+        "connects_per_s": (ok as f64 / opened.secs * 10.0).round() / 10.0,
+        "latency_ms": stats::summary_ms(&opened.latency),
+        "server_cpu": stats::cpu_report(&before, &after, ok as u64),
+    });
+    close_all(opened.conns).await;
+    Ok(out)
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct IdleArgs {
+    /// Idle connections to open and hold.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Rooms the connections join (one each, round-robin; 0: none).
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+    /// Seconds to hold them before measuring the server's RSS (lets allocators settle).
+    #[arg(long, default_value_t = 5)]
+    pub hold: u64,
+    #[arg(long, default_value = "lgi")]
+    pub room_prefix: String,
+}
+
+pub async fn idle(common: &Common, a: &IdleArgs) -> Result<Value> {
+    if a.connections == 0 || a.connections > crate::MAX_CONNECTIONS {
+        bail!("--connections must be 1..={}", crate::MAX_CONNECTIONS);
+    }
+    if common.server_pid.is_empty() {
+        bail!("idle needs --server-pid (the process whose RSS is measured)");
+    }
+    if a.hold > crate::MAX_SECONDS {
+        bail!("--hold at most {} s", crate::MAX_SECONDS);
+    }
+    let (eps, tokens) = (common.endpoints()?, common.tokens()?);
+    // Warm the server's paths (first connection allocates lazily built state), then baseline.
+    let warm = open_many(common, &eps, &tokens, eps.len(), |_| None).await;
+    close_all(warm.conns).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = stats::sample_all(&common.server_pid);
+    let me_before = stats::sample("self");
+
+    let opened = open_many(common, &eps, &tokens, a.connections, |i| {
+        (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, i % a.rooms))
+    })
+    .await;
+    let ok = opened.conns.len();
+    // Hold them: each task reads (the server's pings are answered by the websocket layer).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let target = common.target;
+    let tasks: Vec<_> = opened
+        .conns
+        .into_iter()
+        .map(|(_, ws)| tokio::spawn(hold(ws, target, stop_rx.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(a.hold)).await;
+    let after = stats::sample_all(&common.server_pid);
+    let me_after = stats::sample("self");
+
+    let mut per = serde_json::Map::new();
+    let mut total_delta_kb: i64 = 0;
+    for ((pid, b), (_, af)) in before.iter().zip(&after) {
+        if let (Some(b), Some(af)) = (b, af) {
+            let d = af.rss_kb as i64 - b.rss_kb as i64;
+            total_delta_kb += d;
+            per.insert(
+                pid.to_string(),
+                json!({"rss_kb_before": b.rss_kb, "rss_kb_after": af.rss_kb, "delta_kb": d}),
+            );
+        }
+    }
+    let still_open = tasks.iter().filter(|t| !t.is_finished()).count();
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    Ok(json!({
+        "target": format!("{:?}", common.target).to_lowercase(),
+        "url": common.url,
+        "connections": a.connections,
+        "opened": ok,
+        "still_open_at_sample": still_open,
+        "failures": opened.failures,
+        "first_error": opened.first_error,
+        "rooms": a.rooms,
+        "connect_secs": (opened.secs * 1000.0).round() / 1000.0,
+        "server": per,
+        "server_rss_delta_kb": total_delta_kb,
+        "server_bytes_per_connection": if ok > 0 { Some(total_delta_kb * 1024 / ok as i64) } else { None },
+        "loadgen_rss_kb": me_after.map(|m| m.rss_kb),
+        "loadgen_bytes_per_connection": match (me_before, me_after) {
+            (Some(b), Some(af)) if ok > 0 => Some((af.rss_kb as i64 - b.rss_kb as i64) * 1024 / ok as i64),
+            _ => None,
+        },
+    }))
+}
+
+async fn hold(mut ws: Ws, target: Target, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) if target == Target::Socketio && t.as_str() == "2" => {
+                    let _ = ws.send(Message::text("3")).await;
+                }
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+            _ = stop.changed() => {
+                let _ = ws.close(None).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Closes connections politely, a bounded number at a time.
+pub async fn close_all(conns: Vec<(usize, Ws)>) {
+    futures_util::stream::iter(conns)
+        .for_each_concurrent(256, |(_, mut ws)| async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+        })
+        .await;
+}
