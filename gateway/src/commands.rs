@@ -151,17 +151,7 @@ async fn run(
                 content,
                 edited_at: Timestamp::now(),
             };
-            let p = node
-                .broker
-                .publish_stored(&room, &ev.to_json(), None)
-                .await?;
-            s.send(&ServerEvent::Ack {
-                r#ref,
-                id: Some(id),
-                seq: Some(p.seq()),
-                ts: None,
-            });
-            Ok(())
+            moderation::publish_and_ack(node, s, r#ref, &ev, Some(id)).await
         }
         Command::Delete { room, id } => {
             let state = state_of(node, &room).await?;
@@ -186,17 +176,7 @@ async fn run(
                 id,
                 by: s.user().clone(),
             };
-            let p = node
-                .broker
-                .publish_stored(&room, &ev.to_json(), None)
-                .await?;
-            s.send(&ServerEvent::Ack {
-                r#ref,
-                id: Some(id),
-                seq: Some(p.seq()),
-                ts: None,
-            });
-            Ok(())
+            moderation::publish_and_ack(node, s, r#ref, &ev, Some(id)).await
         }
         Command::Typing { room } => {
             may_post(node, s, &room).await?;

@@ -98,8 +98,15 @@ fn check_reason(reason: &Option<String>) -> Result {
     }
 }
 
-/// Publishes a stored room event and acknowledges the caller with its seq.
-async fn publish(node: &Node, s: &SessionState, r#ref: Option<Ref>, ev: &ServerEvent) -> Result {
+/// Publishes a stored room event and acknowledges the caller with its seq (and the message
+/// id, for edits and deletes).
+pub async fn publish_and_ack(
+    node: &Node,
+    s: &SessionState,
+    r#ref: Option<Ref>,
+    ev: &ServerEvent,
+    id: Option<MessageId>,
+) -> Result {
     let room = ev_room(ev);
     let p = node
         .broker
@@ -107,7 +114,7 @@ async fn publish(node: &Node, s: &SessionState, r#ref: Option<Ref>, ev: &ServerE
         .await?;
     s.send(&ServerEvent::Ack {
         r#ref,
-        id: None,
+        id,
         seq: Some(p.seq()),
         ts: None,
     });
@@ -127,6 +134,8 @@ fn ev_room(ev: &ServerEvent) -> RoomId {
         | Muted { room, .. }
         | Unmuted { room, .. }
         | Pinned { room, .. }
+        | MessageEdited { room, .. }
+        | MessageDeleted { room, .. }
         | Unpinned { room, .. } => room.clone(),
         _ => unreachable!("publish is only called with room events"),
     }
@@ -258,13 +267,8 @@ pub async fn update_room(
         info.members_can_pin = p;
     }
     node.rooms.store().update_room(&info).await?;
-    publish(
-        node,
-        s,
-        r#ref,
-        &ServerEvent::RoomUpdated { seq: 0, room: info },
-    )
-    .await
+    let ev = ServerEvent::RoomUpdated { seq: 0, room: info };
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn delete_room(
@@ -288,7 +292,7 @@ pub async fn delete_room(
         room,
         by: s.user().clone(),
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn add_member(
@@ -343,7 +347,7 @@ pub async fn add_member(
         role,
         by: s.user().clone(),
     };
-    publish(node, s, r#ref, &ev).await?;
+    publish_and_ack(node, s, r#ref, &ev, None).await?;
     // The new member learns it even when not in the room (a private room they can now see).
     let frame = Bytes::from(ev.to_json());
     let _ = node
@@ -383,7 +387,7 @@ pub async fn remove_member(
         by: s.user().clone(),
         reason,
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn ban(
@@ -432,7 +436,7 @@ pub async fn ban(
         reason,
         until,
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn unban(
@@ -461,7 +465,7 @@ pub async fn unban(
         user: user_ref(&state, &user),
         by: s.user().clone(),
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn mute(
@@ -511,7 +515,7 @@ pub async fn mute(
             by,
         }
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn set_role(
@@ -548,7 +552,7 @@ pub async fn set_role(
         role,
         by: s.user().clone(),
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 pub async fn pin(
@@ -597,7 +601,7 @@ pub async fn pin(
             by: s.user().clone(),
         }
     };
-    publish(node, s, r#ref, &ev).await
+    publish_and_ack(node, s, r#ref, &ev, None).await
 }
 
 /// A live (not deleted) message: from the store, or — when the store has not caught up with
