@@ -110,9 +110,8 @@ async fn run(
             if !in_room(node, s, &room) {
                 return Err(CommandError::new(ErrorCode::NotFound, "not in this room"));
             }
-            s.rooms.remove(&room);
-            leave_room(node, s, &room).await;
             // Leaving a public room ends a plain membership (admins and owners keep theirs).
+            // Every node hears of it before the room sees the `leave`.
             if let Ok(Some(state)) = node.rooms.state(&room).await {
                 let access = Access::of(&state, &s.identity);
                 if state.info.visibility == Visibility::Public
@@ -122,9 +121,11 @@ async fn run(
                         .store()
                         .remove_member(&room, &s.user().id)
                         .await?;
-                    node.rooms.invalidate(&room);
+                    node.membership_changed(&room).await;
                 }
             }
+            s.rooms.remove(&room);
+            leave_room(node, s, &room).await;
             s.send(&ServerEvent::Left { r#ref, room });
             Ok(())
         }
@@ -176,7 +177,9 @@ async fn run(
                 id,
                 by: s.user().clone(),
             };
-            moderation::publish_and_ack(node, s, r#ref, &ev, Some(id)).await
+            moderation::publish_and_ack(node, s, r#ref, &ev, Some(id)).await?;
+            moderation::unpin_deleted(node, &room, id).await;
+            Ok(())
         }
         Command::Typing { room } => {
             may_post(node, s, &room).await?;
@@ -490,12 +493,12 @@ async fn try_join(
         }
         let r = role.unwrap_or(Role::Member);
         node.rooms.store().put_member(room, s.user(), r).await?;
-        node.rooms.invalidate(room);
+        node.membership_changed(room).await;
         role = Some(r);
     } else if stale_name {
         if let Some(r) = role {
             node.rooms.store().put_member(room, s.user(), r).await?;
-            node.rooms.invalidate(room);
+            node.membership_changed(room).await;
         }
     }
     let info = state.info.clone();
@@ -506,11 +509,12 @@ async fn try_join(
         .find(|m| m.user == s.user().id)
         .map_or(0, |m| m.seq);
 
-    let first = node.hub.add(room, s.handle.clone());
+    node.hub.add(room, s.handle.clone());
+    // Every joiner waits for the subscription, not only the room's first local session: a
+    // second joiner that read the room's seq before the first one's SUBSCRIBE took effect
+    // would never get the events in between.
     let setup = async {
-        if first {
-            node.broker.subscribe(room).await?;
-        }
+        node.broker.subscribe(room).await?;
         node.broker.recover(room, since).await
     };
     let recovery = match setup.await {
@@ -528,6 +532,7 @@ async fn try_join(
             s.handle.send(frame.clone());
         }
     }
+    node.hub.seen_up_to(room, s.handle.id, recovery.last_seq);
     let newly_online = node
         .broker
         .presence_add(room, s.user())
@@ -565,7 +570,7 @@ async fn try_join(
         role,
         unread: Some(recovery.last_seq.saturating_sub(marker)),
     });
-    node.hub.release(room, s.handle.id, recovery.last_seq);
+    node.hub.release(room, s.handle.id);
     Ok(())
 }
 

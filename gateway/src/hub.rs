@@ -75,6 +75,8 @@ impl Kill {
 pub struct SessionHandle {
     pub id: SessionId,
     pub user: Arc<UserRef>,
+    /// The token made this user a global admin (reads every room).
+    pub global_admin: bool,
     tx: mpsc::Sender<Outbound>,
     kill: Arc<Kill>,
 }
@@ -83,10 +85,17 @@ impl SessionHandle {
     pub fn new(
         id: SessionId,
         user: Arc<UserRef>,
+        global_admin: bool,
         tx: mpsc::Sender<Outbound>,
         kill: Arc<Kill>,
     ) -> Self {
-        Self { id, user, tx, kill }
+        Self {
+            id,
+            user,
+            global_admin,
+            tx,
+            kill,
+        }
     }
 
     /// Queues a frame; a full queue closes the session as a slow consumer.
@@ -122,6 +131,10 @@ struct Member {
     handle: SessionHandle,
     /// While joining: events held until the replay and `joined` are sent (see [`Hub::release`]).
     held: Option<Vec<(u64, Bytes)>>,
+    /// The highest stored seq this session has been sent or has recovered up to; None until
+    /// its join read the room's seq. A stored event at or below it is not sent again, so
+    /// a broker may re-deliver a range (a gap fill after a reconnect) without duplicates.
+    seen: Option<u64>,
 }
 
 #[derive(Default)]
@@ -133,6 +146,9 @@ struct Room {
 pub trait StateObserver: Send + Sync {
     /// Before the event reaches any local session: drop cached state.
     fn state_changed(&self, room: &RoomId);
+    /// After a `room_updated` reached the room's sessions: its settings changed (a room made
+    /// private must let its readers go).
+    fn updated(&self, room: &RoomId);
     /// After it: sessions the event removed from the room were taken out of it (`users` has
     /// one entry per session).
     /// `emptied` is true when the room has no local session left.
@@ -203,6 +219,13 @@ impl Hub {
         let _ = self.observer.set(observer);
     }
 
+    /// Tells the observer a room's state changed without a room event passing through.
+    pub fn state_changed(&self, room: &RoomId) {
+        if let Some(o) = self.observer.get() {
+            o.state_changed(room);
+        }
+    }
+
     /// True while the session is in the room (joined or joining).
     pub fn contains(&self, room: &RoomId, session: SessionId) -> bool {
         let shard = self.room_shard(room).read().expect("hub lock");
@@ -215,37 +238,63 @@ impl Hub {
         &self.rooms[shard_of(room.as_str())]
     }
 
-    /// Adds a session to a room in the holding state; returns true when it is the room's
-    /// first local session (the node must subscribe).
-    pub fn add(&self, room: &RoomId, handle: SessionHandle) -> bool {
+    /// Adds a session to a room in the holding state.
+    pub fn add(&self, room: &RoomId, handle: SessionHandle) {
         let mut shard = self.room_shard(room).write().expect("hub lock");
         let entry = shard.entry(room.clone()).or_default();
-        let first = entry.members.is_empty();
         entry.members.insert(
             handle.id,
             Member {
                 handle,
                 held: Some(Vec::new()),
+                seen: None,
             },
         );
-        first
     }
 
-    /// Ends the holding state: sends held stored events with seq > `after_seq` and every held
-    /// ephemeral event, in arrival order, then lets events through directly. Runs under the
-    /// shard's write lock, so no live event can slip between the held ones and the next.
-    pub fn release(&self, room: &RoomId, session: SessionId, after_seq: u64) {
+    /// Records that a joining session has every stored event up to `seq` (its replay, or the
+    /// room's seq when it asked for none): later ones reach it, earlier ones never again.
+    pub fn seen_up_to(&self, room: &RoomId, session: SessionId, seq: u64) {
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        if let Some(m) = shard
+            .get_mut(room)
+            .and_then(|r| r.members.get_mut(&session))
+        {
+            m.seen = Some(seq);
+        }
+    }
+
+    /// Ends the holding state: sends held stored events above the session's seen seq and
+    /// every held ephemeral event, in arrival order, then lets events through directly. Runs
+    /// under the shard's write lock, so no live event can slip between the held ones and the
+    /// next.
+    pub fn release(&self, room: &RoomId, session: SessionId) {
         let mut shard = self.room_shard(room).write().expect("hub lock");
         if let Some(m) = shard
             .get_mut(room)
             .and_then(|r| r.members.get_mut(&session))
         {
             for (seq, frame) in m.held.take().unwrap_or_default() {
-                if seq == 0 || seq > after_seq {
+                if seq == 0 {
+                    m.handle.send(frame);
+                } else if m.seen.is_none_or(|s| seq > s) {
+                    m.seen = Some(seq);
                     m.handle.send(frame);
                 }
             }
         }
+    }
+
+    /// The lowest seq any local session of the room is known to have (None when no session
+    /// has one yet): where a broker resumes a room after losing its subscription.
+    pub fn lowest_seen(&self, room: &RoomId) -> Option<u64> {
+        let shard = self.room_shard(room).read().expect("hub lock");
+        shard
+            .get(room)?
+            .members
+            .values()
+            .filter_map(|m| m.seen)
+            .min()
     }
 
     /// Removes a session from a room: None when it was not in it (never joined, or already
@@ -294,9 +343,7 @@ impl Hub {
             .flatten()
             .filter(|k| crate::rooms::STATE_EVENTS.contains(k));
         if state_event.is_some() {
-            if let Some(o) = self.observer.get() {
-                o.state_changed(room);
-            }
+            self.state_changed(room);
         }
         let mut shard = self.room_shard(room).write().expect("hub lock");
         let Some(entry) = shard.get_mut(room) else {
@@ -311,7 +358,11 @@ impl Hub {
             match &mut m.held {
                 Some(held) if held.len() >= self.max_held => m.handle.close(close::SLOW_CONSUMER),
                 Some(held) => held.push((seq, frame.clone())),
+                None if seq > 0 && m.seen.is_some_and(|s| seq <= s) => continue,
                 None => {
+                    if seq > 0 {
+                        m.seen = Some(seq);
+                    }
                     m.handle.send(frame.clone());
                     deepest = deepest.max(m.handle.queued());
                 }
@@ -328,12 +379,41 @@ impl Hub {
         // The deepest recipient queue after this fan-out: a growing value means clients fall
         // behind (the soak test watches it).
         metrics::gauge!("chat_outbound_queue_depth_max").set(deepest as f64);
-        if !evicted.is_empty() {
-            if let Some(o) = self.observer.get() {
+        if let Some(o) = self.observer.get() {
+            if !evicted.is_empty() {
                 o.evicted(room, evicted, emptied);
+            }
+            if state_event == Some("room_updated") {
+                o.updated(room);
             }
         }
         n
+    }
+
+    /// Takes out of the room every session `out` picks; returns them, and whether the room
+    /// has no local session left.
+    pub fn take_if(
+        &self,
+        room: &RoomId,
+        out: impl Fn(&SessionHandle) -> bool,
+    ) -> (Vec<SessionHandle>, bool) {
+        let mut shard = self.room_shard(room).write().expect("hub lock");
+        let Some(entry) = shard.get_mut(room) else {
+            return (Vec::new(), false);
+        };
+        let mut taken = Vec::new();
+        entry.members.retain(|_, m| {
+            let go = out(&m.handle);
+            if go {
+                taken.push(m.handle.clone());
+            }
+            !go
+        });
+        let emptied = entry.members.is_empty() && !taken.is_empty();
+        if emptied {
+            shard.remove(room);
+        }
+        (taken, emptied)
     }
 
     /// Local sessions' distinct users in a room.
@@ -470,7 +550,7 @@ mod tests {
             id: user.into(),
             name: user.into(),
         });
-        (SessionHandle::new(id, u, tx, kill.clone()), rx, kill)
+        (SessionHandle::new(id, u, false, tx, kill.clone()), rx, kill)
     }
 
     fn text(o: Outbound) -> Bytes {
@@ -485,12 +565,13 @@ mod tests {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
         let (h, mut rx, _) = session(1, "a", 16);
-        assert!(hub.add(&room, h));
+        hub.add(&room, h);
         for (seq, body) in [(4u64, "4"), (0, "typing"), (5, "5"), (6, "6")] {
             hub.deliver(&room, seq, &Bytes::from(body), None);
         }
         assert!(rx.try_recv().is_err(), "nothing passes while holding");
-        hub.release(&room, 1, 5);
+        hub.seen_up_to(&room, 1, 5);
+        hub.release(&room, 1);
         let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv().ok().map(text)).collect();
         assert_eq!(got, vec![Bytes::from("typing"), Bytes::from("6")]);
         hub.deliver(&room, 7, &Bytes::from("7"), None);
@@ -505,7 +586,8 @@ mod tests {
         let (fast, mut fast_rx, fast_kill) = session(2, "fast", 64);
         for h in [slow, fast] {
             hub.add(&room, h.clone());
-            hub.release(&room, h.id, 0);
+            hub.seen_up_to(&room, h.id, 0);
+            hub.release(&room, h.id);
         }
         for i in 0..10 {
             hub.deliver(&room, i + 1, &Bytes::from(format!("{i}")), None);
@@ -521,10 +603,10 @@ mod tests {
         let room = RoomId::new("r").unwrap();
         let (a, mut arx, _) = session(1, "a", 8);
         let (b, mut brx, _) = session(2, "b", 8);
-        assert!(hub.add(&room, a));
-        assert!(!hub.add(&room, b));
-        hub.release(&room, 1, 0);
-        hub.release(&room, 2, 0);
+        hub.add(&room, a);
+        hub.add(&room, b);
+        hub.release(&room, 1);
+        hub.release(&room, 2);
         assert_eq!(hub.deliver(&room, 0, &Bytes::from("t"), Some("a")), 1);
         assert!(arx.try_recv().is_err());
         assert!(brx.try_recv().is_ok());
@@ -532,5 +614,34 @@ mod tests {
         assert!(!hub.remove(&room, 1));
         assert!(hub.remove(&room, 2));
         assert_eq!(hub.deliver(&room, 1, &Bytes::from("x"), None), 0);
+    }
+
+    #[test]
+    fn a_redelivered_range_reaches_each_session_once() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (a, mut arx, _) = session(1, "a", 16);
+        let (b, mut brx, _) = session(2, "b", 16);
+        hub.add(&room, a);
+        hub.add(&room, b);
+        assert_eq!(hub.lowest_seen(&room), None, "nobody has read the seq yet");
+        hub.seen_up_to(&room, 1, 3);
+        hub.release(&room, 1);
+        hub.seen_up_to(&room, 2, 5);
+        hub.release(&room, 2);
+        assert_eq!(hub.lowest_seen(&room), Some(3));
+        // A gap fill after a reconnect resends from the lowest seen seq.
+        for seq in 4..=6u64 {
+            hub.deliver(&room, seq, &Bytes::from(seq.to_string()), None);
+        }
+        hub.deliver(&room, 5, &Bytes::from("5"), None);
+        let a_got: Vec<Bytes> = std::iter::from_fn(|| arx.try_recv().ok().map(text)).collect();
+        let b_got: Vec<Bytes> = std::iter::from_fn(|| brx.try_recv().ok().map(text)).collect();
+        assert_eq!(
+            a_got,
+            vec![Bytes::from("4"), Bytes::from("5"), Bytes::from("6")]
+        );
+        assert_eq!(b_got, vec![Bytes::from("6")]);
+        assert_eq!(hub.lowest_seen(&room), Some(6));
     }
 }

@@ -13,7 +13,7 @@ use proto::envelope::NodeTarget;
 use proto::rooms::{MessageView, Role, RoomInfo, Visibility};
 use proto::{ErrorCode, MessageId, Ref, RoomId, ServerEvent, Timestamp, UserRef};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, PinChange, PinOutcome};
 use crate::commands::{CommandError, Result};
 use crate::node::Node;
 use crate::rooms::Access;
@@ -50,9 +50,9 @@ pub async fn state_of(node: &Node, room: &RoomId) -> Result<Arc<RoomState>> {
         .ok_or_else(|| err(ErrorCode::NotFound, format!("no room {room}")))
 }
 
-/// The room's state read from the store, not the cache: moderation is rare, and its target's
-/// membership may have changed on another node without a room event (joining a public room
-/// makes a member silently; see `commands::try_join`).
+/// The room's state read from the store, not the cache: moderation is rare, and its target may
+/// have joined a public room on another node a moment ago (that node's announcement of the
+/// membership, [`Node::membership_changed`], may still be on its way).
 async fn fresh_state_of(node: &Node, room: &RoomId) -> Result<Arc<RoomState>> {
     node.rooms.invalidate(room);
     state_of(node, room).await
@@ -569,39 +569,68 @@ pub async fn pin(
     if !access.may_read() || !access.may_pin() {
         return Err(err(ErrorCode::Forbidden, "you may not pin in this room"));
     }
-    let store = node.rooms.store();
-    let pins = store.pins(&room).await?;
-    let is_pinned = pins.iter().any(|p| p.message.id == id);
-    let ev = if pinned {
-        if is_pinned {
-            return Err(err(ErrorCode::Conflict, "already pinned"));
-        }
-        if pins.len() >= MAX_PINS {
-            return Err(err(
-                ErrorCode::Conflict,
-                format!("at most {MAX_PINS} pins per room; unpin one first"),
-            ));
-        }
+    let stored: Vec<MessageId> = node
+        .rooms
+        .store()
+        .pins(&room)
+        .await?
+        .iter()
+        .map(|p| p.message.id)
+        .collect();
+    let (change, ev) = if pinned {
         let message = find_message(node, &room, id).await?;
-        ServerEvent::Pinned {
+        let ev = ServerEvent::Pinned {
             seq: 0,
-            room,
+            room: room.clone(),
             message,
             by: s.user().clone(),
             pinned_at: Timestamp::now(),
-        }
+        };
+        (PinChange::Pin, ev)
     } else {
-        if !is_pinned {
-            return Err(err(ErrorCode::NotFound, "not pinned"));
-        }
-        ServerEvent::Unpinned {
+        let ev = ServerEvent::Unpinned {
             seq: 0,
-            room,
+            room: room.clone(),
             id,
             by: s.user().clone(),
-        }
+        };
+        (PinChange::Unpin, ev)
     };
-    publish_and_ack(node, s, r#ref, &ev, None).await
+    match node
+        .broker
+        .pin_set(&room, id, change, MAX_PINS, Some(&stored))
+        .await?
+    {
+        PinOutcome::Done => {}
+        PinOutcome::AlreadyPinned => return Err(err(ErrorCode::Conflict, "already pinned")),
+        PinOutcome::NotPinned => return Err(err(ErrorCode::NotFound, "not pinned")),
+        PinOutcome::Full => {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("at most {MAX_PINS} pins per room; unpin one first"),
+            ))
+        }
+    }
+    let published = publish_and_ack(node, s, r#ref, &ev, None).await;
+    if published.is_err() {
+        // Not published: give the change back so the pin set matches what the room saw.
+        let _ = node
+            .broker
+            .pin_set(&room, id, change.undo(), MAX_PINS, Some(&stored))
+            .await;
+    }
+    published
+}
+
+/// A deleted message leaves the room's pin set (the store unpins it as it stores the delete).
+pub async fn unpin_deleted(node: &Node, room: &RoomId, id: MessageId) {
+    if let Err(e) = node
+        .broker
+        .pin_set(room, id, PinChange::Unpin, MAX_PINS, None)
+        .await
+    {
+        tracing::warn!(error = %e, %room, "could not drop a deleted message's pin");
+    }
 }
 
 /// A live (not deleted) message: from the store, or — when the store has not caught up with

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::auth::Verifier;
 use proto::ids::MessageIdGen;
+use proto::rooms::Visibility;
 use proto::server::Limits;
 use proto::{RoomId, ServerEvent, UserRef};
 use tokio::sync::{watch, Semaphore};
@@ -110,6 +111,18 @@ impl Node {
 
     pub fn ready(&self) -> bool {
         !self.is_draining() && self.broker.healthy()
+    }
+
+    /// A membership changed without a room event (someone joined or left a public room): this
+    /// node and every other drop their cached state of the room. Best effort: a node that
+    /// misses it holds a stale member list until the room's next state event, and moderation
+    /// reads fresh state anyway.
+    pub async fn membership_changed(&self, room: &RoomId) {
+        self.rooms.invalidate(room);
+        let target = proto::envelope::NodeTarget::RoomState(room.as_str());
+        if let Err(e) = self.broker.publish_node(target, Bytes::new()).await {
+            tracing::warn!(error = %e, %room, "could not announce a membership change");
+        }
     }
 
     /// Publishes an ephemeral event to a room; failures are logged, not returned (best effort).
@@ -218,26 +231,66 @@ impl StateObserver for Observer {
         }
     }
 
+    fn updated(&self, room: &RoomId) {
+        let Some(node) = self.0.upgrade() else { return };
+        let room = room.clone();
+        tokio::spawn(async move { node.let_readers_go(&room).await });
+    }
+
     fn evicted(&self, room: &RoomId, users: Vec<UserRef>, emptied: bool) {
         let Some(node) = self.0.upgrade() else { return };
         let room = room.clone();
-        tokio::spawn(async move {
-            if emptied {
-                if let Err(e) = node.broker.unsubscribe(&room).await {
-                    tracing::warn!(error = %e, %room, "unsubscribe failed");
-                }
+        tokio::spawn(async move { node.after_eviction(&room, users, emptied).await });
+    }
+}
+
+impl Node {
+    /// After a room's settings changed: when it is now private, the local sessions that may no
+    /// longer read it (readers of what was a public or restricted room) leave it, told `left`.
+    async fn let_readers_go(&self, room: &RoomId) {
+        let state = match self.rooms.state(room).await {
+            Ok(Some(state)) if state.info.visibility == Visibility::Private => state,
+            Ok(_) => return,
+            Err(e) => {
+                // Their next command is checked against the store anyway; only reading stays.
+                tracing::warn!(error = %e, %room, "could not check readers of a room made private");
+                return;
             }
-            let mut changed = false;
-            for user in users {
-                changed |= node
-                    .broker
-                    .presence_remove(&room, &user.id)
-                    .await
-                    .unwrap_or(false);
-            }
-            if changed {
-                node.publish_online(&room).await;
-            }
+        };
+        let (out, emptied) = self.hub.take_if(room, |h| {
+            !h.global_admin && !state.members.iter().any(|m| m.user.id == h.user.id)
         });
+        for h in &out {
+            h.send(Bytes::from(
+                ServerEvent::Left {
+                    r#ref: None,
+                    room: room.clone(),
+                }
+                .to_json(),
+            ));
+        }
+        let users = out.iter().map(|h| (*h.user).clone()).collect();
+        self.after_eviction(room, users, emptied).await;
+    }
+
+    /// Presence and subscription after sessions were taken out of a room (one user entry
+    /// per session).
+    async fn after_eviction(&self, room: &RoomId, users: Vec<UserRef>, emptied: bool) {
+        if emptied {
+            if let Err(e) = self.broker.unsubscribe(room).await {
+                tracing::warn!(error = %e, %room, "unsubscribe failed");
+            }
+        }
+        let mut changed = false;
+        for user in users {
+            changed |= self
+                .broker
+                .presence_remove(room, &user.id)
+                .await
+                .unwrap_or(false);
+        }
+        if changed {
+            self.publish_online(room).await;
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, WebSocket, WebSocketError};
+use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::commands;
 use crate::hub::{Kill, Outbound, SessionHandle};
 use crate::node::Node;
+use crate::reassembly::Reassembly;
 use crate::writer::{self, Coalesce, LastSeen};
 
 /// How long a closing session waits for its writer (queued frames, then the close frame).
@@ -80,7 +81,13 @@ async fn run_session(
     let started = tokio::time::Instant::now();
     let (tx, rx) = mpsc::channel(node.config.outbound_queue);
     let kill = Arc::new(Kill::default());
-    let handle = SessionHandle::new(id, Arc::new(identity.user.clone()), tx, kill.clone());
+    let handle = SessionHandle::new(
+        id,
+        Arc::new(identity.user.clone()),
+        identity.admin,
+        tx,
+        kill.clone(),
+    );
     node.hub.register(handle.clone());
     metrics::gauge!("chat_connections").increment(1.0);
 
@@ -170,7 +177,7 @@ async fn read_loop<S>(
     read.set_max_message_size(node.config.max_frame_bytes);
     read.set_auto_close(true);
     read.set_auto_pong(true);
-    let mut read = FragmentCollectorRead::new(read);
+    let mut reassembly = Reassembly::new(node.config.max_frame_bytes);
 
     if let Some(room) = auto_join {
         let span = command_span("join", Some(&room));
@@ -211,12 +218,20 @@ async fn read_loop<S>(
                 return;
             }
             Err(WebSocketError::InvalidUTF8) => {
-                kill.close(1007);
+                kill.close(close::INVALID_UTF8);
                 return;
             }
             Err(_) => return,
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let frame = match reassembly.push(frame) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(e) => {
+                kill.close(e.close_code());
+                return;
+            }
+        };
         match frame.opcode {
             OpCode::Text | OpCode::Binary => {
                 metrics::counter!("chat_frames_in_total").increment(1);

@@ -6,7 +6,8 @@
 //!   frame, which was serialized without `seq` ([`with_seq`]). The Redis broker's Lua script
 //!   does the same concatenation; a test keeps them equal.
 //! - The node channel carries frames addressed to every connection or to one user's
-//!   connections: `all\n<frame>` or `user:<id>\n<frame>` ([`NodeMessage`]).
+//!   connections: `all\n<frame>` or `user:<id>\n<frame>` ([`NodeMessage`]), and notes to
+//!   the nodes themselves: `state:<room>\n` (the room's state changed without a room event).
 
 /// Puts `seq` in front of a frame serialized without one. `frame` must be a JSON object.
 pub fn with_seq(frame: &[u8], seq: u64) -> Vec<u8> {
@@ -29,6 +30,9 @@ pub enum NodeTarget<'a> {
     All,
     /// Every connection of one user.
     User(&'a str),
+    /// No connection: every node drops its cached state of this room (a membership changed
+    /// without a room event, as when someone joins a public room). The frame is empty.
+    RoomState(&'a str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +50,10 @@ impl<'a> NodeMessage<'a> {
                 out.extend_from_slice(b"user:");
                 out.extend_from_slice(u.as_bytes());
             }
+            NodeTarget::RoomState(r) => {
+                out.extend_from_slice(b"state:");
+                out.extend_from_slice(r.as_bytes());
+            }
         }
         out.push(b'\n');
         out.extend_from_slice(self.frame);
@@ -57,8 +65,10 @@ impl<'a> NodeMessage<'a> {
         let (head, frame) = (&bytes[..nl], &bytes[nl + 1..]);
         let target = if head == b"all" {
             NodeTarget::All
+        } else if let Some(user) = head.strip_prefix(b"user:") {
+            NodeTarget::User(std::str::from_utf8(user).ok()?)
         } else {
-            NodeTarget::User(std::str::from_utf8(head.strip_prefix(b"user:")?).ok()?)
+            NodeTarget::RoomState(std::str::from_utf8(head.strip_prefix(b"state:")?).ok()?)
         };
         Some(NodeMessage { target, frame })
     }
@@ -76,7 +86,11 @@ mod tests {
 
     #[test]
     fn node_messages_round_trip() {
-        for target in [NodeTarget::All, NodeTarget::User("ann")] {
+        for target in [
+            NodeTarget::All,
+            NodeTarget::User("ann"),
+            NodeTarget::RoomState("lobby"),
+        ] {
             let m = NodeMessage {
                 target,
                 frame: b"{\"a\":\"\\n\"}",

@@ -83,9 +83,14 @@ impl HttpError {
 
 /// WebSocket close codes the server uses.
 pub mod close {
+    /// A WebSocket protocol violation (a continuation frame with no message to continue, a
+    /// new message inside a fragmented one).
+    pub const PROTOCOL: u16 = 1002;
+    /// A text message that is not UTF-8.
+    pub const INVALID_UTF8: u16 = 1007;
     /// Policy violation: persistent abuse, token expired while connected, removed by the server.
     pub const POLICY: u16 = 1008;
-    /// A frame over `max_frame_bytes`.
+    /// A message (one frame, or the fragments of one) over `max_frame_bytes`.
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     /// The node is restarting (drain): reconnect elsewhere.

@@ -2,7 +2,7 @@
 //! dedupe keys live in memory; the persistence log is a bounded channel into the embedded
 //! store's writer ([`crate::persist`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::envelope::{with_seq, NodeTarget};
-use proto::{RoomId, UserRef};
+use proto::{MessageId, RoomId, UserRef};
 
-use super::{Broker, BrokerError, Dedupe, Published, Recovery};
+use super::{Broker, BrokerError, Dedupe, PinChange, PinOutcome, Published, Recovery};
 use crate::hub::Hub;
 use crate::persist::PersistQueue;
 
@@ -61,6 +61,8 @@ struct Shard {
     dedupe: Dedupes,
     /// room → user id → (user, connection count)
     presence: HashMap<RoomId, HashMap<String, (UserRef, usize)>>,
+    /// Pinned message ids per room that has had a pin change since start.
+    pins: HashMap<RoomId, HashSet<MessageId>>,
 }
 
 /// Reads a room's last stored seq from the store: after a restart a room's numbering goes on
@@ -180,6 +182,11 @@ impl Broker for MemoryBroker {
         match target {
             NodeTarget::All => self.hub.deliver_all(&frame),
             NodeTarget::User(u) => self.hub.deliver_user(u, &frame),
+            NodeTarget::RoomState(r) => {
+                if let Ok(room) = RoomId::new(r) {
+                    self.hub.state_changed(&room);
+                }
+            }
         }
         Ok(())
     }
@@ -274,6 +281,35 @@ impl Broker for MemoryBroker {
             .unwrap_or_default();
         users.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(users)
+    }
+
+    async fn pin_set(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+        change: PinChange,
+        max: usize,
+        stored: Option<&[MessageId]>,
+    ) -> Result<PinOutcome, BrokerError> {
+        let mut shard = self.shard(room);
+        let pins = match (shard.pins.contains_key(room), stored) {
+            (false, None) => return Ok(PinOutcome::NotPinned),
+            (false, Some(stored)) => shard
+                .pins
+                .entry(room.clone())
+                .or_insert_with(|| stored.iter().copied().collect()),
+            (true, _) => shard.pins.get_mut(room).expect("checked"),
+        };
+        Ok(match change {
+            PinChange::Pin if pins.contains(&id) => PinOutcome::AlreadyPinned,
+            PinChange::Pin if pins.len() >= max => PinOutcome::Full,
+            PinChange::Pin => {
+                pins.insert(id);
+                PinOutcome::Done
+            }
+            PinChange::Unpin if pins.remove(&id) => PinOutcome::Done,
+            PinChange::Unpin => PinOutcome::NotPinned,
+        })
     }
 
     fn healthy(&self) -> bool {

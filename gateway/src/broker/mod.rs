@@ -69,6 +69,33 @@ pub struct Recovery {
     pub complete: bool,
 }
 
+/// A change to a room's pin set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinChange {
+    Pin,
+    Unpin,
+}
+
+impl PinChange {
+    /// The change that undoes this one.
+    pub fn undo(self) -> Self {
+        match self {
+            PinChange::Pin => PinChange::Unpin,
+            PinChange::Unpin => PinChange::Pin,
+        }
+    }
+}
+
+/// What [`Broker::pin_set`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinOutcome {
+    Done,
+    AlreadyPinned,
+    NotPinned,
+    /// The room already has the maximum number of pins.
+    Full,
+}
+
 /// See the module docs for the delivery contract.
 pub trait Broker: Send + Sync + 'static {
     /// A worker id for message ids, unique among live nodes.
@@ -131,6 +158,21 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         room: &RoomId,
     ) -> impl Future<Output = Result<Vec<UserRef>, BrokerError>> + Send;
+
+    /// Applies a pin change to the room's pin set, atomically across nodes, before the
+    /// `pinned`/`unpinned` event is published: the store learns of pins only as the
+    /// persistence log reaches it, too late to stop two pins from passing the limit or an
+    /// unpin from missing a pin a moment old. `stored` (the store's pins) seeds the set the
+    /// first time the room's is used; with None, a room without a set is left alone
+    /// (`NotPinned`).
+    fn pin_set(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+        change: PinChange,
+        max: usize,
+        stored: Option<&[MessageId]>,
+    ) -> impl Future<Output = Result<PinOutcome, BrokerError>> + Send;
 
     /// True while the broker can publish and receive.
     fn healthy(&self) -> bool;
@@ -195,6 +237,16 @@ impl Broker for AnyBroker {
     }
     async fn presence(&self, room: &RoomId) -> Result<Vec<UserRef>, BrokerError> {
         delegate!(self, b => b.presence(room).await)
+    }
+    async fn pin_set(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+        change: PinChange,
+        max: usize,
+        stored: Option<&[MessageId]>,
+    ) -> Result<PinOutcome, BrokerError> {
+        delegate!(self, b => b.pin_set(room, id, change, max, stored).await)
     }
     fn healthy(&self) -> bool {
         delegate!(self, b => b.healthy())

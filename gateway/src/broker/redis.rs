@@ -9,6 +9,8 @@
 //! - `chat:{room}:presence` (zset `user\nnode` → expiry ms), `chat:{room}:users` (hash
 //!   user → nodes holding them), `chat:{room}:names` (hash user → display name);
 //!   `chat:presence-rooms` (set) lists rooms to sweep.
+//! - `chat:{room}:pins` — the room's pin set (hash of pinned message ids), which decides pins
+//!   and unpins before their events are published ([`Broker::pin_set`]).
 //! - `chat:persist` — the persistence stream the history service consumes. It is the one key
 //!   not tagged by room: on Redis Cluster the publish script would need per-slot persistence
 //!   streams (docs/scaling.md says how); a single primary with replicas is the supported shape.
@@ -27,7 +29,7 @@
 //! in order. Rooms whose gap is no longer in the window get their sessions closed with 1012,
 //! and the clients recover from history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +38,10 @@ use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
 use futures_util::StreamExt;
 use proto::envelope::{NodeMessage, NodeTarget};
-use proto::{RoomId, Timestamp, UserRef};
+use proto::{MessageId, RoomId, Timestamp, UserRef};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Broker, BrokerError, Dedupe, Published, Recovery};
+use super::{Broker, BrokerError, Dedupe, PinChange, PinOutcome, Published, Recovery};
 use crate::bus;
 use crate::hub::Hub;
 
@@ -84,6 +86,25 @@ if since >= 0 and since < last then
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
 end
 return out
+"#;
+
+/// The room's pin set: a hash of pinned message ids plus a `_` field, so that a set with no
+/// pins still exists. When the hash does not exist, ARGV[4] = '1' seeds it with ARGV[5..] (the
+/// store's pins); '0' leaves it absent.
+const PIN_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] ~= '1' then return 'absent' end
+  redis.call('HSET', KEYS[1], '_', '1')
+  for i = 5, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], '1') end
+end
+if ARGV[1] == 'pin' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return 'pinned' end
+  if redis.call('HLEN', KEYS[1]) - 1 >= tonumber(ARGV[3]) then return 'full' end
+  redis.call('HSET', KEYS[1], ARGV[2], '1')
+  return 'done'
+end
+if redis.call('HDEL', KEYS[1], ARGV[2]) == 1 then return 'done' end
+return 'absent'
 "#;
 
 const PRESENCE_ADD_LUA: &str = r#"
@@ -161,6 +182,7 @@ struct Scripts {
     presence_add: redis::Script,
     presence_remove: redis::Script,
     presence_sweep: redis::Script,
+    pin: redis::Script,
 }
 
 impl RedisBroker {
@@ -172,8 +194,17 @@ impl RedisBroker {
         node: String,
         presence_ttl: Duration,
     ) -> Result<Arc<Self>, BrokerError> {
-        let pool = deadpool_redis::Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
+        // redis-rs gives up on a reply after 500 ms by default; an fsync stall under
+        // `appendfsync always` can last longer than that, and every call here already has its
+        // own deadline (CALL_TIMEOUT), so the connection uses the same one.
+        let conn_config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_connection_timeout(Some(CALL_TIMEOUT));
+        let manager =
+            deadpool_redis::Manager::new_with_config(url, conn_config).map_err(unavailable)?;
+        let pool = Pool::builder(manager)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(unavailable)?;
         let mut conn = tokio::time::timeout(CALL_TIMEOUT, pool.get())
             .await
@@ -203,6 +234,7 @@ impl RedisBroker {
                 presence_add: redis::Script::new(PRESENCE_ADD_LUA),
                 presence_remove: redis::Script::new(PRESENCE_REMOVE_LUA),
                 presence_sweep: redis::Script::new(PRESENCE_SWEEP_LUA),
+                pin: redis::Script::new(PIN_LUA),
             },
         });
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -498,6 +530,35 @@ impl Broker for Arc<RedisBroker> {
         Ok(users)
     }
 
+    async fn pin_set(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+        change: PinChange,
+        max: usize,
+        stored: Option<&[MessageId]>,
+    ) -> Result<PinOutcome, BrokerError> {
+        let mut inv = self.scripts.pin.prepare_invoke();
+        inv.key(key(room, "pins"))
+            .arg(match change {
+                PinChange::Pin => "pin",
+                PinChange::Unpin => "unpin",
+            })
+            .arg(id.0)
+            .arg(max)
+            .arg(if stored.is_some() { "1" } else { "0" });
+        for s in stored.unwrap_or_default() {
+            inv.arg(s.0);
+        }
+        let out: String = self.invoke(inv).await?;
+        Ok(match out.as_str() {
+            "done" => PinOutcome::Done,
+            "pinned" => PinOutcome::AlreadyPinned,
+            "full" => PinOutcome::Full,
+            _ => PinOutcome::NotPinned,
+        })
+    }
+
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -559,7 +620,7 @@ async fn subscriber(
     ready: oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
-    // Last seq delivered per subscribed room.
+    // Last seq delivered per subscribed room (since the subscription began).
     let mut last: HashMap<RoomId, u64> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -581,16 +642,19 @@ async fn subscriber(
             tokio::time::sleep(backoff).await;
             continue;
         }
-        // Events published while we were away: fetch them before any live one.
+        // Rooms whose SUBSCRIBE Redis confirmed on this connection.
+        let mut subscribed: HashSet<RoomId> = rooms.iter().cloned().collect();
+        // Events published while we were away: fetch them before any live one, from the
+        // lowest seq a local session has (the hub drops what a session already got). A room
+        // where no session has read the seq yet needs nothing: its joins read it after this.
+        last.clear();
         let Some(b) = broker.upgrade() else { return };
         for room in &rooms {
-            let Some(&seen) = last.get(room) else {
-                continue;
-            };
-            catch_up(&b, &hub, room, seen, &mut last).await;
+            if let Some(seen) = hub.lowest_seen(room) {
+                catch_up(&b, &hub, room, seen, &mut last).await;
+            }
         }
         drop(b);
-        last.retain(|r, _| rooms.contains(r));
         healthy.store(true, Ordering::Relaxed);
         backoff = Duration::from_millis(100);
         if let Some(r) = ready.take() {
@@ -603,17 +667,25 @@ async fn subscriber(
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(SubCmd::Subscribe(room, done)) => {
+                        // Commands run in order: once an earlier SUBSCRIBE of this room was
+                        // confirmed, the channel is live for this joiner too.
+                        if subscribed.contains(&room) {
+                            let _ = done.send(Ok(()));
+                            continue;
+                        }
                         let r = sink.subscribe(channel(&room)).await.map_err(unavailable);
                         let failed = r.is_err();
                         let _ = done.send(r);
                         if failed {
                             break;
                         }
+                        subscribed.insert(room);
                     }
                     Some(SubCmd::Unsubscribe(room)) => {
                         // A join may have raced the leave: keep the channel while anyone is local.
                         if hub.sessions_count(&room) == 0 {
                             last.remove(&room);
+                            subscribed.remove(&room);
                             if sink.unsubscribe(channel(&room)).await.is_err() {
                                 break;
                             }
@@ -627,6 +699,11 @@ async fn subscriber(
                         match NodeMessage::decode(payload) {
                             Some(NodeMessage { target: NodeTarget::All, frame }) => hub.deliver_all(&Bytes::copy_from_slice(frame)),
                             Some(NodeMessage { target: NodeTarget::User(u), frame }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
+                            Some(NodeMessage { target: NodeTarget::RoomState(r), .. }) => {
+                                if let Ok(room) = RoomId::new(r) {
+                                    hub.state_changed(&room);
+                                }
+                            }
                             None => tracing::warn!("undecodable node message"),
                         }
                         continue;
@@ -673,12 +750,16 @@ async fn catch_up(
 ) {
     match Broker::recover(b, room, Some(seen)).await {
         Ok(rec) if rec.complete => {
+            if rec.last_seq > seen {
+                tracing::info!(%room, seen, last = rec.last_seq, "filling a gap from the window");
+            }
             for (seq, frame) in rec.events {
                 if seq > seen {
                     hub.deliver(room, seq, &frame, None);
-                    last.insert(room.clone(), seq);
                 }
             }
+            // The live events still queued on the connection up to here were just delivered.
+            last.insert(room.clone(), rec.last_seq.max(seen));
         }
         Ok(rec) => {
             tracing::warn!(%room, seen, last = rec.last_seq, "gap beyond the recovery window; closing local sessions");

@@ -16,6 +16,23 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a test waits for an expected frame before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// `CHAT_TEST_SCALED=1`: every [`Server`] runs in scaled mode — the in-process gateway on a
+/// real redis-server and history-service process — so suites written against the embedded
+/// mode check the same contract in scaled mode (`scripts/test.sh` runs the room, moderation,
+/// pin and receipt suites both ways).
+pub fn scaled() -> bool {
+    std::env::var_os("CHAT_TEST_SCALED").is_some()
+}
+
+/// True (and says so) in scaled mode, for a test that restarts its server on the same
+/// embedded store; scaled-mode restarts are covered by the cluster tests instead.
+pub fn skipped_in_scaled_mode() -> bool {
+    if scaled() {
+        eprintln!("SKIPPED in scaled mode: restarts on the embedded store (the cluster tests restart scaled nodes)");
+    }
+    scaled()
+}
+
 pub struct Server {
     pub addr: SocketAddr,
     /// The embedded store's directory (fresh per server unless given).
@@ -23,6 +40,8 @@ pub struct Server {
     pub node: Arc<Node>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Redis and the history service, in scaled mode; stopped with the server.
+    _backend: Option<crate::cluster::procs::Backend>,
 }
 
 impl Server {
@@ -40,6 +59,15 @@ impl Server {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.drain_seconds = 1;
         config.data_dir = data_dir.clone();
+        let backend = if scaled() {
+            let b = crate::cluster::procs::Backend::start().await;
+            config.redis_url = Some(b.redis.url());
+            config.history_url = Some(b.history.url());
+            config.internal_token = Some(crate::cluster::procs::INTERNAL_TOKEN.to_string());
+            Some(b)
+        } else {
+            None
+        };
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -59,6 +87,7 @@ impl Server {
             node,
             stop: Some(stop),
             task: Some(task),
+            _backend: backend,
         }
     }
 

@@ -2,7 +2,7 @@
 //! as the load balancer.
 
 mod chaos;
-mod procs;
+pub mod procs;
 mod soak;
 
 use std::collections::{HashMap, HashSet};
@@ -578,4 +578,39 @@ async fn receipts_pins_and_room_state_across_nodes_and_restarts() {
     assert_eq!(j["role"], "member");
     assert_eq!(j["pins"][0]["message"]["id"], m["id"]);
     assert_eq!(j["unread"], j["seq"].as_u64().unwrap() - seq);
+}
+
+/// Joining a public room makes a member without a room event; every node hears of it and
+/// drops its cached member list, so a member limit holds whichever node a joiner lands on.
+#[tokio::test]
+async fn a_public_join_on_one_node_counts_against_the_limit_on_the_others() {
+    let backend = Backend::start().await;
+    let gw1 = Gateway::start(&backend, "l1", &[]).await;
+    let gw2 = Gateway::start(&backend, "l2", &[]).await;
+    let mut host = Client::connect_addr(gw1.addr, "host", "/ws").await;
+    let ack = host
+        .call(json!({"type": "create_room", "room": "tiny", "visibility": "public", "max_members": 3}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let mut watcher = Client::connect_addr(gw2.addr, "watcher", "/ws").await;
+    watcher.join("tiny").await;
+    // node 2 caches the room's state (2 members) while checking this message
+    watcher.say("tiny", "anyone?").await;
+
+    let mut ann = Client::connect_addr(gw1.addr, "ann", "/ws").await;
+    assert_eq!(ann.join("tiny").await["role"], "member"); // member 3, made on node 1
+                                                          // node 1 announced the membership before ann's `join`; node 2 reads both in that order
+    watcher
+        .recv_where(|f| f["type"] == "join" && f["user"]["id"] == "ann")
+        .await;
+    let mut bob = Client::connect_addr(gw2.addr, "bob", "/ws").await;
+    let r = bob.call(json!({"type": "join", "room": "tiny"})).await;
+    assert_eq!(r["code"], "room_full", "{r}");
+    // ann leaves on node 1: the place frees up on node 2 too
+    let left = ann.call(json!({"type": "leave", "room": "tiny"})).await;
+    assert_eq!(left["type"], "left", "{left}");
+    watcher
+        .recv_where(|f| f["type"] == "leave" && f["user"]["id"] == "ann")
+        .await;
+    assert_eq!(bob.join("tiny").await["role"], "member");
 }

@@ -262,7 +262,7 @@ impl Drop for History {
     }
 }
 
-const INTERNAL_TOKEN: &str = "cluster-test-internal-token";
+pub const INTERNAL_TOKEN: &str = "cluster-test-internal-token";
 
 pub struct Gateway {
     pub addr: SocketAddr,
