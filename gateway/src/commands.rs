@@ -557,7 +557,7 @@ async fn try_join(
             },
         )
         .await;
-        node.publish_online(room).await;
+        node.online_changed(room).await;
     }
     let online = node.broker.presence(room).await.unwrap_or_default();
     s.send(&ServerEvent::Joined {
@@ -604,7 +604,7 @@ pub async fn leave_room(node: &Arc<Node>, s: &SessionState, room: &RoomId) {
             },
         )
         .await;
-        node.publish_online(room).await;
+        node.online_changed(room).await;
     }
 }
 

@@ -26,6 +26,7 @@ pub mod http;
 pub mod hub;
 pub mod moderation;
 pub mod node;
+pub mod online;
 pub mod persist;
 pub mod reassembly;
 pub mod receipts;

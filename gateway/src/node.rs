@@ -37,6 +37,8 @@ pub struct Node {
     /// The history API over the same store (mounted on this node's HTTP router).
     pub history: Arc<HistoryApi<AnyStore>>,
     pub receipts: Receipts,
+    /// Coalesces `online_users` announcements per room.
+    pub online: crate::online::Online,
     pub ids: MessageIdGen,
     pub connections: Arc<Semaphore>,
     next_session: AtomicU64,
@@ -70,6 +72,7 @@ impl Node {
             rooms: Rooms::new(store),
             history,
             receipts: Receipts::default(),
+            online: Default::default(),
             ids,
             connections,
             next_session: AtomicU64::new(1),
@@ -247,7 +250,7 @@ impl StateObserver for Observer {
 impl Node {
     /// After a room's settings changed: when it is now private, the local sessions that may no
     /// longer read it (readers of what was a public or restricted room) leave it, told `left`.
-    async fn let_readers_go(&self, room: &RoomId) {
+    async fn let_readers_go(self: &Arc<Self>, room: &RoomId) {
         let state = match self.rooms.state(room).await {
             Ok(Some(state)) if state.info.visibility == Visibility::Private => state,
             Ok(_) => return,
@@ -275,7 +278,7 @@ impl Node {
 
     /// Presence and subscription after sessions were taken out of a room (one user entry
     /// per session).
-    async fn after_eviction(&self, room: &RoomId, users: Vec<UserRef>, emptied: bool) {
+    async fn after_eviction(self: &Arc<Self>, room: &RoomId, users: Vec<UserRef>, emptied: bool) {
         if emptied {
             if let Err(e) = self.broker.unsubscribe(room).await {
                 tracing::warn!(error = %e, %room, "unsubscribe failed");
@@ -290,7 +293,7 @@ impl Node {
                 .unwrap_or(false);
         }
         if changed {
-            self.publish_online(room).await;
+            self.online_changed(room).await;
         }
     }
 }
