@@ -142,7 +142,7 @@ async fn run_session(
     }
 
     for room in std::mem::take(&mut state.rooms) {
-        commands::leave_room(&node, &state, &room).await;
+        Box::pin(commands::leave_room(&node, &state, &room)).await; // boxed: see read_loop
     }
     node.hub.unregister(&state.identity.user.id, handle.id);
     metrics::gauge!("chat_connections").decrement(1.0);
@@ -181,9 +181,7 @@ async fn read_loop<S>(
 
     if let Some(room) = auto_join {
         let span = command_span("join", Some(&room));
-        commands::join(node, state, None, room, None)
-            .instrument(span)
-            .await;
+        Box::pin(commands::join(node, state, None, room, None).instrument(span)).await;
     }
 
     let pong_tx = state.handle.clone();
@@ -245,9 +243,9 @@ async fn read_loop<S>(
                         Ok(inb) => command_span(inb.command.name(), inb.command.room()),
                         Err(_) => command_span("invalid", None),
                     };
-                    commands::handle(node, state, decoded)
-                        .instrument(span)
-                        .await;
+                    // Boxed: a command's future (joins, moderation, store calls) is many KB; inline,
+                    // every idle connection's task would carry room for it.
+                    Box::pin(commands::handle(node, state, decoded).instrument(span)).await;
                 }
             }
             OpCode::Close => return,
