@@ -108,10 +108,13 @@ pub async fn publish_and_ack(
     id: Option<MessageId>,
 ) -> Result {
     let room = ev_room(ev);
-    let p = node
-        .broker
-        .publish_stored(&room, &ev.to_json(), None)
-        .await?;
+    let frame = ev.to_json();
+    let p = node.broker.publish_stored(&room, &frame, None).await?;
+    if crate::bus::kind_of(&frame).is_some_and(|k| crate::rooms::STATE_EVENTS.contains(&k)) {
+        // Read your own writes: the event reaches this node's hub through the broker a moment
+        // later (in scaled mode), and the caller's next command must already see the change.
+        node.rooms.invalidate(&room);
+    }
     s.send(&ServerEvent::Ack {
         r#ref,
         id,
