@@ -186,6 +186,11 @@ fn event_of(cmd: Cmd) -> Option<&'static str> {
     })
 }
 
+/// Sends one setup command as the owner and returns the seq its ack carries.
+async fn setup(own: &mut Client, command: Value) -> u64 {
+    ack(&own.call(command).await)["seq"].as_u64().expect("seq")
+}
+
 /// Runs one cell on a fresh room and returns a description of any mismatch.
 async fn cell(server: &Server, n: usize, cmd: Cmd, who: Who, vis: &str) -> Option<String> {
     let room = format!("mx-{vis}-{n}");
@@ -195,23 +200,21 @@ async fn cell(server: &Server, n: usize, cmd: Cmd, who: Who, vis: &str) -> Optio
         .await);
     own.join(&room).await;
     let add = |user: &'static str, role: &'static str| json!({"type": "add_member", "room": room, "user": user, "role": role});
+    // Every setup step is a stored event; `last` is the highest seq among them.
+    let mut last = 0;
     let (a, t) = (add("adm", "admin"), add("tgt", "member"));
-    ack(&own.call(a).await);
-    ack(&own.call(t).await);
+    last = last.max(setup(&mut own, a).await);
+    last = last.max(setup(&mut own, t).await);
     match who {
-        Who::Member => {
-            ack(&own.call(add("mem", "member")).await);
-        }
+        Who::Member => last = last.max(setup(&mut own, add("mem", "member")).await),
         Who::Muted => {
-            ack(&own.call(add("mut", "member")).await);
-            ack(&own
-                .call(json!({"type": "mute", "room": room, "user": "mut"}))
-                .await);
+            last = last.max(setup(&mut own, add("mut", "member")).await);
+            let mute = json!({"type": "mute", "room": room, "user": "mut"});
+            last = last.max(setup(&mut own, mute).await);
         }
         Who::Banned => {
-            ack(&own
-                .call(json!({"type": "ban", "room": room, "user": "bnd"}))
-                .await);
+            let ban = json!({"type": "ban", "room": room, "user": "bnd"});
+            last = last.max(setup(&mut own, ban).await);
         }
         _ => {}
     }
@@ -222,30 +225,36 @@ async fn cell(server: &Server, n: usize, cmd: Cmd, who: Who, vis: &str) -> Optio
         Cmd::DeleteOthers => {
             let mut t = Client::connect(server, "tgt").await;
             t.join(&room).await;
-            msg_id = t.say(&room, "by tgt").await["id"].clone();
+            let said = t.say(&room, "by tgt").await;
+            msg_id = said["id"].clone();
+            last = last.max(said["seq"].as_u64().expect("seq"));
             tgt_client = Some(t);
         }
-        Cmd::Pin => msg_id = own.say(&room, "pin me").await["id"].clone(),
-        Cmd::Unpin => {
-            msg_id = own.say(&room, "pinned").await["id"].clone();
-            ack(&own
-                .call(json!({"type": "pin", "room": room, "id": msg_id}))
-                .await);
+        Cmd::Pin | Cmd::Unpin => {
+            let said = own.say(&room, "pin me").await;
+            msg_id = said["id"].clone();
+            last = last.max(said["seq"].as_u64().expect("seq"));
+            if cmd == Cmd::Unpin {
+                let pin = json!({"type": "pin", "room": room, "id": msg_id});
+                last = last.max(setup(&mut own, pin).await);
+            }
         }
         Cmd::Unban => {
-            ack(&own
-                .call(json!({"type": "ban", "room": room, "user": "tgt"}))
-                .await);
+            let ban = json!({"type": "ban", "room": room, "user": "tgt"});
+            last = last.max(setup(&mut own, ban).await);
         }
         Cmd::Unmute => {
-            ack(&own
-                .call(json!({"type": "mute", "room": room, "user": "tgt"}))
-                .await);
+            let mute = json!({"type": "mute", "room": room, "user": "tgt"});
+            last = last.max(setup(&mut own, mute).await);
         }
         _ => {}
     }
-    // forget the setup's events: the owner's connection now watches for the command's
-    own.assert_none_before_pong(|_| false).await;
+    // Forget the setup's events: the owner's connection now watches for the command's. The
+    // events are awaited, not a ping: in scaled mode they come back through Redis, after the
+    // acks, so a pong can overtake them.
+    let room_id = room.clone();
+    own.skip_until(move |f| f["room"] == json!(room_id) && f["seq"].as_u64() == Some(last))
+        .await;
     // the acting connection; the owner's own connection watches the room
     let user = user_of(who);
     let fresh = who != Who::Owner || cmd == Cmd::Join;

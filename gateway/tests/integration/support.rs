@@ -249,6 +249,13 @@ impl Client {
         }
     }
 
+    /// Waits for a frame matching `pred` and discards everything received before it.
+    pub async fn skip_until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let v = self.recv_where(&pred).await;
+        self.pending.clear();
+        v
+    }
+
     /// Sends a command with a ref and returns the answer carrying that ref.
     pub async fn call(&mut self, mut v: Value) -> Value {
         let r = format!("r{}", rand_u64());
