@@ -14,7 +14,7 @@
 import { WebSocket } from 'k6/experimental/websockets';
 import { setInterval, clearInterval, setTimeout } from 'k6/timers';
 import { Counter, Rate } from 'k6/metrics';
-import { envInt, envStr, parse, token, wsUrl } from './lib/chat.js';
+import { envInt, envStr, parse, roomSeq, token, wsUrl } from './lib/chat.js';
 
 const SENDERS = envInt('SENDERS', 1);
 const RATE = envInt('RATE', 5);
@@ -100,14 +100,15 @@ export function reader(data) {
         const join = { type: 'join', room: data.room, ref: 'join' };
         if (rejoining) join.since = lastSeq;
         ws.send(JSON.stringify(join));
-      } else if (f.type === 'message' && f.room === data.room) {
-        // Replayed messages arrive before `joined`, live ones after; both advance lastSeq.
+      } else if (roomSeq(f, data.room) !== null) {
+        // Replayed events arrive before `joined`, live ones after; both advance lastSeq. Every
+        // stored event counts (the seq numbers them all), messages are also counted received.
         if (lastSeq !== null && f.seq <= lastSeq) {
           dups.add(1);
         } else {
           if (lastSeq !== null && f.seq > lastSeq + 1) gaps.add(f.seq - lastSeq - 1);
           lastSeq = f.seq;
-          received.add(1);
+          if (f.type === 'message') received.add(1);
         }
       } else if (f.type === 'joined') {
         isJoined = true;

@@ -58,3 +58,15 @@ export function parse(data) {
     return null;
   }
 }
+
+/** Frames that carry a seq but are not room events: answers and read markers. */
+const NOT_ROOM_EVENTS = new Set(['joined', 'ack', 'receipt', 'error']);
+
+/**
+ * The room seq a frame holds when it is a stored room event of `room` (a message, an edit, a
+ * pin, `room_created`, a moderation event…), else null. Gap checks must follow every stored
+ * event, not only messages: the seq counts them all.
+ */
+export function roomSeq(f, room) {
+  return f.room === room && typeof f.seq === 'number' && !NOT_ROOM_EVENTS.has(f.type) ? f.seq : null;
+}
