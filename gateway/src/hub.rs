@@ -14,20 +14,14 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use bytes::Bytes;
 use proto::errors::close;
 use proto::{RoomId, UserRef};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
+
+pub use crate::outbox::Outbound;
+use crate::outbox::Outbox;
 
 const SHARDS: usize = 64;
 
 pub type SessionId = u64;
-
-/// What a session's writer sends.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A text frame, shared by every recipient.
-    Text(Bytes),
-    /// A pong answering the client's ping.
-    Pong(Bytes),
-}
 
 /// Asks a session to close with a code; the writer acts on it even when the queue is full.
 #[derive(Debug, Default)]
@@ -77,7 +71,7 @@ pub struct SessionHandle {
     pub user: Arc<UserRef>,
     /// The token made this user a global admin (reads every room).
     pub global_admin: bool,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Arc<Outbox>,
     kill: Arc<Kill>,
 }
 
@@ -86,14 +80,14 @@ impl SessionHandle {
         id: SessionId,
         user: Arc<UserRef>,
         global_admin: bool,
-        tx: mpsc::Sender<Outbound>,
+        outbox: Arc<Outbox>,
         kill: Arc<Kill>,
     ) -> Self {
         Self {
             id,
             user,
             global_admin,
-            tx,
+            outbox,
             kill,
         }
     }
@@ -105,15 +99,11 @@ impl SessionHandle {
 
     /// Queues any outbound item, with the same slow-consumer rule.
     pub fn send_control(&self, out: Outbound) {
-        match self.tx.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.kill.code().is_none() {
-                    metrics::counter!("chat_slow_consumer_closes_total").increment(1);
-                }
-                self.kill.close(close::SLOW_CONSUMER);
+        if self.outbox.push(out).is_err() {
+            if self.kill.code().is_none() {
+                metrics::counter!("chat_slow_consumer_closes_total").increment(1);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            self.kill.close(close::SLOW_CONSUMER);
         }
     }
 
@@ -123,7 +113,7 @@ impl SessionHandle {
 
     /// Frames waiting in this session's outbound queue.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.outbox.len()
     }
 }
 
@@ -539,18 +529,18 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn session(
-        id: u64,
-        user: &str,
-        cap: usize,
-    ) -> (SessionHandle, mpsc::Receiver<Outbound>, Arc<Kill>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn session(id: u64, user: &str, cap: usize) -> (SessionHandle, Arc<Outbox>, Arc<Kill>) {
+        let rx = Arc::new(Outbox::new(cap));
         let kill = Arc::new(Kill::default());
         let u = Arc::new(UserRef {
             id: user.into(),
             name: user.into(),
         });
-        (SessionHandle::new(id, u, false, tx, kill.clone()), rx, kill)
+        (
+            SessionHandle::new(id, u, false, rx.clone(), kill.clone()),
+            rx,
+            kill,
+        )
     }
 
     fn text(o: Outbound) -> Bytes {
@@ -564,18 +554,18 @@ mod tests {
     fn held_events_are_filtered_by_seq_and_kept_in_order() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (h, mut rx, _) = session(1, "a", 16);
+        let (h, rx, _) = session(1, "a", 16);
         hub.add(&room, h);
         for (seq, body) in [(4u64, "4"), (0, "typing"), (5, "5"), (6, "6")] {
             hub.deliver(&room, seq, &Bytes::from(body), None);
         }
-        assert!(rx.try_recv().is_err(), "nothing passes while holding");
+        assert!(rx.try_pop().is_none(), "nothing passes while holding");
         hub.seen_up_to(&room, 1, 5);
         hub.release(&room, 1);
-        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv().ok().map(text)).collect();
+        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_pop().map(text)).collect();
         assert_eq!(got, vec![Bytes::from("typing"), Bytes::from("6")]);
         hub.deliver(&room, 7, &Bytes::from("7"), None);
-        assert_eq!(text(rx.try_recv().unwrap()), Bytes::from("7"));
+        assert_eq!(text(rx.try_pop().unwrap()), Bytes::from("7"));
     }
 
     #[test]
@@ -583,7 +573,7 @@ mod tests {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
         let (slow, _slow_rx, slow_kill) = session(1, "slow", 2);
-        let (fast, mut fast_rx, fast_kill) = session(2, "fast", 64);
+        let (fast, fast_rx, fast_kill) = session(2, "fast", 64);
         for h in [slow, fast] {
             hub.add(&room, h.clone());
             hub.seen_up_to(&room, h.id, 0);
@@ -594,22 +584,22 @@ mod tests {
         }
         assert_eq!(slow_kill.code(), Some(close::SLOW_CONSUMER));
         assert_eq!(fast_kill.code(), None);
-        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 10);
+        assert_eq!(std::iter::from_fn(|| fast_rx.try_pop()).count(), 10);
     }
 
     #[test]
     fn except_user_and_last_member() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (a, mut arx, _) = session(1, "a", 8);
-        let (b, mut brx, _) = session(2, "b", 8);
+        let (a, arx, _) = session(1, "a", 8);
+        let (b, brx, _) = session(2, "b", 8);
         hub.add(&room, a);
         hub.add(&room, b);
         hub.release(&room, 1);
         hub.release(&room, 2);
         assert_eq!(hub.deliver(&room, 0, &Bytes::from("t"), Some("a")), 1);
-        assert!(arx.try_recv().is_err());
-        assert!(brx.try_recv().is_ok());
+        assert!(arx.try_pop().is_none());
+        assert!(brx.try_pop().is_some());
         assert_eq!(hub.local_users(&room).len(), 2);
         assert!(!hub.remove(&room, 1));
         assert!(hub.remove(&room, 2));
@@ -620,8 +610,8 @@ mod tests {
     fn a_redelivered_range_reaches_each_session_once() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (a, mut arx, _) = session(1, "a", 16);
-        let (b, mut brx, _) = session(2, "b", 16);
+        let (a, arx, _) = session(1, "a", 16);
+        let (b, brx, _) = session(2, "b", 16);
         hub.add(&room, a);
         hub.add(&room, b);
         assert_eq!(hub.lowest_seen(&room), None, "nobody has read the seq yet");
@@ -635,8 +625,8 @@ mod tests {
             hub.deliver(&room, seq, &Bytes::from(seq.to_string()), None);
         }
         hub.deliver(&room, 5, &Bytes::from("5"), None);
-        let a_got: Vec<Bytes> = std::iter::from_fn(|| arx.try_recv().ok().map(text)).collect();
-        let b_got: Vec<Bytes> = std::iter::from_fn(|| brx.try_recv().ok().map(text)).collect();
+        let a_got: Vec<Bytes> = std::iter::from_fn(|| arx.try_pop().map(text)).collect();
+        let b_got: Vec<Bytes> = std::iter::from_fn(|| brx.try_pop().map(text)).collect();
         assert_eq!(
             a_got,
             vec![Bytes::from("4"), Bytes::from("5"), Bytes::from("6")]

@@ -27,6 +27,7 @@ pub mod hub;
 pub mod moderation;
 pub mod node;
 pub mod online;
+pub mod outbox;
 pub mod persist;
 pub mod reassembly;
 pub mod receipts;

@@ -7,21 +7,22 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use proto::auth::Identity;
 use proto::errors::close;
 use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::commands;
-use crate::hub::{Kill, Outbound, SessionHandle};
+use crate::hub::{Kill, SessionHandle};
 use crate::node::Node;
+use crate::outbox::{Outbound, Outbox};
 use crate::reassembly::Reassembly;
-use crate::writer::{self, Coalesce, LastSeen};
+use crate::writer::{self, LastSeen};
 
 /// How long a closing session waits for its writer (queued frames, then the close frame).
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -79,13 +80,13 @@ async fn run_session(
     id: u64,
 ) {
     let started = tokio::time::Instant::now();
-    let (tx, rx) = mpsc::channel(node.config.outbound_queue);
+    let outbox = Arc::new(Outbox::new(node.config.outbound_queue));
     let kill = Arc::new(Kill::default());
     let handle = SessionHandle::new(
         id,
         Arc::new(identity.user.clone()),
         identity.admin,
-        tx,
+        outbox.clone(),
         kill.clone(),
     );
     node.hub.register(handle.clone());
@@ -108,16 +109,16 @@ async fn run_session(
         limits: node.limits(),
     });
 
-    let (read, write) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, Coalesce::new(w))
-    });
+    // fastwebsockets reads frames; the writer encodes its own (see `writer`), so the write half
+    // is the raw socket half and fastwebsockets' own write half (on a sink) is never used.
+    let (r, w) = tokio::io::split(ws.into_inner());
+    let (read, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
     let last_seen: LastSeen = Default::default();
     let heartbeat = node.config.heartbeat();
     {
         let writer = writer::run(
-            write,
-            rx,
+            w,
+            &outbox,
             kill.clone(),
             heartbeat,
             last_seen.clone(),

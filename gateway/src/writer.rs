@@ -1,125 +1,87 @@
-//! The writer half of a session: drains the bounded outbound queue to the socket, coalescing
-//! whatever is queued into one write, sends heartbeat pings, and closes with the code a
+//! The writer half of a session: drains the bounded outbound queue to the socket, writing
+//! whatever is queued in one syscall, sends heartbeat pings, and closes with the code a
 //! [`Kill`] asks for.
+//!
+//! Frames are encoded here, synchronously, with fastwebsockets' own head encoder
+//! ([`Frame::fmt_head`]) into one buffer per write, instead of through its `WebSocketWrite`:
+//! server frames are never masked, so encoding is a head and a copy, and the session's task
+//! then holds no write-side state between writes (no per-frame write future, no buffer kept
+//! at the size of the largest burst). Reading stays fastwebsockets' (see `session`).
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
-use tokio::io::AsyncWrite;
-use tokio::sync::mpsc;
+use fastwebsockets::{Frame, OpCode, Payload};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::hub::{Kill, Outbound};
+use crate::hub::Kill;
+use crate::outbox::{Outbound, Outbox};
 
-/// Frames written per flush at most.
+/// Frames written per syscall at most.
 const BATCH: usize = 64;
-/// Buffer capacity kept between bursts; a larger one is released so idle sessions stay small.
-const KEEP_CAPACITY: usize = 16 * 1024;
-
-/// Buffers writes until flush, then hands them to the socket in one go. Allocates only while
-/// there is something to write.
-pub struct Coalesce<W> {
-    inner: W,
-    buf: Vec<u8>,
-    written: usize,
-}
-
-impl<W> Coalesce<W> {
-    pub fn new(inner: W) -> Self {
-        Self {
-            inner,
-            buf: Vec::new(),
-            written: 0,
-        }
-    }
-}
-
-impl<W: AsyncWrite + Unpin> AsyncWrite for Coalesce<W> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while this.written < this.buf.len() {
-            let n = std::task::ready!(
-                Pin::new(&mut this.inner).poll_write(cx, &this.buf[this.written..])
-            )?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            this.written += n;
-        }
-        this.buf.clear();
-        this.written = 0;
-        if this.buf.capacity() > KEEP_CAPACITY {
-            this.buf = Vec::new();
-        }
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::task::ready!(self.as_mut().poll_flush(cx))?;
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+/// The longest frame head: 2 bytes, a 64-bit length, and a mask (never set by a server).
+const MAX_HEAD: usize = 14;
 
 /// Milliseconds since the session started when the client last sent anything.
 pub type LastSeen = Arc<AtomicU64>;
 
-/// Runs until the queue closes, the socket fails, or a close is requested. Returns the close
-/// code sent, if any.
+/// Appends one frame, as it goes on the wire, to `buf`.
+pub fn encode(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
+    let mut head = [0u8; MAX_HEAD];
+    let n = frame.fmt_head(&mut head);
+    buf.extend_from_slice(&head[..n]);
+    buf.extend_from_slice(&frame.payload);
+}
+
+async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, buf: &[u8]) -> std::io::Result<()> {
+    io.write_all(buf).await?;
+    io.flush().await
+}
+
+/// Runs until the socket fails or a close is requested. Returns the close code sent, if any.
 pub async fn run<W: AsyncWrite + Unpin>(
-    mut ws: WebSocketWrite<Coalesce<W>>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut io: W,
+    outbox: &Outbox,
     kill: Arc<Kill>,
     heartbeat: Duration,
     last_seen: LastSeen,
     started: tokio::time::Instant,
 ) -> Option<u16> {
-    ws.set_writev(false); // everything goes through the coalescing buffer
     let mut ping = tokio::time::interval_at(started + heartbeat, heartbeat);
-    let mut batch = Vec::with_capacity(BATCH);
     // Handles looked up once per session: recording is then a couple of atomic operations.
     let frames_out = metrics::counter!("chat_frames_out_total");
     let queue_depth = metrics::histogram!("chat_outbound_queue_depth");
     loop {
+        // Allocated per write and dropped after it: an idle session holds no buffer.
+        let mut buf = Vec::new();
         tokio::select! {
             biased;
             code = kill.wait() => {
-                let _ = ws.write_frame(Frame::close(code, close_reason(code).as_bytes())).await;
-                let _ = ws.flush().await;
+                encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
+                let _ = write_out(&mut io, &buf).await;
                 return Some(code);
             }
-            n = rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    return None;
-                }
-                frames_out.increment(n as u64);
-                // Sampled once per batch: what was queued when the writer woke up.
-                queue_depth.record((n + rx.len()) as f64);
-                for out in batch.drain(..) {
+            first = outbox.pop() => {
+                // Sampled once per wake-up: what was queued when the writer woke up.
+                queue_depth.record((1 + outbox.len()) as f64);
+                let mut next = Some(first);
+                let mut n = 0;
+                while let Some(out) = next.take() {
                     if kill.code().is_some() {
                         break; // the close frame goes next, not the rest of the batch
                     }
-                    let frame = match &out {
+                    encode(&mut buf, match &out {
                         Outbound::Text(b) => Frame::text(Payload::Borrowed(b)),
                         Outbound::Pong(b) => Frame::pong(Payload::Borrowed(b)),
-                    };
-                    if ws.write_frame(frame).await.is_err() {
-                        return None;
+                    });
+                    n += 1;
+                    if n < BATCH {
+                        next = outbox.try_pop();
                     }
                 }
-                if ws.flush().await.is_err() {
+                frames_out.increment(n as u64);
+                if write_out(&mut io, &buf).await.is_err() {
                     return None;
                 }
             }
@@ -129,8 +91,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     kill.close(1001);
                     continue;
                 }
-                let ok = ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb"))).await.is_ok();
-                if !ok || ws.flush().await.is_err() {
+                encode(&mut buf, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb")));
+                if write_out(&mut io, &buf).await.is_err() {
                     return None;
                 }
             }
@@ -149,5 +111,44 @@ fn close_reason(code: u16) -> &'static str {
         1001 => "idle timeout",
         1007 => "invalid utf-8",
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 6455 §5.2 by hand: FIN + opcode, then a 7-bit, 16-bit or 64-bit length, no mask.
+    fn expected(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => v.push(n as u8),
+            n if n < 65536 => {
+                v.push(126);
+                v.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                v.push(127);
+                v.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn frames_are_encoded_as_the_rfc_says_at_every_length_boundary() {
+        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
+            let payload = vec![b'x'; len];
+            let mut buf = Vec::new();
+            encode(&mut buf, Frame::text(Payload::Borrowed(&payload)));
+            assert_eq!(buf, expected(0x1, &payload), "text of {len} bytes");
+        }
+        let mut buf = Vec::new();
+        encode(&mut buf, Frame::pong(Payload::Borrowed(b"p")));
+        encode(&mut buf, Frame::close(1013, b"client too slow"));
+        let mut want = expected(0xA, b"p");
+        want.extend(expected(0x8, b"\x03\xf5client too slow"));
+        assert_eq!(buf, want, "frames appended back to back");
     }
 }
