@@ -15,7 +15,7 @@ use proto::rooms::{Role, RoomInfo, Visibility};
 use crate::broker::{Broker, BrokerError, Dedupe, Published};
 use crate::moderation::{self, state_of};
 use crate::node::Node;
-use crate::rooms::Access;
+use crate::rooms::{Access, MemberChange};
 use crate::session::SessionState;
 
 /// `client_msg_id` longer than this is refused.
@@ -121,7 +121,8 @@ async fn run(
                         .store()
                         .remove_member(&room, &s.user().id)
                         .await?;
-                    node.membership_changed(&room).await;
+                    let change = MemberChange::Removed(s.user().id.clone());
+                    node.membership_changed(&room, change).await;
                 }
             }
             s.rooms.remove(&room);
@@ -493,12 +494,14 @@ async fn try_join(
         }
         let r = role.unwrap_or(Role::Member);
         node.rooms.store().put_member(room, s.user(), r).await?;
-        node.membership_changed(room).await;
+        node.membership_changed(room, MemberChange::Put(s.user().clone(), r))
+            .await;
         role = Some(r);
     } else if stale_name {
         if let Some(r) = role {
             node.rooms.store().put_member(room, s.user(), r).await?;
-            node.membership_changed(room).await;
+            node.membership_changed(room, MemberChange::Put(s.user().clone(), r))
+                .await;
         }
     }
     let info = state.info.clone();

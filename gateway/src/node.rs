@@ -20,7 +20,7 @@ use crate::broker::{AnyBroker, Broker};
 use crate::config::Config;
 use crate::hub::{Hub, StateObserver};
 use crate::receipts::Receipts;
-use crate::rooms::Rooms;
+use crate::rooms::{MemberChange, Rooms};
 
 /// How long a `typing` lasts without a repeat.
 pub const TYPING_TTL: Duration = Duration::from_secs(5);
@@ -116,14 +116,17 @@ impl Node {
         !self.is_draining() && self.broker.healthy()
     }
 
-    /// A membership changed without a room event (someone joined or left a public room): this
-    /// node and every other drop their cached state of the room. Best effort: a node that
-    /// misses it holds a stale member list until the room's next state event, and moderation
-    /// reads fresh state anyway.
-    pub async fn membership_changed(&self, room: &RoomId) {
-        self.rooms.invalidate(room);
+    /// A membership changed without a room event (someone joined or left a public room, after
+    /// the store has it): this node updates its cached state in place, every other node drops
+    /// its cached state of the room. The announcement names this node (its worker id) so that
+    /// it does not drop its own, just-updated copy when the announcement comes back. Best
+    /// effort: a node that misses it holds a stale member list until the room's next state
+    /// event, and moderation reads fresh state anyway.
+    pub async fn membership_changed(&self, room: &RoomId, change: MemberChange) {
+        self.rooms.apply_member(room, &change);
         let target = proto::envelope::NodeTarget::RoomState(room.as_str());
-        if let Err(e) = self.broker.publish_node(target, Bytes::new()).await {
+        let origin = Bytes::from(self.broker.worker_id().to_string());
+        if let Err(e) = self.broker.publish_node(target, origin).await {
             tracing::warn!(error = %e, %room, "could not announce a membership change");
         }
     }

@@ -15,7 +15,7 @@ use history_service::store::{Ban, RoomState};
 use history_service::{AnyStore, Store, StoreError};
 use proto::auth::Identity;
 use proto::rooms::{MemberInfo, Role, RoomInfo, Visibility};
-use proto::{RoomId, Timestamp};
+use proto::{RoomId, Timestamp, UserRef};
 
 /// Cached rooms at most; past it the cache is emptied (cheap, always correct: entries reload).
 const MAX_CACHED: usize = 10_000;
@@ -33,6 +33,15 @@ pub const STATE_EVENTS: &[&str] = &[
     "muted",
     "unmuted",
 ];
+
+/// A membership change that has no room event of its own (a public join or leave).
+#[derive(Clone, Debug)]
+pub enum MemberChange {
+    /// Added, or its name or role changed.
+    Put(UserRef, Role),
+    /// Removed (the user id).
+    Removed(String),
+}
 
 pub struct Rooms {
     store: Arc<AnyStore>,
@@ -73,6 +82,38 @@ impl Rooms {
             cache.insert(room.clone(), state.clone());
         }
         Ok(Some(state))
+    }
+
+    /// Applies a membership change this node just stored to its cached state, in place: a
+    /// join storm into a public room then costs no reload of the whole member list per join.
+    /// Like an invalidation it bumps the generation, so a load that read the store before the
+    /// change does not put its older copy in the cache.
+    pub fn apply_member(&self, room: &RoomId, change: &MemberChange) {
+        let mut cache = self.cache.lock().expect("rooms lock");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let Some(state) = cache.get_mut(room) else {
+            return;
+        };
+        // Copy-on-write: a command holding the old state keeps a consistent one.
+        let members = &mut Arc::make_mut(state).members;
+        match change {
+            // As the stores do: a member's name and role change, the mute and join time stay.
+            MemberChange::Put(user, role) => {
+                match members.iter_mut().find(|x| x.user.id == user.id) {
+                    Some(x) => {
+                        x.user = user.clone();
+                        x.role = *role;
+                    }
+                    None => members.push(MemberInfo {
+                        user: user.clone(),
+                        role: *role,
+                        muted_until: None,
+                        joined_at: Timestamp::now(),
+                    }),
+                }
+            }
+            MemberChange::Removed(user) => members.retain(|x| &x.user.id != user),
+        }
     }
 
     /// Forgets a room's cached state (its state changed).

@@ -182,11 +182,8 @@ impl Broker for MemoryBroker {
         match target {
             NodeTarget::All => self.hub.deliver_all(&frame),
             NodeTarget::User(u) => self.hub.deliver_user(u, &frame),
-            NodeTarget::RoomState(r) => {
-                if let Ok(room) = RoomId::new(r) {
-                    self.hub.state_changed(&room);
-                }
-            }
+            // One node: the announcing node is this one, and it updated its own cache.
+            NodeTarget::RoomState(_) => {}
         }
         Ok(())
     }

@@ -699,8 +699,10 @@ async fn subscriber(
                         match NodeMessage::decode(payload) {
                             Some(NodeMessage { target: NodeTarget::All, frame }) => hub.deliver_all(&Bytes::copy_from_slice(frame)),
                             Some(NodeMessage { target: NodeTarget::User(u), frame }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
-                            Some(NodeMessage { target: NodeTarget::RoomState(r), .. }) => {
-                                if let Ok(room) = RoomId::new(r) {
+                            Some(NodeMessage { target: NodeTarget::RoomState(r), frame }) => {
+                                // The frame names the announcing node; it updated its own cache.
+                                let own = broker.upgrade().is_some_and(|b| frame == b.worker.to_string().as_bytes());
+                                if let (false, Ok(room)) = (own, RoomId::new(r)) {
                                     hub.state_changed(&room);
                                 }
                             }

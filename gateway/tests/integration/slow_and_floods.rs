@@ -58,11 +58,30 @@ async fn a_client_that_never_reads_is_closed_1013_and_others_keep_receiving() {
         }
         got
     };
-    let ((), got) = tokio::join!(send_all, read_all);
-    assert_eq!(got, N, "the reading client got every message");
-    // the slow client was told why: read the rest of its socket up to the close frame
+    // The slow client is told why: once the server has counted it as a slow consumer, it
+    // reads its socket up to the close frame, while the others still talk (a session waits
+    // only so long for a client to take its close frame).
     let mut slow = Client::from_ws(slow_ws, "slow");
-    assert_eq!(slow.expect_close().await, 1013);
+    let slow_close = async {
+        // as long as the whole send may take (the cut-off comes about two thirds through)
+        let deadline = tokio::time::Instant::now() + 6 * WAIT;
+        while slow_consumer_closes(&server).await == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slow client was never cut off"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slow.expect_close().await
+    };
+    let ((), got, code) = tokio::join!(send_all, read_all, slow_close);
+    assert_eq!(got, N, "the reading client got every message");
+    assert_eq!(code, 1013);
+    server.stop().await;
+}
+
+/// `chat_slow_consumer_closes_total` as the server's metrics show it (0 before the first).
+async fn slow_consumer_closes(server: &Server) -> u64 {
     let metrics = http()
         .get(server.url("/metrics"))
         .send()
@@ -71,11 +90,10 @@ async fn a_client_that_never_reads_is_closed_1013_and_others_keep_receiving() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("chat_slow_consumer_closes_total"),
-        "counted in metrics"
-    );
-    server.stop().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chat_slow_consumer_closes_total "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 
 #[tokio::test]
