@@ -73,7 +73,7 @@ elif 'steps' in d:
     s = ", ".join(f"{x['target_rate']:.0f}/s:{'ok' if x['passed'] else 'FAIL'}(p99 {x['latency_ms'].get('p99')} ms, {x['delivered_ratio']})" for x in d['steps'])
     print(f"{n}: highest sustainable {d['highest_sustainable_rate']} msg/s ({d['connections']} conns): {s}")
 elif 'server_bytes_per_connection' in d:
-    print(f"{n}: {d['opened']}/{d['connections']} open, server {d['server_bytes_per_connection']} B/conn")
+    print(f"{n}: {d['opened']}/{d['connections']} open, server {d['server_bytes_per_connection']} B/conn overall, {d.get('server_marginal_bytes_per_connection')} B/conn marginal (second half)")
 elif 'connects_per_s' in d:
     print(f"{n}: {d['opened']}/{d['connections']} in {d['secs']} s = {d['connects_per_s']}/s, {lat(d['latency_ms'])}")
 elif 'append' in d:

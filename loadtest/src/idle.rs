@@ -184,22 +184,55 @@ pub async fn idle(common: &Common, a: &IdleArgs) -> Result<Value> {
     let before = stats::sample_all(&common.server_pid);
     let me_before = stats::sample("self");
 
-    let opened = open_many(common, &eps, &tokens, a.connections, |i| {
-        (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, i % a.rooms))
-    })
-    .await;
-    let ok = opened.conns.len();
-    // Hold them: each task reads (the server's pings are answered by the websocket layer).
+    // Two halves, the server's RSS sampled after each: the second half's growth is the
+    // marginal cost of a connection, free of the one-off growth the first connections cause
+    // (allocator arenas, tables sized up, lazily built state).
     let (stop_tx, stop_rx) = watch::channel(false);
     let target = common.target;
-    let tasks: Vec<_> = opened
-        .conns
-        .into_iter()
-        .map(|(_, ws)| tokio::spawn(hold(ws, target, stop_rx.clone())))
-        .collect();
-    tokio::time::sleep(Duration::from_secs(a.hold)).await;
+    let mut tasks = Vec::new();
+    let mut ok = 0;
+    let mut failures = 0;
+    let mut first_error = None;
+    let mut connect_secs = 0.0;
+    let mut mid = Vec::new();
+    let halves = [a.connections / 2, a.connections - a.connections / 2];
+    for (h, n) in halves.into_iter().enumerate() {
+        // distinct users per half: the gateway caps connections per user
+        let half_common = Common {
+            user_prefix: format!("{}h{h}-", common.user_prefix),
+            ..common.clone()
+        };
+        let offset = h * halves[0];
+        let opened = open_many(&half_common, &eps, &tokens, n, |i| {
+            (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, (offset + i) % a.rooms))
+        })
+        .await;
+        ok += opened.conns.len();
+        failures += opened.failures;
+        first_error = first_error.or(opened.first_error);
+        connect_secs += opened.secs;
+        // Hold them: each task reads (the server's pings are answered by the websocket layer).
+        tasks.extend(
+            opened
+                .conns
+                .into_iter()
+                .map(|(_, ws)| tokio::spawn(hold(ws, target, stop_rx.clone()))),
+        );
+        tokio::time::sleep(Duration::from_secs(a.hold)).await;
+        if h == 0 {
+            mid = stats::sample_all(&common.server_pid);
+        }
+    }
+    let second_half = ok.saturating_sub(halves[0]);
     let after = stats::sample_all(&common.server_pid);
     let me_after = stats::sample("self");
+    let marginal_kb: i64 = mid
+        .iter()
+        .zip(&after)
+        .filter_map(|((_, m), (_, af))| {
+            Some(af.as_ref()?.rss_kb as i64 - m.as_ref()?.rss_kb as i64)
+        })
+        .sum();
 
     let mut per = serde_json::Map::new();
     let mut total_delta_kb: i64 = 0;
@@ -224,13 +257,14 @@ pub async fn idle(common: &Common, a: &IdleArgs) -> Result<Value> {
         "connections": a.connections,
         "opened": ok,
         "still_open_at_sample": still_open,
-        "failures": opened.failures,
-        "first_error": opened.first_error,
+        "failures": failures,
+        "first_error": first_error,
         "rooms": a.rooms,
-        "connect_secs": (opened.secs * 1000.0).round() / 1000.0,
+        "connect_secs": (connect_secs * 1000.0).round() / 1000.0,
         "server": per,
         "server_rss_delta_kb": total_delta_kb,
         "server_bytes_per_connection": if ok > 0 { Some(total_delta_kb * 1024 / ok as i64) } else { None },
+        "server_marginal_bytes_per_connection": if second_half > 0 { Some(marginal_kb * 1024 / second_half as i64) } else { None },
         "loadgen_rss_kb": me_after.map(|m| m.rss_kb),
         "loadgen_bytes_per_connection": match (me_before, me_after) {
             (Some(b), Some(af)) if ok > 0 => Some((af.rss_kb as i64 - b.rss_kb as i64) * 1024 / ok as i64),
