@@ -197,7 +197,16 @@ fn upgrade(
     };
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => session::run(node, ws, identity, room, permit).await,
+            // Its own task: the session's future is all an idle connection keeps.
+            Ok(ws) => {
+                tokio::spawn(session::run(Box::new(session::Start {
+                    node,
+                    ws,
+                    identity,
+                    auto_join: room,
+                    permit,
+                })));
+            }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });

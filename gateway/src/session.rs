@@ -50,35 +50,40 @@ impl SessionState {
     }
 }
 
-/// Runs a session to its end. `permit` holds this connection's place under the node's limit.
-/// The whole session is one `connect` span.
-pub async fn run(
-    node: Arc<Node>,
-    ws: WebSocket<TokioIo<Upgraded>>,
-    identity: Identity,
-    auto_join: Option<RoomId>,
-    permit: OwnedSemaphorePermit,
-) {
-    let id = node.next_session_id();
+/// What a session starts from: the upgraded socket, who is on it, and its place under the
+/// node's connection limit (held for the session's life).
+pub struct Start {
+    pub node: Arc<Node>,
+    pub ws: WebSocket<TokioIo<Upgraded>>,
+    pub identity: Identity,
+    pub auto_join: Option<RoomId>,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Runs a session to its end, as one `connect` span. Spawn it as its own task.
+///
+/// Everything arrives in one box that the session unpacks at once: a future keeps room for
+/// its arguments for its whole life, and this one lives as long as the connection, times
+/// every idle connection of the node.
+pub fn run(start: Box<Start>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let id = start.node.next_session_id();
     let span = tracing::info_span!(
         "connect",
         otel.kind = "server",
-        user = %identity.user.id,
+        user = %start.identity.user.id,
         session = id,
     );
-    run_session(node, ws, identity, auto_join, permit, id)
-        .instrument(span)
-        .await
+    run_session(start, id).instrument(span)
 }
 
-async fn run_session(
-    node: Arc<Node>,
-    ws: WebSocket<TokioIo<Upgraded>>,
-    identity: Identity,
-    auto_join: Option<RoomId>,
-    _permit: OwnedSemaphorePermit,
-    id: u64,
-) {
+async fn run_session(start: Box<Start>, id: u64) {
+    let Start {
+        node,
+        ws,
+        identity,
+        auto_join,
+        permit: _permit,
+    } = *start;
     let started = tokio::time::Instant::now();
     let outbox = Arc::new(Outbox::new(node.config.outbound_queue));
     let kill = Arc::new(Kill::default());
@@ -157,7 +162,11 @@ async fn drain_when_told(node: &Node, handle: &SessionHandle) {
         let window_ms = node.config.drain_seconds * 1000 * 3 / 4;
         let after_ms = rand::random_range(0..=window_ms);
         handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
-        tokio::time::sleep(std::time::Duration::from_millis(after_ms)).await;
+        // Boxed: only a draining session needs room for the timer.
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(
+            after_ms,
+        )))
+        .await;
         handle.close(close::RESTARTING);
     }
     std::future::pending::<()>().await
