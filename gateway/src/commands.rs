@@ -506,11 +506,8 @@ async fn try_join(
     }
     let info = state.info.clone();
     let store = node.rooms.store();
-    let (pins, markers) = tokio::try_join!(store.pins(room), store.markers(room))?;
-    let marker = markers
-        .iter()
-        .find(|m| m.user == s.user().id)
-        .map_or(0, |m| m.seq);
+    let (pins, marker) = tokio::try_join!(store.pins(room), store.marker(room, &s.user().id))?;
+    let marker = marker.unwrap_or(0);
 
     node.hub.add(room, s.handle.clone());
     // Every joiner waits for the subscription, not only the room's first local session: a
@@ -622,17 +619,14 @@ pub async fn list_rooms(node: &Node, who: &proto::auth::Identity) -> Result<Vec<
         .map_err(|e| CommandError::new(e.code, e.message))?;
     let store = node.rooms.store();
     for r in &mut rooms {
-        let (online, markers, log) = tokio::join!(
+        let (online, marker, log) = tokio::join!(
             node.broker.presence(&r.id),
-            store.markers(&r.id),
+            store.marker(&r.id, &who.user.id),
             node.broker.recover(&r.id, None)
         );
         r.online_count = online.map_or(0, |u| u.len() as u64);
-        let marker = markers
-            .ok()
-            .and_then(|m| m.into_iter().find(|m| m.user == who.user.id));
         r.unread = match (marker, log) {
-            (Some(m), Ok(log)) => Some(log.last_seq.saturating_sub(m.seq)),
+            (Ok(Some(m)), Ok(log)) => Some(log.last_seq.saturating_sub(m)),
             _ => None,
         };
     }

@@ -117,14 +117,8 @@ pub async fn read(node: &Arc<Node>, room: &RoomId, user: &UserRef, seq: u64) -> 
     if !node.receipts.knows(room, &user.id) {
         // First read of this user here (or after a restart): start from the stored marker, so
         // an older read is not broadcast as if the marker went back.
-        match node.rooms.store().markers(room).await {
-            Ok(markers) => {
-                let stored = markers
-                    .iter()
-                    .find(|m| m.user == user.id)
-                    .map_or(0, |m| m.seq);
-                node.receipts.seed(room, &user.id, stored);
-            }
+        match node.rooms.store().marker(room, &user.id).await {
+            Ok(stored) => node.receipts.seed(room, &user.id, stored.unwrap_or(0)),
             Err(e) => tracing::warn!(error = %e, %room, "read markers unavailable"),
         }
     }

@@ -126,6 +126,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.markers(room).await)
     }
 
+    async fn marker(&self, room: &RoomId, user: &str) -> Result<Option<u64>, StoreError> {
+        delegate!(self, s => s.marker(room, user).await)
+    }
+
     async fn create_room(&self, info: &RoomInfo, owner: &UserRef) -> Result<(), StoreError> {
         delegate!(self, s => s.create_room(info, owner).await)
     }

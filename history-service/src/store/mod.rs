@@ -150,6 +150,24 @@ pub trait Store: Send + Sync + 'static {
         room: &RoomId,
     ) -> impl Future<Output = Result<Vec<ReadMarker>, StoreError>> + Send;
 
+    /// One user's read marker in the room (its seq), None when the user has none. A join and
+    /// a room listing need only the caller's marker: reading all of a big room's is O(members).
+    /// The default goes through [`Store::markers`]; backends override it with a point read.
+    fn marker(
+        &self,
+        room: &RoomId,
+        user: &str,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        async move {
+            Ok(self
+                .markers(room)
+                .await?
+                .into_iter()
+                .find(|m| m.user == user)
+                .map(|m| m.seq))
+        }
+    }
+
     /// Creates a room with its creator as owner; `Conflict` when the id is taken (also by a
     /// deleted room: ids are not reused, so old history never leaks into a new room).
     /// `info.owner` is stored as `owner.id` whatever it said.

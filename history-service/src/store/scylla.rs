@@ -419,6 +419,7 @@ struct Statements {
     select_pins: PreparedStatement,
     upsert_marker: PreparedStatement,
     select_markers: PreparedStatement,
+    select_marker: PreparedStatement,
     insert_room: PreparedStatement,
     update_room: PreparedStatement,
     delete_room: PreparedStatement,
@@ -582,6 +583,11 @@ impl Statements {
             .await?,
             select_markers: prep(
                 format!("SELECT user_id, seq, at FROM {ks}.read_markers WHERE room = ?"),
+                true,
+            )
+            .await?,
+            select_marker: prep(
+                format!("SELECT seq FROM {ks}.read_markers WHERE room = ? AND user_id = ?"),
                 true,
             )
             .await?,
@@ -1258,6 +1264,17 @@ impl Store for ScyllaStore {
             .collect();
         markers.sort_by(|a, b| b.seq.cmp(&a.seq).then_with(|| a.user.cmp(&b.user)));
         Ok(markers)
+    }
+
+    async fn marker(&self, room: &RoomId, user: &str) -> Result<Option<u64>, StoreError> {
+        let rows: Vec<(Option<i64>,)> = self
+            .rows(&self.ps().select_marker, (room.as_str(), user))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|(seq,)| seq)
+            .map(|s| s as u64))
     }
 
     async fn create_room(&self, info: &RoomInfo, owner: &UserRef) -> Result<(), StoreError> {

@@ -1054,6 +1054,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn marker(&self, room: &RoomId, user: &str) -> Result<Option<u64>, StoreError> {
+        let (room, user) = (room.clone(), user.to_string());
+        self.read(move |c| {
+            c.prepare_cached("SELECT seq FROM read_markers WHERE room = ?1 AND user_id = ?2")?
+                .query_row([room.as_str(), user.as_str()], |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|seq| seq.map(|s| s as u64))
+        })
+        .await
+    }
+
     async fn create_room(&self, info: &RoomInfo, owner: &UserRef) -> Result<(), StoreError> {
         self.write(WriteOp::CreateRoom(info.clone(), owner.clone()))
             .await

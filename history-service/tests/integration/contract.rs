@@ -336,6 +336,11 @@ pub async fn receipts_only_move_forward<S: Store>(s: &S) {
     );
     let all = s.markers(&r).await.unwrap();
     assert!(all.iter().all(|m| m.at.0 > 0), "`at` is set: {all:?}");
+    // one user's marker, as a join reads it
+    assert_eq!(s.marker(&r, "ann").await.unwrap(), Some(9));
+    assert_eq!(s.marker(&r, "bob").await.unwrap(), Some(1));
+    assert_eq!(s.marker(&r, "cat").await.unwrap(), None, "no marker");
+    assert_eq!(s.marker(&room("elsewhere"), "ann").await.unwrap(), None);
 }
 
 // ---------------------------------------------------------------------------------------------
