@@ -16,8 +16,7 @@ use proto::errors::close;
 use proto::{RoomId, UserRef};
 use tokio::sync::Notify;
 
-pub use crate::outbox::Outbound;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbound, Outbox};
 
 const SHARDS: usize = 64;
 
