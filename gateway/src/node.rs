@@ -12,7 +12,7 @@ use proto::ids::MessageIdGen;
 use proto::rooms::Visibility;
 use proto::server::Limits;
 use proto::{RoomId, ServerEvent, UserRef};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use history_service::{AnyStore, HistoryApi};
 
@@ -43,7 +43,6 @@ pub struct Node {
     pub connections: Arc<Semaphore>,
     next_session: AtomicU64,
     draining: AtomicBool,
-    drain_tx: watch::Sender<bool>,
     /// (room, user) → generation of the user's latest `typing`; expiry compares generations.
     typing: Mutex<HashMap<(RoomId, String), u64>>,
     typing_gen: AtomicU64,
@@ -77,7 +76,6 @@ impl Node {
             connections,
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
-            drain_tx: watch::channel(false).0,
             typing: Mutex::default(),
             typing_gen: AtomicU64::new(0),
             config,
@@ -99,17 +97,13 @@ impl Node {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::SeqCst)
     }
 
-    /// Starts draining: readiness off, no new upgrades, every session told to reconnect.
+    /// Starts draining: readiness off, no new upgrades ([`crate::shutdown::drain`] tells the
+    /// sessions already here to reconnect).
     pub fn start_drain(&self) {
-        self.draining.store(true, Ordering::Release);
-        self.drain_tx.send_replace(true);
-    }
-
-    pub fn drain_signal(&self) -> watch::Receiver<bool> {
-        self.drain_tx.subscribe()
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     pub fn ready(&self) -> bool {

@@ -3,17 +3,18 @@
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use proto::auth::Identity;
 use proto::errors::close;
 use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
@@ -22,7 +23,7 @@ use crate::hub::{Kill, SessionHandle};
 use crate::node::Node;
 use crate::outbox::{Outbound, Outbox};
 use crate::reassembly::Reassembly;
-use crate::writer::{self, LastSeen};
+use crate::writer;
 
 /// How long a closing session waits for its writer (queued frames, then the close frame).
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -60,11 +61,25 @@ pub struct Start {
     pub permit: OwnedSemaphorePermit,
 }
 
-/// Runs a session to its end, as one `connect` span. Spawn it as its own task.
-///
-/// Everything arrives in one box that the session unpacks at once: a future keeps room for
-/// its arguments for its whole life, and this one lives as long as the connection, times
-/// every idle connection of the node.
+/// Everything a session keeps for its life, in one allocation. The session's future borrows
+/// from it instead of owning it: an `async fn` stores each argument twice (as captured and as
+/// a local), and this future lives as long as the connection, times every idle connection
+/// of the node.
+struct Session {
+    node: Arc<Node>,
+    state: SessionState,
+    read: WebSocketRead<ReadHalf<TokioIo<Upgraded>>>,
+    write: WriteHalf<TokioIo<Upgraded>>,
+    outbox: Arc<Outbox>,
+    kill: Arc<Kill>,
+    last_seen: AtomicU64,
+    started: tokio::time::Instant,
+    auto_join: Option<RoomId>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Registers the session and returns it running, as one `connect` span. Spawn the future as
+/// its own task.
 pub fn run(start: Box<Start>) -> impl std::future::Future<Output = ()> + Send + 'static {
     let id = start.node.next_session_id();
     let span = tracing::info_span!(
@@ -73,17 +88,19 @@ pub fn run(start: Box<Start>) -> impl std::future::Future<Output = ()> + Send + 
         user = %start.identity.user.id,
         session = id,
     );
-    run_session(start, id).instrument(span)
+    let session = span.in_scope(|| open(*start, id));
+    run_session(session).instrument(span)
 }
 
-async fn run_session(start: Box<Start>, id: u64) {
+/// Registers the session with the hub and sends `hello`.
+fn open(start: Start, id: u64) -> Box<Session> {
     let Start {
         node,
         ws,
         identity,
         auto_join,
-        permit: _permit,
-    } = *start;
+        permit,
+    } = start;
     let started = tokio::time::Instant::now();
     let outbox = Arc::new(Outbox::new(node.config.outbound_queue));
     let kill = Arc::new(Kill::default());
@@ -99,44 +116,78 @@ async fn run_session(start: Box<Start>, id: u64) {
 
     let quota = Quota::per_second(NonZeroU32::new(node.config.messages_per_s).expect("validated"))
         .allow_burst(NonZeroU32::new(node.config.burst).expect("validated"));
-    let mut state = SessionState {
-        handle: handle.clone(),
+    let state = SessionState {
+        handle,
         identity,
         rooms: HashSet::new(),
         limiter: RateLimiter::direct(quota),
         strikes: 0,
     };
     state.send(&ServerEvent::Hello {
-        session_id: format!("{}-{}", node.name, handle.id),
+        session_id: format!("{}-{}", node.name, id),
         user: state.identity.user.clone(),
         node: node.name.clone(),
         heartbeat_s: node.config.heartbeat_seconds as u32,
         limits: node.limits(),
     });
+    // Registered before this check, so a drain either sees this session or is seen here.
+    if node.is_draining() {
+        state.send(&ServerEvent::Reconnect { after_ms: 0 });
+        state.handle.close(close::RESTARTING);
+    }
 
     // fastwebsockets reads frames; the writer encodes its own (see `writer`), so the write half
     // is the raw socket half and fastwebsockets' own write half (on a sink) is never used.
-    let (r, w) = tokio::io::split(ws.into_inner());
-    let (read, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
-    let last_seen: LastSeen = Default::default();
-    let heartbeat = node.config.heartbeat();
+    let (r, write) = tokio::io::split(ws.into_inner());
+    let (mut read, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
+    read.set_max_message_size(node.config.max_frame_bytes);
+    read.set_auto_close(true);
+    read.set_auto_pong(true);
+    Box::new(Session {
+        node,
+        state,
+        read,
+        write,
+        outbox,
+        kill,
+        last_seen: AtomicU64::new(0),
+        started,
+        auto_join,
+        _permit: permit,
+    })
+}
+
+async fn run_session(mut session: Box<Session>) {
+    let Session {
+        node,
+        state,
+        read,
+        write,
+        outbox,
+        kill,
+        last_seen,
+        started,
+        auto_join,
+        _permit,
+    } = &mut *session;
     {
         let writer = writer::run(
-            w,
-            &outbox,
-            kill.clone(),
-            heartbeat,
-            last_seen.clone(),
-            started,
+            write,
+            outbox,
+            kill,
+            node.config.heartbeat(),
+            last_seen,
+            *started,
         );
-        let reader = read_loop(
-            &node, &mut state, read, &kill, &last_seen, started, auto_join,
-        );
-        let drainer = drain_when_told(&node, &handle);
-        tokio::pin!(writer, reader, drainer);
+        let reader = read_loop(node, state, read, kill, last_seen, *started, auto_join);
+        tokio::pin!(writer, reader);
+        // A close request ends the writer (it sends the close frame) and drops the reader
+        // here; the writer gets CLOSE_GRACE when it is stuck on a client that stopped reading.
         tokio::select! {
-            _ = &mut drainer => {}
             _ = &mut writer => {}
+            _ = kill.wait() => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
+            }
             _ = &mut reader => {
                 // The writer ends by sending the close frame (the reader's code, or 1000 when
                 // the client closed or vanished); a client that stopped reading gets this long
@@ -148,59 +199,38 @@ async fn run_session(start: Box<Start>, id: u64) {
     }
 
     for room in std::mem::take(&mut state.rooms) {
-        Box::pin(commands::leave_room(&node, &state, &room)).await; // boxed: see read_loop
+        Box::pin(commands::leave_room(node, state, &room)).await; // boxed: see read_loop
     }
-    node.hub.unregister(&state.identity.user.id, handle.id);
+    node.hub
+        .unregister(&state.identity.user.id, state.handle.id);
     metrics::gauge!("chat_connections").decrement(1.0);
-}
-
-/// On drain: `reconnect` at a random point of the drain window, then close 1012 at that point,
-/// so a node's clients spread their reconnects instead of stampeding. Never completes.
-async fn drain_when_told(node: &Node, handle: &SessionHandle) {
-    let mut drain = node.drain_signal();
-    if drain.wait_for(|d| *d).await.is_ok() {
-        let window_ms = node.config.drain_seconds * 1000 * 3 / 4;
-        let after_ms = rand::random_range(0..=window_ms);
-        handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
-        // Boxed: only a draining session needs room for the timer.
-        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(
-            after_ms,
-        )))
-        .await;
-        handle.close(close::RESTARTING);
-    }
-    std::future::pending::<()>().await
 }
 
 async fn read_loop<S>(
     node: &Arc<Node>,
     state: &mut SessionState,
-    read: fastwebsockets::WebSocketRead<S>,
-    kill: &Arc<Kill>,
-    last_seen: &LastSeen,
+    read: &mut WebSocketRead<S>,
+    kill: &Kill,
+    last_seen: &AtomicU64,
     started: tokio::time::Instant,
-    auto_join: Option<RoomId>,
+    auto_join: &mut Option<RoomId>,
 ) where
     S: tokio::io::AsyncRead + Unpin,
 {
-    let mut read = read;
-    read.set_max_message_size(node.config.max_frame_bytes);
-    read.set_auto_close(true);
-    read.set_auto_pong(true);
     let mut reassembly = Reassembly::new(node.config.max_frame_bytes);
 
-    if let Some(room) = auto_join {
+    if let Some(room) = auto_join.take() {
         let span = command_span("join", Some(&room));
         Box::pin(commands::join(node, state, None, room, None).instrument(span)).await;
     }
 
-    let pong_tx = state.handle.clone();
     loop {
         // Obligated answers (pong to a ping, the close echo) go through the writer.
+        let handle = &state.handle;
         let mut obligated = |frame: Frame<'_>| {
             match frame.opcode {
                 OpCode::Pong => {
-                    pong_tx.send_control(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
+                    handle.send_control(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
                 }
                 OpCode::Close => {
                     let code = (frame.payload.len() >= 2)
@@ -209,17 +239,13 @@ async fn read_loop<S>(
                             (1000..5000).contains(c) && ![1004, 1005, 1006, 1015].contains(c)
                         })
                         .unwrap_or(1000);
-                    pong_tx.close(code);
+                    handle.close(code);
                 }
                 _ => {}
             }
             std::future::ready(Ok::<(), std::io::Error>(()))
         };
-        let frame = tokio::select! {
-            f = read.read_frame(&mut obligated) => f,
-            _ = kill.wait() => return,
-        };
-        let frame = match frame {
+        let frame = match read.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(WebSocketError::FrameTooLarge) => {
                 kill.close(close::TOO_BIG);

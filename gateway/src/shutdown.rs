@@ -4,6 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use proto::errors::close;
+use proto::ServerEvent;
+
+use crate::hub::SessionHandle;
 use crate::node::Node;
 
 /// Resolves on SIGTERM or SIGINT.
@@ -23,16 +28,46 @@ pub async fn signal() {
 }
 
 /// Drains the node: readiness turns 503, sessions are told to reconnect at jittered times
-/// within the drain window and closed with 1012. Returns when every session has ended or the
+/// within the drain window and closed with 1012 at that time, so a node's clients spread
+/// their reconnects instead of stampeding. Returns when every session has ended or the
 /// window (plus a little grace) is over.
 pub async fn drain(node: Arc<Node>) {
     tracing::info!(seconds = node.config.drain_seconds, "draining");
     node.start_drain();
+    // A session registered after this snapshot saw the node draining and closes itself
+    // (`session::run_session`): draining is set before the snapshot, registration happens
+    // before that check.
+    let window_ms = node.config.drain_seconds * 1000 * 3 / 4;
+    let mut plan: Vec<(u64, SessionHandle)> = node
+        .hub
+        .all_sessions()
+        .into_iter()
+        .map(|handle| {
+            let after_ms = rand::random_range(0..=window_ms);
+            handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
+            (after_ms, handle)
+        })
+        .collect();
+    plan.sort_unstable_by_key(|(after_ms, _)| *after_ms);
+    let started = tokio::time::Instant::now();
+    let close_on_time = async {
+        for (after_ms, handle) in plan {
+            tokio::time::sleep_until(started + Duration::from_millis(after_ms)).await;
+            handle.close(close::RESTARTING);
+        }
+        std::future::pending::<()>().await
+    };
     let deadline = Duration::from_secs(node.config.drain_seconds) + Duration::from_secs(2);
     let all = node.config.max_connections;
-    let _ = tokio::time::timeout(deadline, async {
+    let ended = async {
         while node.connections.available_permits() < all {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _ = tokio::time::timeout(deadline, async {
+        tokio::select! {
+            _ = close_on_time => {}
+            _ = ended => {}
         }
     })
     .await;

@@ -33,21 +33,19 @@ const DEPTH_BUCKETS: &[f64] = &[
 /// process; they share it).
 pub fn install_metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5,
-            ])
-            .expect("static buckets are valid")
-            .set_buckets_for_metric(
-                Matcher::Full("chat_outbound_queue_depth".into()),
-                DEPTH_BUCKETS,
-            )
-            .expect("static buckets are valid")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Fails only when another recorder is installed; then ours simply records nothing.
-        let _ = metrics::set_global_recorder(recorder);
+        let handle = history_service::telemetry::install_prometheus(
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5,
+                ])
+                .expect("static buckets are valid")
+                .set_buckets_for_metric(
+                    Matcher::Full("chat_outbound_queue_depth".into()),
+                    DEPTH_BUCKETS,
+                )
+                .expect("static buckets are valid"),
+        );
         describe_metrics();
         handle
     })

@@ -9,7 +9,6 @@
 //! at the size of the largest burst). Reading stays fastwebsockets' (see `session`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload};
@@ -22,9 +21,6 @@ use crate::outbox::{Outbound, Outbox};
 const BATCH: usize = 64;
 /// The longest frame head: 2 bytes, a 64-bit length, and a mask (never set by a server).
 const MAX_HEAD: usize = 14;
-
-/// Milliseconds since the session started when the client last sent anything.
-pub type LastSeen = Arc<AtomicU64>;
 
 /// Appends one frame, as it goes on the wire, to `buf`.
 pub fn encode(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
@@ -40,12 +36,15 @@ async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, buf: &[u8]) -> std::io::Re
 }
 
 /// Runs until the socket fails or a close is requested. Returns the close code sent, if any.
+///
+/// `last_seen`: milliseconds since `started` when the client last sent anything (the reader
+/// stores it); a client silent for three heartbeats is closed with 1001.
 pub async fn run<W: AsyncWrite + Unpin>(
-    mut io: W,
+    io: &mut W,
     outbox: &Outbox,
-    kill: Arc<Kill>,
+    kill: &Kill,
     heartbeat: Duration,
-    last_seen: LastSeen,
+    last_seen: &AtomicU64,
     started: tokio::time::Instant,
 ) -> Option<u16> {
     let mut ping = tokio::time::interval_at(started + heartbeat, heartbeat);
@@ -59,7 +58,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             biased;
             code = kill.wait() => {
                 encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
-                let _ = write_out(&mut io, &buf).await;
+                let _ = write_out(io, &buf).await;
                 return Some(code);
             }
             first = outbox.pop() => {
@@ -81,7 +80,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     }
                 }
                 frames_out.increment(n as u64);
-                if write_out(&mut io, &buf).await.is_err() {
+                if write_out(io, &buf).await.is_err() {
                     return None;
                 }
             }
@@ -92,7 +91,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     continue;
                 }
                 encode(&mut buf, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb")));
-                if write_out(&mut io, &buf).await.is_err() {
+                if write_out(io, &buf).await.is_err() {
                     return None;
                 }
             }

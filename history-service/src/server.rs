@@ -38,16 +38,14 @@ static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 /// process; they share it) and returns its handle.
 pub fn install_metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ])
-            .expect("static buckets are valid")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Fails only when another recorder is installed; then ours records nothing.
-        let _ = metrics::set_global_recorder(recorder);
+        let handle = crate::telemetry::install_prometheus(
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .expect("static buckets are valid"),
+        );
         describe_metrics();
         handle
     })
