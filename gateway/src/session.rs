@@ -23,10 +23,7 @@ use crate::hub::{Kill, SessionHandle};
 use crate::node::Node;
 use crate::outbox::{Outbound, Outbox};
 use crate::reassembly::Reassembly;
-use crate::writer;
-
-/// How long a closing session waits for its writer (queued frames, then the close frame).
-const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+use crate::writer::{self, Writer};
 
 /// Rejected commands in a row after which a flooding client is closed with 1008.
 const MAX_STRIKES: u32 = 200;
@@ -68,14 +65,21 @@ pub struct Start {
 struct Session {
     node: Arc<Node>,
     state: SessionState,
-    read: WebSocketRead<ReadHalf<TokioIo<Upgraded>>>,
-    write: WriteHalf<TokioIo<Upgraded>>,
-    outbox: Arc<Outbox>,
+    reader: Reader,
+    writer: Writer<WriteHalf<TokioIo<Upgraded>>>,
     kill: Arc<Kill>,
+    /// Milliseconds since the session started when the client last sent anything.
     last_seen: AtomicU64,
-    started: tokio::time::Instant,
-    auto_join: Option<RoomId>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// The read side of a session.
+struct Reader {
+    read: WebSocketRead<ReadHalf<TokioIo<Upgraded>>>,
+    reassembly: Reassembly,
+    /// A room named in the upgrade URL, joined before the first frame is read.
+    auto_join: Option<RoomId>,
+    started: tokio::time::Instant,
 }
 
 /// Registers the session and returns it running, as one `connect` span. Spawn the future as
@@ -144,15 +148,23 @@ fn open(start: Start, id: u64) -> Box<Session> {
     read.set_auto_close(true);
     read.set_auto_pong(true);
     Box::new(Session {
+        reader: Reader {
+            read,
+            reassembly: Reassembly::new(node.config.max_frame_bytes),
+            auto_join,
+            started,
+        },
+        writer: Writer::new(
+            write,
+            outbox,
+            kill.clone(),
+            node.config.heartbeat(),
+            started,
+        ),
         node,
         state,
-        read,
-        write,
-        outbox,
         kill,
         last_seen: AtomicU64::new(0),
-        started,
-        auto_join,
         _permit: permit,
     })
 }
@@ -161,39 +173,26 @@ async fn run_session(mut session: Box<Session>) {
     let Session {
         node,
         state,
-        read,
-        write,
-        outbox,
+        reader,
+        writer,
         kill,
         last_seen,
-        started,
-        auto_join,
         _permit,
     } = &mut *session;
     {
-        let writer = writer::run(
-            write,
-            outbox,
-            kill,
-            node.config.heartbeat(),
-            last_seen,
-            *started,
-        );
-        let reader = read_loop(node, state, read, kill, last_seen, *started, auto_join);
-        tokio::pin!(writer, reader);
-        // A close request ends the writer (it sends the close frame) and drops the reader
-        // here; the writer gets CLOSE_GRACE when it is stuck on a client that stopped reading.
+        let writing = writer.run(last_seen);
+        let reading = read_loop(node, state, reader, last_seen);
+        tokio::pin!(writing, reading);
+        // A close request ends the writer (it sends the close frame), which drops the reader
+        // here.
         tokio::select! {
-            _ = &mut writer => {}
-            _ = kill.wait() => {
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
-            }
-            _ = &mut reader => {
+            _ = &mut writing => {}
+            _ = &mut reading => {
                 // The writer ends by sending the close frame (the reader's code, or 1000 when
                 // the client closed or vanished); a client that stopped reading gets this long
                 // to take it.
                 kill.close(1000);
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
+                let _ = tokio::time::timeout(writer::CLOSE_GRACE, &mut writing).await;
             }
         }
     }
@@ -206,20 +205,13 @@ async fn run_session(mut session: Box<Session>) {
     metrics::gauge!("chat_connections").decrement(1.0);
 }
 
-async fn read_loop<S>(
+async fn read_loop(
     node: &Arc<Node>,
     state: &mut SessionState,
-    read: &mut WebSocketRead<S>,
-    kill: &Kill,
+    reader: &mut Reader,
     last_seen: &AtomicU64,
-    started: tokio::time::Instant,
-    auto_join: &mut Option<RoomId>,
-) where
-    S: tokio::io::AsyncRead + Unpin,
-{
-    let mut reassembly = Reassembly::new(node.config.max_frame_bytes);
-
-    if let Some(room) = auto_join.take() {
+) {
+    if let Some(room) = reader.auto_join.take() {
         let span = command_span("join", Some(&room));
         Box::pin(commands::join(node, state, None, room, None).instrument(span)).await;
     }
@@ -245,24 +237,27 @@ async fn read_loop<S>(
             }
             std::future::ready(Ok::<(), std::io::Error>(()))
         };
-        let frame = match read.read_frame(&mut obligated).await {
+        let frame = match reader.read.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(WebSocketError::FrameTooLarge) => {
-                kill.close(close::TOO_BIG);
+                state.handle.close(close::TOO_BIG);
                 return;
             }
             Err(WebSocketError::InvalidUTF8) => {
-                kill.close(close::INVALID_UTF8);
+                state.handle.close(close::INVALID_UTF8);
                 return;
             }
             Err(_) => return,
         };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let frame = match reassembly.push(frame) {
+        last_seen.store(
+            reader.started.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        let frame = match reader.reassembly.push(frame) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(e) => {
-                kill.close(e.close_code());
+                state.handle.close(e.close_code());
                 return;
             }
         };

@@ -9,10 +9,13 @@
 //! at the size of the largest burst). Reading stays fastwebsockets' (see `session`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload};
+use metrics::{Counter, Histogram};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Interval};
 
 use crate::hub::Kill;
 use crate::outbox::{Outbound, Outbox};
@@ -30,72 +33,117 @@ pub fn encode(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
     buf.extend_from_slice(&frame.payload);
 }
 
-async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, buf: &[u8]) -> std::io::Result<()> {
-    io.write_all(buf).await?;
-    io.flush().await
+/// How long a write may stay stuck after a close was requested (a client that stopped
+/// reading gets this long to take its queued frames and the close frame).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// The write side of a session. It lives in the session's box (see `session`), so the
+/// session's future holds only what one wait or one write needs.
+pub struct Writer<W> {
+    io: W,
+    outbox: Arc<Outbox>,
+    kill: Arc<Kill>,
+    heartbeat: Duration,
+    started: Instant,
+    ping: Interval,
+    // Handles looked up once per session: recording is then a couple of atomic operations.
+    frames_out: Counter,
+    queue_depth: Histogram,
 }
 
-/// Runs until the socket fails or a close is requested. Returns the close code sent, if any.
-///
-/// `last_seen`: milliseconds since `started` when the client last sent anything (the reader
-/// stores it); a client silent for three heartbeats is closed with 1001.
-pub async fn run<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    outbox: &Outbox,
-    kill: &Kill,
-    heartbeat: Duration,
-    last_seen: &AtomicU64,
-    started: tokio::time::Instant,
-) -> Option<u16> {
-    let mut ping = tokio::time::interval_at(started + heartbeat, heartbeat);
-    // Handles looked up once per session: recording is then a couple of atomic operations.
-    let frames_out = metrics::counter!("chat_frames_out_total");
-    let queue_depth = metrics::histogram!("chat_outbound_queue_depth");
-    loop {
-        // Allocated per write and dropped after it: an idle session holds no buffer.
-        let mut buf = Vec::new();
-        tokio::select! {
-            biased;
-            code = kill.wait() => {
-                encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
-                let _ = write_out(io, &buf).await;
-                return Some(code);
-            }
-            first = outbox.pop() => {
-                // Sampled once per wake-up: what was queued when the writer woke up.
-                queue_depth.record((1 + outbox.len()) as f64);
-                let mut next = Some(first);
-                let mut n = 0;
-                while let Some(out) = next.take() {
-                    if kill.code().is_some() {
-                        break; // the close frame goes next, not the rest of the batch
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    /// Call inside the runtime (the heartbeat timer registers with it).
+    pub fn new(
+        io: W,
+        outbox: Arc<Outbox>,
+        kill: Arc<Kill>,
+        heartbeat: Duration,
+        started: Instant,
+    ) -> Self {
+        Self {
+            io,
+            outbox,
+            kill,
+            heartbeat,
+            started,
+            ping: tokio::time::interval_at(started + heartbeat, heartbeat),
+            frames_out: metrics::counter!("chat_frames_out_total"),
+            queue_depth: metrics::histogram!("chat_outbound_queue_depth"),
+        }
+    }
+
+    /// Runs until the socket fails or a close is requested. Returns the close code sent, if
+    /// any. `last_seen`: milliseconds since `started` when the client last sent anything (the
+    /// reader stores it); a client silent for three heartbeats is closed with 1001.
+    pub async fn run(&mut self, last_seen: &AtomicU64) -> Option<u16> {
+        loop {
+            // Allocated per write and dropped after it: an idle session holds no buffer.
+            let mut buf = Vec::new();
+            tokio::select! {
+                biased;
+                code = self.kill.wait() => {
+                    encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
+                    let _ = write_out(&mut self.io, &buf, &self.kill).await;
+                    return Some(code);
+                }
+                first = self.outbox.pop() => {
+                    // Sampled once per wake-up: what was queued when the writer woke up.
+                    self.queue_depth.record((1 + self.outbox.len()) as f64);
+                    let mut next = Some(first);
+                    let mut n = 0;
+                    while let Some(out) = next.take() {
+                        if self.kill.code().is_some() {
+                            break; // the close frame goes next, not the rest of the batch
+                        }
+                        encode(&mut buf, match &out {
+                            Outbound::Text(b) => Frame::text(Payload::Borrowed(b)),
+                            Outbound::Pong(b) => Frame::pong(Payload::Borrowed(b)),
+                        });
+                        n += 1;
+                        if n < BATCH {
+                            next = self.outbox.try_pop();
+                        }
                     }
-                    encode(&mut buf, match &out {
-                        Outbound::Text(b) => Frame::text(Payload::Borrowed(b)),
-                        Outbound::Pong(b) => Frame::pong(Payload::Borrowed(b)),
-                    });
-                    n += 1;
-                    if n < BATCH {
-                        next = outbox.try_pop();
+                    self.frames_out.increment(n as u64);
+                    if write_out(&mut self.io, &buf, &self.kill).await.is_err() {
+                        return None;
                     }
                 }
-                frames_out.increment(n as u64);
-                if write_out(io, &buf).await.is_err() {
-                    return None;
-                }
-            }
-            _ = ping.tick() => {
-                let idle_ms = started.elapsed().as_millis() as u64 - last_seen.load(Ordering::Relaxed);
-                if idle_ms > 3 * heartbeat.as_millis() as u64 {
-                    kill.close(1001);
-                    continue;
-                }
-                encode(&mut buf, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb")));
-                if write_out(io, &buf).await.is_err() {
-                    return None;
+                _ = self.ping.tick() => {
+                    let idle_ms = self.started.elapsed().as_millis() as u64
+                        - last_seen.load(Ordering::Relaxed);
+                    if idle_ms > 3 * self.heartbeat.as_millis() as u64 {
+                        self.kill.close(1001);
+                        continue;
+                    }
+                    encode(&mut buf, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb")));
+                    if write_out(&mut self.io, &buf, &self.kill).await.is_err() {
+                        return None;
+                    }
                 }
             }
         }
+    }
+}
+
+/// Writes one buffer. Once a close is requested, a write stuck on a client that stopped
+/// reading gets [`CLOSE_GRACE`], then fails.
+async fn write_out<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    buf: &[u8],
+    kill: &Kill,
+) -> std::io::Result<()> {
+    let write = async {
+        io.write_all(buf).await?;
+        io.flush().await
+    };
+    let give_up = async {
+        kill.wait().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        r = write => r,
+        _ = give_up => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 

@@ -199,8 +199,8 @@ async fn delivery_through_nginx_spreads_connections_over_nodes() {
         .map(|c| c.hello["node"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(nodes.len(), 2, "least_conn puts clients on both nodes");
-    for i in 0..4 {
-        clients[i].say("lb", &format!("from u{i}")).await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.say("lb", &format!("from u{i}")).await;
     }
     for c in &mut clients {
         let mut got = HashSet::new();
