@@ -8,8 +8,10 @@
 //! then holds no write-side state between writes (no per-frame write future, no buffer kept
 //! at the size of the largest burst). Reading stays fastwebsockets' (see `session`).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload};
@@ -137,6 +139,12 @@ async fn write_out<W: AsyncWrite + Unpin>(
         io.write_all(buf).await?;
         io.flush().await
     };
+    tokio::pin!(write);
+    // Nearly every write completes at once (the socket buffer has room): those skip the
+    // close watch, which would register with the kill switch's waiters and unregister again.
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return r;
+    }
     let give_up = async {
         kill.wait().await;
         tokio::time::sleep(CLOSE_GRACE).await;
