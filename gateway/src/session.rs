@@ -92,6 +92,7 @@ struct Reader {
 pub fn run(start: Box<Start>) -> impl std::future::Future<Output = ()> + Send + 'static {
     let id = start.node.next_session_id();
     let span = tracing::info_span!(
+        target: history_service::telemetry::TRACES_ONLY,
         "connect",
         otel.kind = "server",
         user = %start.identity.user.id,

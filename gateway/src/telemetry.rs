@@ -3,7 +3,9 @@
 //! Traces (see `history_service::telemetry`, shared by both binaries) are exported only when
 //! `CHAT_OTLP_ENDPOINT` is set. The gateway's spans:
 //! - `connect`: one per WebSocket session, from the upgraded socket to the session's end.
-//!   Sessions live for hours, so it is not the parent of what happens in it:
+//!   Sessions live for hours, so it is not the parent of what happens in it. It goes to
+//!   traces only (target `traces_only`), not to logs, and costs nothing when no exporter is
+//!   set:
 //! - `command`: one per client command (`cmd`, `room`), the root of its own short trace,
 //!   linked (follows-from) to its `connect` span;
 //! - `broker_publish`: a stored event's seq assignment, persistence append and publish; its

@@ -29,7 +29,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -138,6 +138,11 @@ pub fn install_prometheus(builder: PrometheusBuilder) -> PrometheusHandle {
     handle
 }
 
+/// Target of spans that go to traces only, never to logs: a session's `connect` span lives as
+/// long as its connection, and the log layer keeps each span's formatted fields (~270 B per
+/// idle connection). Without a trace exporter nothing wants these spans and they cost nothing.
+pub const TRACES_ONLY: &str = "traces_only";
+
 /// Installs the process's subscriber: logs, and traces when an endpoint is set. Must run
 /// inside the Tokio runtime (the gRPC exporter's client lives on it). Errors are about the
 /// endpoint (a bad URL); a second call in one process keeps the first subscriber.
@@ -157,6 +162,7 @@ pub fn init(config: &TelemetryConfig<'_>) -> Result<Telemetry, String> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(writer);
+    let filter = filter.and(filter_fn(|meta| meta.target() != TRACES_ONLY));
     let logs = if config.log_format == "json" {
         fmt.json().with_filter(filter).boxed()
     } else {
@@ -173,7 +179,8 @@ pub fn init(config: &TelemetryConfig<'_>) -> Result<Telemetry, String> {
             .with_filter(
                 Targets::new()
                     .with_target("gateway", LevelFilter::INFO)
-                    .with_target("history_service", LevelFilter::INFO),
+                    .with_target("history_service", LevelFilter::INFO)
+                    .with_target(TRACES_ONLY, LevelFilter::INFO),
             )
     });
     let _ = tracing_subscriber::registry()
