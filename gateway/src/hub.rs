@@ -37,7 +37,7 @@ impl Kill {
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            // Every waiter (the reader and the writer both wait) must wake.
+            // The writer waits (idle, or on a write stuck after a close request).
             self.notify.notify_waiters();
         }
     }

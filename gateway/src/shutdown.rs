@@ -34,9 +34,8 @@ pub async fn signal() {
 pub async fn drain(node: Arc<Node>) {
     tracing::info!(seconds = node.config.drain_seconds, "draining");
     node.start_drain();
-    // A session registered after this snapshot saw the node draining and closes itself
-    // (`session::run_session`): draining is set before the snapshot, registration happens
-    // before that check.
+    // A session registered after this snapshot sees the node draining and closes itself
+    // (`session::open` registers, then checks).
     let window_ms = node.config.drain_seconds * 1000 * 3 / 4;
     let mut plan: Vec<(u64, SessionHandle)> = node
         .hub
