@@ -282,9 +282,10 @@ async fn conn_task(
 ) {
     let sender = send_room.is_some();
     let room = send_room.unwrap_or_default();
-    // Stagger the senders over one period.
-    let period0 = shared.period_ns.load(Ordering::Relaxed).max(1);
-    let mut next = Instant::now() + Duration::from_nanos(rand::rng().random_range(0..period0));
+    let mut next = Instant::now();
+    // Each step starts every sender at a random point of its first period: senders that all
+    // started together would send in bursts, and latency would measure the bursts.
+    let mut staggered = false;
     loop {
         tokio::select! {
             m = ws.next() => match m {
@@ -299,6 +300,13 @@ async fn conn_task(
                 let now = Instant::now();
                 if !shared.sending.load(Ordering::Relaxed) {
                     next = now + Duration::from_millis(5);
+                    staggered = false;
+                    continue;
+                }
+                if !staggered {
+                    let period = shared.period_ns.load(Ordering::Relaxed).max(1);
+                    next = now + Duration::from_nanos(rand::rng().random_range(0..period));
+                    staggered = true;
                     continue;
                 }
                 let step = shared.step.load(Ordering::Relaxed);
