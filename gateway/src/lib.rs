@@ -40,6 +40,7 @@ pub mod writer;
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use broker::{memory::MemoryBroker, AnyBroker};
@@ -170,6 +171,13 @@ pub async fn serve(
             shutdown::drain(node).await;
         }
     };
+    // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle holds a frame
+    // while an earlier one waits for the client's (delayed, up to 40 ms) ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(drained)
         .await
