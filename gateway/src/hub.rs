@@ -20,6 +20,12 @@ use crate::outbox::{Outbound, Outbox};
 
 const SHARDS: usize = 64;
 
+/// Local members up to which a fan-out writes each idle member's socket itself, under the
+/// room's lock (one `send` each, no task wake-up). A larger room's fan-out queues to the
+/// members' writers instead, so the sends spread over every core and the lock is held for
+/// queue pushes only.
+pub const DIRECT_FANOUT: usize = 256;
+
 pub type SessionId = u64;
 
 /// Asks a session to close with a code; the writer acts on it even when the queue is full.
@@ -93,12 +99,24 @@ impl SessionHandle {
 
     /// Queues a frame; a full queue closes the session as a slow consumer.
     pub fn send(&self, frame: Bytes) {
-        self.send_control(Outbound::Text(frame))
+        self.push(Outbound::Text(frame), true)
     }
 
-    /// Queues any outbound item, with the same slow-consumer rule.
+    /// Like [`Self::send`], but always through the session's writer, never written by the
+    /// caller: for fan-outs too large for one thread to write (see [`DIRECT_FANOUT`]).
+    pub fn queue(&self, frame: Bytes) {
+        self.push(Outbound::Text(frame), false)
+    }
+
+    /// Sends any outbound item, with the same slow-consumer rule.
     pub fn send_control(&self, out: Outbound) {
-        if self.outbox.push(out).is_err() {
+        self.push(out, true)
+    }
+
+    fn push(&self, out: Outbound, direct: bool) {
+        // Once a close is requested, nothing is written past the queue: the close frame is next.
+        let direct = direct && self.kill.code().is_none();
+        if self.outbox.push(out, direct).is_err() {
             if self.kill.code().is_none() {
                 metrics::counter!("chat_slow_consumer_closes_total").increment(1);
             }
@@ -340,6 +358,7 @@ impl Hub {
         };
         let mut n = 0;
         let mut deepest = 0;
+        let direct = entry.members.len() <= DIRECT_FANOUT;
         for m in entry.members.values_mut() {
             if except_user.is_some_and(|u| u == m.handle.user.id) {
                 continue;
@@ -352,7 +371,11 @@ impl Hub {
                     if seq > 0 {
                         m.seen = Some(seq);
                     }
-                    m.handle.send(frame.clone());
+                    if direct {
+                        m.handle.send(frame.clone());
+                    } else {
+                        m.handle.queue(frame.clone());
+                    }
                     deepest = deepest.max(m.handle.queued());
                 }
             }
@@ -503,7 +526,7 @@ impl Hub {
         for shard in &self.users {
             let shard = shard.lock().expect("hub lock");
             for h in shard.values().flatten() {
-                h.send(frame.clone());
+                h.queue(frame.clone()); // the largest fan-out there is: see DIRECT_FANOUT
             }
         }
     }
@@ -545,7 +568,7 @@ mod tests {
     fn text(o: Outbound) -> Bytes {
         match o {
             Outbound::Text(b) => b,
-            Outbound::Pong(_) => panic!("pong"),
+            other => panic!("{other:?}"),
         }
     }
 

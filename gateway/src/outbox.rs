@@ -1,5 +1,6 @@
 //! A session's outbound queue: bounded, filled by any task (fan-out, answers, pongs), drained
-//! by the session's writer alone.
+//! by the session's writer alone. It also holds the socket's write half between the writer's
+//! writes, so a frame for an idle session is written by whoever sends it (see [`Outbox::push`]).
 //!
 //! Why not tokio's mpsc: a bounded channel allocates ~1.8 KB up front (its first block of 32
 //! slots and the channel state) and keeps every block a burst made it grow, for the life of
@@ -8,10 +9,23 @@
 //! writer empties it.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use fastwebsockets::{Frame, Payload};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use metrics::Counter;
+use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::sync::Notify;
+
+/// The socket's write half.
+pub type SocketWrite = WriteHalf<TokioIo<Upgraded>>;
+
+/// Frames up to this size (head included) are written at once from a stack buffer.
+const DIRECT_MAX: usize = 4096;
 
 /// What a session's writer sends.
 #[derive(Debug)]
@@ -20,6 +34,19 @@ pub enum Outbound {
     Text(Bytes),
     /// A pong answering the client's ping.
     Pong(Bytes),
+    /// The unwritten rest of a frame a direct write sent in part, as it goes on the wire.
+    Rest(Bytes),
+}
+
+impl Outbound {
+    /// Appends the item, as it goes on the wire, to `buf`.
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        match self {
+            Outbound::Text(b) => crate::writer::encode(buf, Frame::text(Payload::Borrowed(b))),
+            Outbound::Pong(b) => crate::writer::encode(buf, Frame::pong(Payload::Borrowed(b))),
+            Outbound::Rest(b) => buf.extend_from_slice(b),
+        }
+    }
 }
 
 /// The queue was full; the item was not queued.
@@ -27,64 +54,181 @@ pub enum Outbound {
 pub struct Full;
 
 #[derive(Debug)]
-pub struct Outbox {
-    queue: Mutex<VecDeque<Outbound>>,
+struct State<W> {
+    queue: VecDeque<Outbound>,
+    /// The socket, while the writer is not using it (see [`Outbox::push`]).
+    io: Option<W>,
+}
+
+/// `W` is the socket's write half; generic so tests can watch what is written.
+#[derive(Debug)]
+pub struct Outbox<W = SocketWrite> {
+    state: Mutex<State<W>>,
     /// Wakes the writer. `notify_one` keeps a permit when the writer is not waiting yet, so
     /// an item pushed between its empty check and its wait is not missed.
     ready: Notify,
     capacity: usize,
+    frames_out: Counter,
 }
 
-impl Outbox {
+impl<W: AsyncWrite + Unpin> Outbox<W> {
+    /// Call after the metrics recorder is installed (the frame counter's handle is kept).
     pub fn new(capacity: usize) -> Self {
         Self {
-            queue: Mutex::new(VecDeque::new()),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                io: None,
+            }),
             ready: Notify::new(),
             capacity,
+            frames_out: metrics::counter!("chat_frames_out_total"),
         }
     }
 
-    /// Queues an item unless `capacity` items are already waiting.
-    pub fn push(&self, out: Outbound) -> Result<(), Full> {
-        let mut q = self.queue.lock().expect("outbox lock");
-        if q.len() >= self.capacity {
+    /// Hands the outbox the socket's write half: from now on an item pushed to an empty queue
+    /// is written at once.
+    pub fn attach(&self, io: W) {
+        self.lock().io = Some(io);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<W>> {
+        self.state.lock().expect("outbox lock")
+    }
+
+    /// Sends an item, or queues it unless `capacity` items are already waiting.
+    ///
+    /// With `direct`, an item for an idle session (nothing queued, the writer not writing)
+    /// goes straight into the socket from the caller's thread: a fan-out to an idle session
+    /// then costs one `send`, not a wake-up and a poll of its task. Whatever the socket does not
+    /// take at once is queued for the writer, in order.
+    pub fn push(&self, out: Outbound, direct: bool) -> Result<(), Full> {
+        let mut s = self.lock();
+        if direct && s.queue.is_empty() {
+            if let Some(io) = s.io.as_mut() {
+                match write_now(io, &out) {
+                    Direct::Written => {
+                        self.frames_out.increment(1);
+                        return Ok(());
+                    }
+                    Direct::Partly(rest) => {
+                        s.queue.push_back(Outbound::Rest(rest));
+                        drop(s);
+                        self.frames_out.increment(1);
+                        self.ready.notify_one();
+                        return Ok(());
+                    }
+                    // The socket is full or failed, or the frame is large: the writer takes
+                    // it from the queue and meets the socket's condition itself.
+                    Direct::NotWritten => {}
+                }
+            }
+        }
+        if s.queue.len() >= self.capacity {
             return Err(Full);
         }
-        q.push_back(out);
-        drop(q);
+        s.queue.push_back(out);
+        drop(s);
         self.ready.notify_one();
         Ok(())
     }
 
-    /// The next item, if one is waiting. Emptying the queue releases its memory.
-    pub fn try_pop(&self) -> Option<Outbound> {
-        let mut q = self.queue.lock().expect("outbox lock");
-        let out = q.pop_front();
-        if q.is_empty() && q.capacity() > 0 {
-            *q = VecDeque::new();
-        }
-        out
-    }
-
-    /// Waits for the next item. One consumer only (the session's writer). Cancel safe: items
-    /// stay queued until popped.
-    pub async fn pop(&self) -> Outbound {
+    /// Waits until an item is queued. One consumer only (the session's writer). Cancel safe.
+    pub async fn ready(&self) {
         loop {
-            if let Some(out) = self.try_pop() {
-                return out;
+            if !self.lock().queue.is_empty() {
+                return;
             }
             self.ready.notified().await;
         }
     }
 
+    /// For the writer: the socket, with up to `max` queued items encoded into `buf`, in one
+    /// critical section, so no direct write can slip in between them. `None` once the writer
+    /// has kept the socket (after the close frame). Emptying the queue releases its memory.
+    pub fn take(&self, buf: &mut Vec<u8>, max: usize) -> Option<(W, usize)> {
+        let mut s = self.lock();
+        let io = s.io.take()?;
+        let mut n = 0;
+        while n < max {
+            let Some(out) = s.queue.pop_front() else {
+                break;
+            };
+            out.encode(buf);
+            n += 1;
+        }
+        if s.queue.is_empty() && s.queue.capacity() > 0 {
+            s.queue = VecDeque::new();
+        }
+        drop(s);
+        self.frames_out.increment(n as u64);
+        Some((io, n))
+    }
+
+    /// For the writer: gives the socket back after a write.
+    pub fn put_back(&self, io: W) {
+        self.lock().io = Some(io);
+    }
+
     /// Items waiting.
     pub fn len(&self) -> usize {
-        self.queue.lock().expect("outbox lock").len()
+        self.lock().queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Pops the next queued item (the writer takes items with the socket, by [`Self::take`]).
+    #[cfg(test)]
+    pub fn try_pop(&self) -> Option<Outbound> {
+        self.lock().queue.pop_front()
+    }
+}
+
+/// What a direct write did.
+enum Direct {
+    Written,
+    /// Written in part; the rest, as it goes on the wire.
+    Partly(Bytes),
+    NotWritten,
+}
+
+/// One non-blocking write of `out`, if it is a frame of at most [`DIRECT_MAX`] bytes.
+///
+/// Polled with a no-op waker: a socket that is not ready registers that waker instead of
+/// the writer's, which is harmless because the item then goes to the writer, which polls the
+/// socket again with its own before it waits.
+fn write_now<W: AsyncWrite + Unpin>(io: &mut W, out: &Outbound) -> Direct {
+    let mut stack = [0u8; DIRECT_MAX];
+    let Some(len) = encode_into(&mut stack, out) else {
+        return Direct::NotWritten;
+    };
+    let wire = &stack[..len];
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(io).poll_write(&mut cx, wire) {
+        Poll::Ready(Ok(n)) if n == len => Direct::Written,
+        Poll::Ready(Ok(n)) if n > 0 => Direct::Partly(Bytes::copy_from_slice(&wire[n..])),
+        _ => Direct::NotWritten,
+    }
+}
+
+/// Encodes `out` into `buf`, if it fits.
+fn encode_into(buf: &mut [u8; DIRECT_MAX], out: &Outbound) -> Option<usize> {
+    let (opcode, payload) = match out {
+        Outbound::Text(b) => (fastwebsockets::OpCode::Text, b),
+        Outbound::Pong(b) => (fastwebsockets::OpCode::Pong, b),
+        Outbound::Rest(_) => return None,
+    };
+    let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
+    let mut head = [0u8; crate::writer::MAX_HEAD];
+    let h = frame.fmt_head(&mut head);
+    let len = h + payload.len();
+    if len > DIRECT_MAX {
+        return None;
+    }
+    buf[..h].copy_from_slice(&head[..h]);
+    buf[h..len].copy_from_slice(payload);
+    Some(len)
 }
 
 #[cfg(test)]
@@ -97,61 +241,174 @@ mod tests {
         Outbound::Text(Bytes::from(s))
     }
 
-    fn body(o: Outbound) -> Bytes {
-        match o {
-            Outbound::Text(b) | Outbound::Pong(b) => b,
+    fn wire(items: &[Outbound]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for o in items {
+            o.encode(&mut buf);
         }
+        buf
+    }
+
+    /// A socket that takes `budget` more bytes, then is full (`Pending`).
+    #[derive(Debug, Default)]
+    struct Socket {
+        written: Vec<u8>,
+        budget: usize,
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.budget);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.budget -= n;
+            self.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn with_socket(capacity: usize, budget: usize) -> Outbox<Socket> {
+        let o = Outbox::new(capacity);
+        o.attach(Socket {
+            written: Vec::new(),
+            budget,
+        });
+        o
     }
 
     #[test]
     fn bounded_and_in_order() {
-        let o = Outbox::new(2);
-        o.push(text("a")).unwrap();
-        o.push(text("b")).unwrap();
+        let o = Outbox::<Socket>::new(2);
+        o.push(text("a"), true).unwrap();
+        o.push(text("b"), true).unwrap();
         assert!(
-            o.push(text("c")).is_err(),
+            o.push(text("c"), true).is_err(),
             "a third item passes a capacity of 2"
         );
         assert_eq!(o.len(), 2);
+        let mut buf = Vec::new();
+        assert!(o.take(&mut buf, 1).is_none(), "no socket yet");
         assert_eq!(body(o.try_pop().unwrap()), "a");
-        o.push(text("d")).unwrap();
+        o.push(text("d"), true).unwrap();
         assert_eq!(body(o.try_pop().unwrap()), "b");
         assert_eq!(body(o.try_pop().unwrap()), "d");
         assert!(o.try_pop().is_none());
     }
 
-    #[test]
-    fn an_emptied_queue_holds_no_memory() {
-        let o = Outbox::new(100);
-        for _ in 0..50 {
-            o.push(text("x")).unwrap();
+    fn body(o: Outbound) -> Bytes {
+        match o {
+            Outbound::Text(b) | Outbound::Pong(b) | Outbound::Rest(b) => b,
         }
-        while o.try_pop().is_some() {}
-        assert_eq!(o.queue.lock().unwrap().capacity(), 0);
+    }
+
+    #[test]
+    fn an_idle_session_is_written_at_once_and_a_busy_one_queued() {
+        let o = with_socket(8, usize::MAX);
+        o.push(text("a"), true).unwrap();
+        o.push(Outbound::Pong(Bytes::from("p")), true).unwrap();
+        assert!(o.is_empty(), "both written directly");
+        o.push(text("closing"), false).unwrap();
+        assert_eq!(o.len(), 1, "not direct: queued");
+        o.push(text("b"), true).unwrap();
+        assert_eq!(o.len(), 2, "behind a queued item: queued");
+
+        // The writer takes the socket with the queue, in order; while it holds the socket
+        // nothing is written directly.
+        let mut buf = Vec::new();
+        let (io, n) = o.take(&mut buf, 64).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(buf, wire(&[text("closing"), text("b")]));
+        o.push(text("c"), true).unwrap();
+        assert_eq!(o.len(), 1, "the writer has the socket: queued");
+        assert_eq!(
+            io.written,
+            wire(&[text("a"), Outbound::Pong(Bytes::from("p"))])
+        );
+        o.put_back(io);
+        let (_, n) = o.take(&mut buf, 64).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            o.lock().queue.capacity(),
+            0,
+            "an emptied queue holds no memory"
+        );
+    }
+
+    #[test]
+    fn a_partial_write_queues_the_rest_before_anything_else() {
+        let o = with_socket(8, 3);
+        o.push(text("hello"), true).unwrap();
+        o.push(text("next"), true).unwrap();
+        assert_eq!(o.len(), 2, "the rest of the first frame, then the second");
+        let mut buf = Vec::new();
+        let (io, _) = o.take(&mut buf, 64).unwrap();
+        let mut all = io.written.clone();
+        all.extend_from_slice(&buf);
+        assert_eq!(
+            all,
+            wire(&[text("hello"), text("next")]),
+            "no byte lost or reordered"
+        );
+    }
+
+    #[test]
+    fn a_full_socket_leaves_the_frame_queued() {
+        let o = with_socket(8, 0);
+        o.push(text("a"), true).unwrap();
+        let mut buf = Vec::new();
+        let (io, n) = o.take(&mut buf, 64).unwrap();
+        assert_eq!((n, io.written.len()), (1, 0));
+        assert_eq!(buf, wire(&[text("a")]));
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_stack_buffer_goes_through_the_writer() {
+        let o = with_socket(8, usize::MAX);
+        let big = Bytes::from(vec![b'x'; DIRECT_MAX]);
+        o.push(Outbound::Text(big.clone()), true).unwrap();
+        let mut buf = Vec::new();
+        let (io, n) = o.take(&mut buf, 64).unwrap();
+        assert_eq!((n, io.written.len()), (1, 0));
+        assert_eq!(buf, wire(&[Outbound::Text(big)]));
     }
 
     #[tokio::test]
     async fn the_writer_wakes_for_an_item_pushed_while_it_waits() {
-        let o = Arc::new(Outbox::new(8));
+        let o = Arc::new(Outbox::<Socket>::new(8));
         let writer = tokio::spawn({
             let o = o.clone();
-            async move { body(o.pop().await) }
+            async move {
+                o.ready().await;
+                body(o.try_pop().unwrap())
+            }
         });
         tokio::task::yield_now().await; // the writer is likely waiting now; either way works
-        o.push(text("late")).unwrap();
+        o.push(text("late"), true).unwrap();
         assert_eq!(writer.await.unwrap(), "late");
     }
 
     #[tokio::test]
-    async fn a_pop_abandoned_by_select_loses_nothing() {
-        let o = Outbox::new(8);
-        // pop() dropped while waiting, as when another select! branch wins
+    async fn a_wait_abandoned_by_select_loses_nothing() {
+        let o = Outbox::<Socket>::new(8);
+        // ready() dropped while waiting, as when another select! branch wins
         tokio::select! {
             biased;
             _ = std::future::ready(()) => {}
-            _ = o.pop() => unreachable!("empty"),
+            _ = o.ready() => unreachable!("empty"),
         }
-        o.push(text("kept")).unwrap();
-        assert_eq!(body(o.pop().await), "kept");
+        o.push(text("kept"), true).unwrap();
+        o.ready().await;
+        assert_eq!(body(o.try_pop().unwrap()), "kept");
     }
 }

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use proto::auth::Identity;
 use proto::errors::close;
 use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::ReadHalf;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
@@ -66,7 +66,7 @@ struct Session {
     node: Arc<Node>,
     state: SessionState,
     reader: Reader,
-    writer: Writer<WriteHalf<TokioIo<Upgraded>>>,
+    writer: Writer,
     kill: Arc<Kill>,
     /// Milliseconds since the session started when the client last sent anything.
     last_seen: AtomicU64,
@@ -149,6 +149,7 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
     // fastwebsockets reads frames; the writer encodes its own (see `writer`), so the write half
     // is the raw socket half and fastwebsockets' own write half (on a sink) is never used.
     let (r, write) = tokio::io::split(ws.into_inner());
+    outbox.attach(write);
     let (mut read, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
     read.set_max_message_size(node.config.max_frame_bytes);
     read.set_auto_close(true);
@@ -160,13 +161,7 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
             auto_join,
             started,
         },
-        writer: Writer::new(
-            write,
-            outbox,
-            kill.clone(),
-            node.config.heartbeat(),
-            started,
-        ),
+        writer: Writer::new(outbox, kill.clone(), node.config.heartbeat(), started),
         node,
         state,
         kill,

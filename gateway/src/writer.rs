@@ -1,6 +1,7 @@
 //! The writer half of a session: drains the bounded outbound queue to the socket, writing
 //! whatever is queued in one syscall, sends heartbeat pings, and closes with the code a
-//! [`Kill`] asks for.
+//! [`Kill`] asks for. Frames for an idle session do not pass through here: whoever sends them
+//! writes them (see [`Outbox::push`]); the writer takes what the socket did not take at once.
 //!
 //! Frames are encoded here, synchronously, with fastwebsockets' own head encoder
 //! ([`Frame::fmt_head`]) into one buffer per write, instead of through its `WebSocketWrite`:
@@ -15,17 +16,17 @@ use std::task::Poll;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload};
-use metrics::{Counter, Histogram};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use metrics::Histogram;
+use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Interval};
 
 use crate::hub::Kill;
-use crate::outbox::{Outbound, Outbox};
+use crate::outbox::{Outbox, SocketWrite};
 
 /// Frames written per syscall at most.
 const BATCH: usize = 64;
 /// The longest frame head: 2 bytes, a 64-bit length, and a mask (never set by a server).
-const MAX_HEAD: usize = 14;
+pub const MAX_HEAD: usize = 14;
 
 /// Appends one frame, as it goes on the wire, to `buf`.
 pub fn encode(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
@@ -40,36 +41,32 @@ pub fn encode(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// The write side of a session. It lives in the session's box (see `session`), so the
-/// session's future holds only what one wait or one write needs.
-pub struct Writer<W> {
-    io: W,
+/// session's future holds only what one wait or one write needs. The socket itself stays in
+/// the outbox between writes (see [`Outbox::push`]).
+pub struct Writer {
     outbox: Arc<Outbox>,
     kill: Arc<Kill>,
     heartbeat: Duration,
     started: Instant,
     ping: Interval,
-    // Handles looked up once per session: recording is then a couple of atomic operations.
-    frames_out: Counter,
+    // Looked up once per session: recording is then a couple of atomic operations.
     queue_depth: Histogram,
 }
 
-impl<W: AsyncWrite + Unpin> Writer<W> {
+impl Writer {
     /// Call inside the runtime (the heartbeat timer registers with it).
     pub fn new(
-        io: W,
         outbox: Arc<Outbox>,
         kill: Arc<Kill>,
         heartbeat: Duration,
         started: Instant,
     ) -> Self {
         Self {
-            io,
             outbox,
             kill,
             heartbeat,
             started,
             ping: tokio::time::interval_at(started + heartbeat, heartbeat),
-            frames_out: metrics::counter!("chat_frames_out_total"),
             queue_depth: metrics::histogram!("chat_outbound_queue_depth"),
         }
     }
@@ -84,32 +81,18 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             tokio::select! {
                 biased;
                 code = self.kill.wait() => {
+                    // The socket is not given back: nothing is written after the close frame.
+                    let (mut io, _) = self.outbox.take(&mut buf, 0)?;
                     encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
-                    let _ = write_out(&mut self.io, &buf, &self.kill).await;
+                    let _ = write_out(&mut io, &buf, &self.kill).await;
                     return Some(code);
                 }
-                first = self.outbox.pop() => {
+                () = self.outbox.ready() => {
                     // Sampled once per wake-up: what was queued when the writer woke up.
-                    self.queue_depth.record((1 + self.outbox.len()) as f64);
-                    let mut next = Some(first);
-                    let mut n = 0;
-                    while let Some(out) = next.take() {
-                        if self.kill.code().is_some() {
-                            break; // the close frame goes next, not the rest of the batch
-                        }
-                        encode(&mut buf, match &out {
-                            Outbound::Text(b) => Frame::text(Payload::Borrowed(b)),
-                            Outbound::Pong(b) => Frame::pong(Payload::Borrowed(b)),
-                        });
-                        n += 1;
-                        if n < BATCH {
-                            next = self.outbox.try_pop();
-                        }
-                    }
-                    self.frames_out.increment(n as u64);
-                    if write_out(&mut self.io, &buf, &self.kill).await.is_err() {
-                        return None;
-                    }
+                    self.queue_depth.record(self.outbox.len() as f64);
+                    let (mut io, _) = self.outbox.take(&mut buf, BATCH)?;
+                    write_out(&mut io, &buf, &self.kill).await.ok()?;
+                    self.outbox.put_back(io);
                 }
                 _ = self.ping.tick() => {
                     let idle_ms = self.started.elapsed().as_millis() as u64
@@ -118,10 +101,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                         self.kill.close(1001);
                         continue;
                     }
+                    // Queued frames go first: the socket is taken with them.
+                    let (mut io, _) = self.outbox.take(&mut buf, BATCH)?;
                     encode(&mut buf, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb")));
-                    if write_out(&mut self.io, &buf, &self.kill).await.is_err() {
-                        return None;
-                    }
+                    write_out(&mut io, &buf, &self.kill).await.ok()?;
+                    self.outbox.put_back(io);
                 }
             }
         }
@@ -130,11 +114,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
 /// Writes one buffer. Once a close is requested, a write stuck on a client that stopped
 /// reading gets [`CLOSE_GRACE`], then fails.
-async fn write_out<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    buf: &[u8],
-    kill: &Kill,
-) -> std::io::Result<()> {
+async fn write_out(io: &mut SocketWrite, buf: &[u8], kill: &Kill) -> std::io::Result<()> {
     let write = async {
         io.write_all(buf).await?;
         io.flush().await
