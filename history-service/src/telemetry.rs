@@ -183,10 +183,14 @@ pub fn init(config: &TelemetryConfig<'_>) -> Result<Telemetry, String> {
                     .with_target(TRACES_ONLY, LevelFilter::INFO),
             )
     });
-    let _ = tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .try_init();
+    // Without an exporter the traces layer is left out, not added as `None`: an absent
+    // optional layer counts as wanting every span, so the registry would keep a slot for each
+    // `connect` span (~200 B per idle connection) that no layer ever reads.
+    let registry = tracing_subscriber::registry().with(logs);
+    let _ = match traces {
+        Some(traces) => registry.with(traces).try_init(),
+        None => registry.try_init(),
+    };
     Ok(Telemetry { provider })
 }
 
@@ -321,6 +325,28 @@ pub fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The only test in this binary that installs the global subscriber.
+    #[test]
+    fn without_an_exporter_a_traces_only_span_is_never_created() {
+        let _telemetry = init(&TelemetryConfig {
+            service: "test",
+            instance: None,
+            log_filter: "info",
+            log_format: "text",
+            log_to_stderr: true,
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+        })
+        .unwrap();
+        let connect = tracing::info_span!(target: TRACES_ONLY, "connect");
+        assert!(connect.is_disabled(), "no layer wants it: no registry slot");
+        let logged = tracing::info_span!("command");
+        assert!(
+            !logged.is_disabled(),
+            "the log layer still sees ordinary spans"
+        );
+    }
 
     #[test]
     fn http_endpoint_gets_the_traces_path() {
