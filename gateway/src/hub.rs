@@ -8,13 +8,11 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use proto::errors::close;
 use proto::{RoomId, UserRef};
-use tokio::sync::Notify;
 
 use crate::outbox::{Outbound, Outbox};
 
@@ -28,47 +26,6 @@ pub const DIRECT_FANOUT: usize = 256;
 
 pub type SessionId = u64;
 
-/// Asks a session to close with a code; the writer acts on it even when the queue is full.
-#[derive(Debug, Default)]
-pub struct Kill {
-    code: AtomicU16,
-    notify: Notify,
-}
-
-impl Kill {
-    /// Requests a close; the first code wins.
-    pub fn close(&self, code: u16) {
-        if self
-            .code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            // The writer waits (idle, or on a write stuck after a close request).
-            self.notify.notify_waiters();
-        }
-    }
-
-    pub fn code(&self) -> Option<u16> {
-        match self.code.load(Ordering::Acquire) {
-            0 => None,
-            c => Some(c),
-        }
-    }
-
-    pub async fn wait(&self) -> u16 {
-        loop {
-            // Registered before the check, so a close between the two is not missed.
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(c) = self.code() {
-                return c;
-            }
-            notified.await;
-        }
-    }
-}
-
 /// A handle to one session's outbound queue.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
@@ -77,23 +34,15 @@ pub struct SessionHandle {
     /// The token made this user a global admin (reads every room).
     pub global_admin: bool,
     outbox: Arc<Outbox>,
-    kill: Arc<Kill>,
 }
 
 impl SessionHandle {
-    pub fn new(
-        id: SessionId,
-        user: Arc<UserRef>,
-        global_admin: bool,
-        outbox: Arc<Outbox>,
-        kill: Arc<Kill>,
-    ) -> Self {
+    pub fn new(id: SessionId, user: Arc<UserRef>, global_admin: bool, outbox: Arc<Outbox>) -> Self {
         Self {
             id,
             user,
             global_admin,
             outbox,
-            kill,
         }
     }
 
@@ -114,18 +63,17 @@ impl SessionHandle {
     }
 
     fn push(&self, out: Outbound, direct: bool) {
-        // Once a close is requested, nothing is written past the queue: the close frame is next.
-        let direct = direct && self.kill.code().is_none();
         if self.outbox.push(out, direct).is_err() {
-            if self.kill.code().is_none() {
+            if self.outbox.closing().is_none() {
                 metrics::counter!("chat_slow_consumer_closes_total").increment(1);
             }
-            self.kill.close(close::SLOW_CONSUMER);
+            self.outbox.close(close::SLOW_CONSUMER);
         }
     }
 
+    /// Asks the session to close with `code` (see [`Outbox::close`]).
     pub fn close(&self, code: u16) {
-        self.kill.close(code);
+        self.outbox.close(code);
     }
 
     /// Frames waiting in this session's outbound queue.
@@ -551,18 +499,13 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn session(id: u64, user: &str, cap: usize) -> (SessionHandle, Arc<Outbox>, Arc<Kill>) {
+    fn session(id: u64, user: &str, cap: usize) -> (SessionHandle, Arc<Outbox>) {
         let rx = Arc::new(Outbox::new(cap));
-        let kill = Arc::new(Kill::default());
         let u = Arc::new(UserRef {
             id: user.into(),
             name: user.into(),
         });
-        (
-            SessionHandle::new(id, u, false, rx.clone(), kill.clone()),
-            rx,
-            kill,
-        )
+        (SessionHandle::new(id, u, false, rx.clone()), rx)
     }
 
     fn text(o: Outbound) -> Bytes {
@@ -576,7 +519,7 @@ mod tests {
     fn held_events_are_filtered_by_seq_and_kept_in_order() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (h, rx, _) = session(1, "a", 16);
+        let (h, rx) = session(1, "a", 16);
         hub.add(&room, h);
         for (seq, body) in [(4u64, "4"), (0, "typing"), (5, "5"), (6, "6")] {
             hub.deliver(&room, seq, &Bytes::from(body), None);
@@ -594,8 +537,8 @@ mod tests {
     fn full_queue_closes_the_slow_session_only() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (slow, _slow_rx, slow_kill) = session(1, "slow", 2);
-        let (fast, fast_rx, fast_kill) = session(2, "fast", 64);
+        let (slow, slow_rx) = session(1, "slow", 2);
+        let (fast, fast_rx) = session(2, "fast", 64);
         for h in [slow, fast] {
             hub.add(&room, h.clone());
             hub.seen_up_to(&room, h.id, 0);
@@ -604,8 +547,8 @@ mod tests {
         for i in 0..10 {
             hub.deliver(&room, i + 1, &Bytes::from(format!("{i}")), None);
         }
-        assert_eq!(slow_kill.code(), Some(close::SLOW_CONSUMER));
-        assert_eq!(fast_kill.code(), None);
+        assert_eq!(slow_rx.closing(), Some(close::SLOW_CONSUMER));
+        assert_eq!(fast_rx.closing(), None);
         assert_eq!(std::iter::from_fn(|| fast_rx.try_pop()).count(), 10);
     }
 
@@ -613,8 +556,8 @@ mod tests {
     fn except_user_and_last_member() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (a, arx, _) = session(1, "a", 8);
-        let (b, brx, _) = session(2, "b", 8);
+        let (a, arx) = session(1, "a", 8);
+        let (b, brx) = session(2, "b", 8);
         hub.add(&room, a);
         hub.add(&room, b);
         hub.release(&room, 1);
@@ -632,8 +575,8 @@ mod tests {
     fn a_redelivered_range_reaches_each_session_once() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
-        let (a, arx, _) = session(1, "a", 16);
-        let (b, brx, _) = session(2, "b", 16);
+        let (a, arx) = session(1, "a", 16);
+        let (b, brx) = session(2, "b", 16);
         hub.add(&room, a);
         hub.add(&room, b);
         assert_eq!(hub.lowest_seen(&room), None, "nobody has read the seq yet");

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
@@ -64,9 +65,12 @@ struct State<W> {
 #[derive(Debug)]
 pub struct Outbox<W = SocketWrite> {
     state: Mutex<State<W>>,
-    /// Wakes the writer. `notify_one` keeps a permit when the writer is not waiting yet, so
-    /// an item pushed between its empty check and its wait is not missed.
+    /// Wakes the writer for a queued item or a close request. `notify_one` keeps a permit
+    /// when the writer is not waiting yet, so nothing sent between its check and its wait is
+    /// missed.
     ready: Notify,
+    /// The close code asked for; 0 while none is.
+    close: AtomicU16,
     capacity: usize,
     frames_out: Counter,
 }
@@ -80,6 +84,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
                 io: None,
             }),
             ready: Notify::new(),
+            close: AtomicU16::new(0),
             capacity,
             frames_out: metrics::counter!("chat_frames_out_total"),
         }
@@ -97,11 +102,12 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
 
     /// Sends an item, or queues it unless `capacity` items are already waiting.
     ///
-    /// With `direct`, an item for an idle session (nothing queued, the writer not writing)
-    /// goes straight into the socket from the caller's thread: a fan-out to an idle session
-    /// then costs one `send`, not a wake-up and a poll of its task. Whatever the socket does not
-    /// take at once is queued for the writer, in order.
+    /// With `direct`, an item for an idle session (nothing queued, the writer not writing, no
+    /// close asked for) goes straight into the socket from the caller's thread: a fan-out to
+    /// an idle session then costs one `send`, not a wake-up and a poll of its task. Whatever
+    /// the socket does not take at once is queued for the writer, in order.
     pub fn push(&self, out: Outbound, direct: bool) -> Result<(), Full> {
+        let direct = direct && self.closing().is_none();
         let mut s = self.lock();
         if direct && s.queue.is_empty() {
             if let Some(io) = s.io.as_mut() {
@@ -132,12 +138,44 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         Ok(())
     }
 
-    /// Waits until an item is queued. One consumer only (the session's writer). Cancel safe.
-    pub async fn ready(&self) {
+    /// Asks the writer to send a close frame with `code` and stop; the first code wins. It acts
+    /// on it even when the queue is full, and nothing is written directly from then on.
+    pub fn close(&self, code: u16) {
+        if self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The close code asked for, if any.
+    pub fn closing(&self) -> Option<u16> {
+        match self.close.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+
+    /// Waits until a close is asked for (the code) or an item is queued (`None`). One
+    /// consumer only (the session's writer). Cancel safe.
+    pub async fn next(&self) -> Option<u16> {
         loop {
-            if !self.lock().queue.is_empty() {
-                return;
+            if let Some(code) = self.closing() {
+                return Some(code);
             }
+            if !self.lock().queue.is_empty() {
+                return None;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Waits until a close is asked for. For the writer while it writes (then nothing else
+    /// waits on the outbox). Cancel safe.
+    pub async fn closed(&self) {
+        while self.closing().is_none() {
             self.ready.notified().await;
         }
     }
@@ -389,7 +427,7 @@ mod tests {
         let writer = tokio::spawn({
             let o = o.clone();
             async move {
-                o.ready().await;
+                assert_eq!(o.next().await, None, "an item, no close");
                 body(o.try_pop().unwrap())
             }
         });
@@ -401,14 +439,48 @@ mod tests {
     #[tokio::test]
     async fn a_wait_abandoned_by_select_loses_nothing() {
         let o = Outbox::<Socket>::new(8);
-        // ready() dropped while waiting, as when another select! branch wins
+        // next() dropped while waiting, as when another select! branch wins
         tokio::select! {
             biased;
             _ = std::future::ready(()) => {}
-            _ = o.ready() => unreachable!("empty"),
+            _ = o.next() => unreachable!("empty"),
         }
         o.push(text("kept"), true).unwrap();
-        o.ready().await;
+        assert_eq!(o.next().await, None);
         assert_eq!(body(o.try_pop().unwrap()), "kept");
+    }
+
+    #[tokio::test]
+    async fn a_close_request_wakes_the_writer_and_stops_direct_writes() {
+        let o = Arc::new(with_socket(8, usize::MAX));
+        o.push(text("queued"), false).unwrap();
+        o.close(1008);
+        o.close(1000);
+        assert_eq!(
+            o.next().await,
+            Some(1008),
+            "the first code wins, ahead of the queue"
+        );
+        o.closed().await;
+        o.push(text("late"), true).unwrap();
+        let mut buf = Vec::new();
+        let (io, n) = o.take(&mut buf, 0).unwrap();
+        assert_eq!(
+            (n, io.written.len(), o.len()),
+            (0, 0, 2),
+            "nothing written after the close"
+        );
+
+        let waiting = Arc::new(Outbox::<Socket>::new(8));
+        let writer = tokio::spawn({
+            let o = waiting.clone();
+            async move { o.closed().await }
+        });
+        tokio::task::yield_now().await;
+        waiting.push(text("not a close"), true).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished(), "an item does not end closed()");
+        waiting.close(1013);
+        writer.await.unwrap();
     }
 }

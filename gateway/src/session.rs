@@ -19,11 +19,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::commands;
-use crate::hub::{Kill, SessionHandle};
+use crate::hub::SessionHandle;
 use crate::node::Node;
 use crate::outbox::{Outbound, Outbox};
 use crate::reassembly::Reassembly;
-use crate::writer::{self, Writer};
+use crate::writer::Writer;
 
 /// Rejected commands in a row after which a flooding client is closed with 1008.
 const MAX_STRIKES: u32 = 200;
@@ -63,20 +63,20 @@ pub struct Start {
 /// a local), and this future lives as long as the connection, times every idle connection
 /// of the node.
 struct Session {
-    node: Arc<Node>,
-    state: SessionState,
     reader: Reader,
     writer: Writer,
-    kill: Arc<Kill>,
     /// Milliseconds since the session started when the client last sent anything.
     last_seen: AtomicU64,
-    /// The session's `connect` span.
-    connect: tracing::Span,
     _permit: OwnedSemaphorePermit,
 }
 
-/// The read side of a session.
+/// The read side of a session, with what the commands it runs work with. One struct, so the
+/// reader's future holds one reference to it rather than one per field, twice (see `Session`).
 struct Reader {
+    node: Arc<Node>,
+    state: SessionState,
+    /// The session's `connect` span.
+    connect: tracing::Span,
     read: WebSocketRead<ReadHalf<TokioIo<Upgraded>>>,
     reassembly: Reassembly,
     /// A room named in the upgrade URL, joined before the first frame is read.
@@ -113,13 +113,11 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
     } = start;
     let started = tokio::time::Instant::now();
     let outbox = Arc::new(Outbox::new(node.config.outbound_queue));
-    let kill = Arc::new(Kill::default());
     let handle = SessionHandle::new(
         id,
         Arc::new(identity.user.clone()),
         identity.admin,
         outbox.clone(),
-        kill.clone(),
     );
     node.hub.register(handle.clone());
     metrics::gauge!("chat_connections").increment(1.0);
@@ -155,75 +153,73 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
     read.set_auto_close(true);
     read.set_auto_pong(true);
     Box::new(Session {
+        writer: Writer::new(outbox, node.config.heartbeat(), started),
         reader: Reader {
             read,
             reassembly: Reassembly::new(node.config.max_frame_bytes),
             auto_join,
             started,
+            node,
+            state,
+            connect,
         },
-        writer: Writer::new(outbox, kill.clone(), node.config.heartbeat(), started),
-        node,
-        state,
-        kill,
         last_seen: AtomicU64::new(0),
-        connect,
         _permit: permit,
     })
 }
 
 async fn run_session(mut session: Box<Session>) {
     let Session {
-        node,
-        state,
         reader,
         writer,
-        kill,
         last_seen,
-        connect,
         _permit,
     } = &mut *session;
     {
         let writing = writer.run(last_seen);
-        let reading = read_loop(node, state, reader, last_seen, connect);
+        let reading = read_loop(reader, last_seen);
         tokio::pin!(writing, reading);
         // A close request ends the writer (it sends the close frame), which drops the reader
         // here.
         tokio::select! {
             _ = &mut writing => {}
             _ = &mut reading => {
-                // The writer ends by sending the close frame (the reader's code, or 1000 when
-                // the client closed or vanished); a client that stopped reading gets this long
-                // to take it.
-                kill.close(1000);
-                let _ = tokio::time::timeout(writer::CLOSE_GRACE, &mut writing).await;
+                (&mut writing).await;
             }
         }
     }
 
-    for room in std::mem::take(&mut state.rooms) {
-        let leave = commands::leave_room(node, state, &room).instrument(connect.clone());
-        Box::pin(leave).await; // boxed: see read_loop
-    }
+    let Reader {
+        node,
+        state,
+        connect,
+        ..
+    } = reader;
+    // Boxed: inline, the loop's state would add to every idle connection's task (see read_loop).
+    Box::pin(leave_all(node, state, connect)).await;
     node.hub
         .unregister(&state.identity.user.id, state.handle.id);
     metrics::gauge!("chat_connections").decrement(1.0);
 }
 
-async fn read_loop(
-    node: &Arc<Node>,
-    state: &mut SessionState,
-    reader: &mut Reader,
-    last_seen: &AtomicU64,
-    connect: &tracing::Span,
-) {
+/// The session's rooms, left when it ends.
+async fn leave_all(node: &Arc<Node>, state: &mut SessionState, connect: &tracing::Span) {
+    for room in std::mem::take(&mut state.rooms) {
+        let leave = commands::leave_room(node, state, &room).instrument(connect.clone());
+        Box::pin(leave).await; // boxed: see read_loop
+    }
+}
+
+async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
     if let Some(room) = reader.auto_join.take() {
-        let span = command_span("join", Some(&room), connect);
-        Box::pin(commands::join(node, state, None, room, None).instrument(span)).await;
+        let span = command_span("join", Some(&room), &reader.connect);
+        let join = commands::join(&reader.node, &mut reader.state, None, room, None);
+        Box::pin(join.instrument(span)).await;
     }
 
     loop {
         // Obligated answers (pong to a ping, the close echo) go through the writer.
-        let handle = &state.handle;
+        let handle = &reader.state.handle;
         let mut obligated = |frame: Frame<'_>| {
             match frame.opcode {
                 OpCode::Pong => {
@@ -245,14 +241,14 @@ async fn read_loop(
         let frame = match reader.read.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(WebSocketError::FrameTooLarge) => {
-                state.handle.close(close::TOO_BIG);
-                return;
+                reader.state.handle.close(close::TOO_BIG);
+                break;
             }
             Err(WebSocketError::InvalidUTF8) => {
-                state.handle.close(close::INVALID_UTF8);
-                return;
+                reader.state.handle.close(close::INVALID_UTF8);
+                break;
             }
-            Err(_) => return,
+            Err(_) => break,
         };
         last_seen.store(
             reader.started.elapsed().as_millis() as u64,
@@ -262,32 +258,43 @@ async fn read_loop(
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(e) => {
-                state.handle.close(e.close_code());
-                return;
+                reader.state.handle.close(e.close_code());
+                break;
             }
         };
-        match frame.opcode {
+        let command = match frame.opcode {
             OpCode::Text | OpCode::Binary => {
                 metrics::counter!("chat_frames_in_total").increment(1);
                 let decoded = proto::client::decode(&frame.payload);
+                drop(frame); // the command owns what it needs: neither is kept while it runs
                 let r#ref = match &decoded {
                     Ok(inb) => inb.r#ref.clone(),
                     Err(e) => e.r#ref.clone(),
                 };
-                if admit(state, r#ref) {
-                    let span = match &decoded {
-                        Ok(inb) => command_span(inb.command.name(), inb.command.room(), connect),
-                        Err(_) => command_span("invalid", None, connect),
-                    };
-                    // Boxed: a command's future (joins, moderation, store calls) is many KB; inline,
-                    // every idle connection's task would carry room for it.
-                    Box::pin(commands::handle(node, state, decoded).instrument(span)).await;
+                if !admit(&mut reader.state, r#ref) {
+                    continue;
                 }
+                let span = match &decoded {
+                    Ok(inb) => {
+                        command_span(inb.command.name(), inb.command.room(), &reader.connect)
+                    }
+                    Err(_) => command_span("invalid", None, &reader.connect),
+                };
+                // Boxed: a command's future (joins, moderation, store calls) is many KB;
+                // inline, every idle connection's task would carry room for it.
+                Box::pin(
+                    commands::handle(&reader.node, &mut reader.state, decoded).instrument(span),
+                )
             }
-            OpCode::Close => return,
-            _ => {}
-        }
+            OpCode::Close => break,
+            _ => continue,
+        };
+        command.await;
     }
+    // The writer ends by sending the close frame (the code asked for already, or 1000 when the
+    // client closed or vanished); a client that stopped reading gets `writer::CLOSE_GRACE` to
+    // take it, then the write gives up.
+    reader.state.handle.close(1000);
 }
 
 /// One command's span: the root of its own trace (a session lasts hours; a trace per command

@@ -1,6 +1,6 @@
 //! The writer half of a session: drains the bounded outbound queue to the socket, writing
 //! whatever is queued in one syscall, sends heartbeat pings, and closes with the code a
-//! [`Kill`] asks for. Frames for an idle session do not pass through here: whoever sends them
+//! close request asks for. Frames for an idle session do not pass through here: whoever sends them
 //! writes them (see [`Outbox::push`]); the writer takes what the socket did not take at once.
 //!
 //! Frames are encoded here, synchronously, with fastwebsockets' own head encoder
@@ -20,7 +20,6 @@ use metrics::Histogram;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Interval};
 
-use crate::hub::Kill;
 use crate::outbox::{Outbox, SocketWrite};
 
 /// Frames written per syscall at most.
@@ -45,7 +44,6 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// the outbox between writes (see [`Outbox::push`]).
 pub struct Writer {
     outbox: Arc<Outbox>,
-    kill: Arc<Kill>,
     heartbeat: Duration,
     started: Instant,
     ping: Interval,
@@ -55,15 +53,9 @@ pub struct Writer {
 
 impl Writer {
     /// Call inside the runtime (the heartbeat timer registers with it).
-    pub fn new(
-        outbox: Arc<Outbox>,
-        kill: Arc<Kill>,
-        heartbeat: Duration,
-        started: Instant,
-    ) -> Self {
+    pub fn new(outbox: Arc<Outbox>, heartbeat: Duration, started: Instant) -> Self {
         Self {
             outbox,
-            kill,
             heartbeat,
             started,
             ping: tokio::time::interval_at(started + heartbeat, heartbeat),
@@ -80,31 +72,31 @@ impl Writer {
             let mut buf = Vec::new();
             tokio::select! {
                 biased;
-                code = self.kill.wait() => {
-                    // The socket is not given back: nothing is written after the close frame.
-                    let (mut io, _) = self.outbox.take(&mut buf, 0)?;
-                    encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
-                    let _ = write_out(&mut io, &buf, &self.kill).await;
-                    return Some(code);
-                }
-                () = self.outbox.ready() => {
+                next = self.outbox.next() => {
+                    if let Some(code) = next {
+                        // The socket is not given back: nothing is written after the close frame.
+                        let (mut io, _) = self.outbox.take(&mut buf, 0)?;
+                        encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
+                        let _ = write_out(&mut io, &buf, &self.outbox).await;
+                        return Some(code);
+                    }
                     // Sampled once per wake-up: what was queued when the writer woke up.
                     self.queue_depth.record(self.outbox.len() as f64);
                     let (mut io, _) = self.outbox.take(&mut buf, BATCH)?;
-                    write_out(&mut io, &buf, &self.kill).await.ok()?;
+                    write_out(&mut io, &buf, &self.outbox).await.ok()?;
                     self.outbox.put_back(io);
                 }
                 _ = self.ping.tick() => {
                     let idle_ms = self.started.elapsed().as_millis() as u64
                         - last_seen.load(Ordering::Relaxed);
                     if idle_ms > 3 * self.heartbeat.as_millis() as u64 {
-                        self.kill.close(1001);
+                        self.outbox.close(1001);
                         continue;
                     }
                     // Queued frames go first: the socket is taken with them.
                     let (mut io, _) = self.outbox.take(&mut buf, BATCH)?;
                     encode(&mut buf, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb")));
-                    write_out(&mut io, &buf, &self.kill).await.ok()?;
+                    write_out(&mut io, &buf, &self.outbox).await.ok()?;
                     self.outbox.put_back(io);
                 }
             }
@@ -114,20 +106,22 @@ impl Writer {
 
 /// Writes one buffer. Once a close is requested, a write stuck on a client that stopped
 /// reading gets [`CLOSE_GRACE`], then fails.
-async fn write_out(io: &mut SocketWrite, buf: &[u8], kill: &Kill) -> std::io::Result<()> {
+async fn write_out(io: &mut SocketWrite, buf: &[u8], outbox: &Outbox) -> std::io::Result<()> {
     let write = async {
         io.write_all(buf).await?;
         io.flush().await
     };
     tokio::pin!(write);
     // Nearly every write completes at once (the socket buffer has room): those skip the
-    // close watch, which would register with the kill switch's waiters and unregister again.
+    // close watch, which would register with the outbox's waiters and unregister again.
     if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
         return r;
     }
     let give_up = async {
-        kill.wait().await;
-        tokio::time::sleep(CLOSE_GRACE).await;
+        outbox.closed().await;
+        // Boxed: a timer inline would add its size to every idle connection's task, for a
+        // wait that almost never happens.
+        Box::pin(tokio::time::sleep(CLOSE_GRACE)).await;
     };
     tokio::select! {
         r = write => r,
