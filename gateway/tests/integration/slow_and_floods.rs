@@ -80,6 +80,56 @@ async fn a_client_that_never_reads_is_closed_1013_and_others_keep_receiving() {
     server.stop().await;
 }
 
+/// A client that stops reading for good cannot take even its close frame: the write of it stays
+/// stuck, and the session ends `writer::CLOSE_GRACE` (10 s) after the close request instead of
+/// holding its socket, queue and room membership forever.
+#[tokio::test]
+async fn a_client_that_never_reads_its_close_frame_is_dropped_after_the_grace() {
+    let server = Server::start_with(|c| {
+        c.outbound_queue = 16;
+        c.max_content_chars = 16_000;
+        c.messages_per_s = 100_000;
+        c.burst = 100_000;
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(server.addr).await.unwrap();
+    let url = format!(
+        "ws://{}/ws/room/firehose?token={}",
+        server.addr,
+        token("stuck")
+    );
+    // Held, never read, until the end of the test.
+    let (_stuck, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    let mut reader = Client::connect(&server, "reader").await;
+    reader.join("firehose").await;
+    // Both in: nothing older than this stays queued for the check below.
+    reader
+        .skip_until(|f| f["type"] == "online_users" && f["count"] == 2)
+        .await;
+
+    let body = "z".repeat(16_000);
+    let mut rounds = 0;
+    while slow_consumer_closes(&server).await == 0 {
+        rounds += 1;
+        assert!(rounds <= 50, "the stuck client was never cut off");
+        for _ in 0..20 {
+            reader.say("firehose", &body).await;
+        }
+    }
+    // The session is gone, its membership with it (the read panics if it never happens).
+    reader
+        .recv_where_within(gateway::writer::CLOSE_GRACE + WAIT, |f| {
+            f["type"] == "online_users" && f["count"] == 1
+        })
+        .await;
+    server.stop().await;
+}
+
 /// `chat_slow_consumer_closes_total` as the server's metrics show it (0 before the first).
 async fn slow_consumer_closes(server: &Server) -> u64 {
     let metrics = http()

@@ -215,11 +215,16 @@ impl Client {
 
     /// The next text frame from the socket.
     async fn read(&mut self) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        self.read_within(WAIT).await
+    }
+
+    /// The next text frame from the socket, waiting up to `within` for it.
+    async fn read_within(&mut self, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .unwrap_or_else(|_| panic!("{}: no frame within {WAIT:?}", self.user))
+                .unwrap_or_else(|_| panic!("{}: no frame within {within:?}", self.user))
                 .unwrap_or_else(|| panic!("{}: connection ended", self.user))
                 .unwrap_or_else(|e| panic!("{}: {e}", self.user));
             match msg {
@@ -242,6 +247,24 @@ impl Client {
         }
         loop {
             let v = self.read().await;
+            if pred(&v) {
+                return v;
+            }
+            self.pending.push_back(v);
+        }
+    }
+
+    /// Like [`Self::recv_where`], for an event that comes only after `within` of silence.
+    pub async fn recv_where_within(
+        &mut self,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        if let Some(i) = self.pending.iter().position(&pred) {
+            return self.pending.remove(i).expect("index is valid");
+        }
+        loop {
+            let v = self.read_within(within).await;
             if pred(&v) {
                 return v;
             }
