@@ -181,24 +181,28 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
     }
 
     /// For the writer: the socket, with up to `max` queued items encoded into `buf`, in one
-    /// critical section, so no direct write can slip in between them. `None` once the writer
-    /// has kept the socket (after the close frame). Emptying the queue releases its memory.
+    /// critical section, so no direct write can slip in between them. The rest of a frame a
+    /// direct write began always comes along, even with `max` 0: whatever the writer sends
+    /// next (a close frame) must not land inside it. `None` once the writer has kept the
+    /// socket (after the close frame). Emptying the queue releases its memory.
     pub fn take(&self, buf: &mut Vec<u8>, max: usize) -> Option<(W, usize)> {
         let mut s = self.lock();
         let io = s.io.take()?;
-        let mut n = 0;
-        while n < max {
+        let (mut n, mut frames) = (0, 0);
+        while n < max || matches!(s.queue.front(), Some(Outbound::Rest(_))) {
             let Some(out) = s.queue.pop_front() else {
                 break;
             };
             out.encode(buf);
             n += 1;
+            // The rest of a frame was counted when its start was written.
+            frames += u64::from(!matches!(out, Outbound::Rest(_)));
         }
         if s.queue.is_empty() && s.queue.capacity() > 0 {
             s.queue = VecDeque::new();
         }
         drop(s);
-        self.frames_out.increment(n as u64);
+        self.frames_out.increment(frames);
         Some((io, n))
     }
 
@@ -398,6 +402,20 @@ mod tests {
             wire(&[text("hello"), text("next")]),
             "no byte lost or reordered"
         );
+    }
+
+    #[test]
+    fn a_close_frame_never_lands_inside_a_partly_written_frame() {
+        let o = with_socket(8, 3);
+        o.push(text("hello"), true).unwrap();
+        o.push(text("queued"), true).unwrap();
+        o.close(1013);
+        let mut buf = Vec::new();
+        let (io, n) = o.take(&mut buf, 0).unwrap();
+        assert_eq!(n, 1, "the rest of the begun frame, nothing else");
+        let mut all = io.written.clone();
+        all.extend_from_slice(&buf);
+        assert_eq!(all, wire(&[text("hello")]));
     }
 
     #[test]
