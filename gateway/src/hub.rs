@@ -46,7 +46,8 @@ impl SessionHandle {
         }
     }
 
-    /// Queues a frame; a full queue closes the session as a slow consumer.
+    /// Sends a frame: written at once to an idle session, else queued for its writer; a full
+    /// queue closes the session as a slow consumer.
     pub fn send(&self, frame: Bytes) {
         self.push(Outbound::Text(frame), true)
     }
