@@ -14,7 +14,7 @@ use bytes::Bytes;
 use proto::errors::close;
 use proto::{RoomId, UserRef};
 
-use crate::outbox::{Outbound, Outbox};
+use crate::outbox::{Full, Outbound, Outbox};
 
 const SHARDS: usize = 64;
 
@@ -49,37 +49,33 @@ impl SessionHandle {
     /// Sends a frame: written at once to an idle session, else queued for its writer; a full
     /// queue closes the session as a slow consumer.
     pub fn send(&self, frame: Bytes) {
-        self.push(Outbound::Text(frame), true)
-    }
-
-    /// Like [`Self::send`], but always through the session's writer, never written by the
-    /// caller: for fan-outs too large for one thread to write (see [`DIRECT_FANOUT`]).
-    pub fn queue(&self, frame: Bytes) {
-        self.push(Outbound::Text(frame), false)
+        self.push(Outbound::Text(frame), true);
     }
 
     /// Sends any outbound item, with the same slow-consumer rule.
     pub fn send_control(&self, out: Outbound) {
-        self.push(out, true)
+        self.push(out, true);
     }
 
-    fn push(&self, out: Outbound, direct: bool) {
-        if self.outbox.push(out, direct).is_err() {
-            if self.outbox.closing().is_none() {
-                metrics::counter!("chat_slow_consumer_closes_total").increment(1);
+    /// Without `direct` the item always goes through the session's writer, never written by
+    /// the caller: for fan-outs too large for one thread to write (see [`DIRECT_FANOUT`]).
+    /// Returns the items waiting in the session's queue.
+    fn push(&self, out: Outbound, direct: bool) -> usize {
+        match self.outbox.push(out, direct) {
+            Ok(waiting) => waiting,
+            Err(Full) => {
+                if self.outbox.closing().is_none() {
+                    metrics::counter!("chat_slow_consumer_closes_total").increment(1);
+                }
+                self.outbox.close(close::SLOW_CONSUMER);
+                self.outbox.len()
             }
-            self.outbox.close(close::SLOW_CONSUMER);
         }
     }
 
     /// Asks the session to close with `code` (see [`Outbox::close`]).
     pub fn close(&self, code: u16) {
         self.outbox.close(code);
-    }
-
-    /// Frames waiting in this session's outbound queue.
-    pub fn queued(&self) -> usize {
-        self.outbox.len()
     }
 }
 
@@ -320,12 +316,8 @@ impl Hub {
                     if seq > 0 {
                         m.seen = Some(seq);
                     }
-                    if direct {
-                        m.handle.send(frame.clone());
-                    } else {
-                        m.handle.queue(frame.clone());
-                    }
-                    deepest = deepest.max(m.handle.queued());
+                    let waiting = m.handle.push(Outbound::Text(frame.clone()), direct);
+                    deepest = deepest.max(waiting);
                 }
             }
             n += 1;
@@ -475,7 +467,7 @@ impl Hub {
         for shard in &self.users {
             let shard = shard.lock().expect("hub lock");
             for h in shard.values().flatten() {
-                h.queue(frame.clone()); // the largest fan-out there is: see DIRECT_FANOUT
+                h.push(Outbound::Text(frame.clone()), false); // the largest fan-out there is
             }
         }
     }

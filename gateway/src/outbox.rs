@@ -8,6 +8,7 @@
 //! must cost nothing while empty: this one is a `VecDeque` that is released whenever the
 //! writer empties it.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -24,9 +25,6 @@ use tokio::sync::Notify;
 
 /// The socket's write half.
 pub type SocketWrite = WriteHalf<TokioIo<Upgraded>>;
-
-/// Frames up to this size (head included) are written at once from a stack buffer.
-const DIRECT_MAX: usize = 4096;
 
 /// What a session's writer sends.
 #[derive(Debug)]
@@ -100,13 +98,14 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         self.state.lock().expect("outbox lock")
     }
 
-    /// Sends an item, or queues it unless `capacity` items are already waiting.
+    /// Sends an item, or queues it unless `capacity` items are already waiting. Returns how
+    /// many items wait now (0 when it was written).
     ///
     /// With `direct`, an item for an idle session (nothing queued, the writer not writing, no
     /// close asked for) goes straight into the socket from the caller's thread: a fan-out to
     /// an idle session then costs one `send`, not a wake-up and a poll of its task. Whatever
     /// the socket does not take at once is queued for the writer, in order.
-    pub fn push(&self, out: Outbound, direct: bool) -> Result<(), Full> {
+    pub fn push(&self, out: Outbound, direct: bool) -> Result<usize, Full> {
         let direct = direct && self.closing().is_none();
         let mut s = self.lock();
         if direct && s.queue.is_empty() {
@@ -114,17 +113,17 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
                 match write_now(io, &out) {
                     Direct::Written => {
                         self.frames_out.increment(1);
-                        return Ok(());
+                        return Ok(0);
                     }
                     Direct::Partly(rest) => {
                         s.queue.push_back(Outbound::Rest(rest));
                         drop(s);
                         self.frames_out.increment(1);
                         self.ready.notify_one();
-                        return Ok(());
+                        return Ok(1);
                     }
-                    // The socket is full or failed, or the frame is large: the writer takes
-                    // it from the queue and meets the socket's condition itself.
+                    // The socket is full or failed: the writer takes the item from the queue
+                    // and meets the socket's condition itself.
                     Direct::NotWritten => {}
                 }
             }
@@ -133,9 +132,10 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             return Err(Full);
         }
         s.queue.push_back(out);
+        let waiting = s.queue.len();
         drop(s);
         self.ready.notify_one();
-        Ok(())
+        Ok(waiting)
     }
 
     /// Asks the writer to send a close frame with `code` and stop; the first code wins. It acts
@@ -235,42 +235,28 @@ enum Direct {
     NotWritten,
 }
 
-/// One non-blocking write of `out`, if it is a frame of at most [`DIRECT_MAX`] bytes.
+thread_local! {
+    /// A direct write's wire bytes, reused by every write on this thread (the frame is
+    /// encoded with [`Outbound::encode`], as the writer does, without an allocation per write).
+    static WIRE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One non-blocking write of `out`.
 ///
 /// Polled with a no-op waker: a socket that is not ready registers that waker instead of
 /// the writer's, which is harmless because the item then goes to the writer, which polls the
 /// socket again with its own before it waits.
 fn write_now<W: AsyncWrite + Unpin>(io: &mut W, out: &Outbound) -> Direct {
-    let mut stack = [0u8; DIRECT_MAX];
-    let Some(len) = encode_into(&mut stack, out) else {
-        return Direct::NotWritten;
-    };
-    let wire = &stack[..len];
-    let mut cx = Context::from_waker(Waker::noop());
-    match Pin::new(io).poll_write(&mut cx, wire) {
-        Poll::Ready(Ok(n)) if n == len => Direct::Written,
-        Poll::Ready(Ok(n)) if n > 0 => Direct::Partly(Bytes::copy_from_slice(&wire[n..])),
-        _ => Direct::NotWritten,
-    }
-}
-
-/// Encodes `out` into `buf`, if it fits.
-fn encode_into(buf: &mut [u8; DIRECT_MAX], out: &Outbound) -> Option<usize> {
-    let (opcode, payload) = match out {
-        Outbound::Text(b) => (fastwebsockets::OpCode::Text, b),
-        Outbound::Pong(b) => (fastwebsockets::OpCode::Pong, b),
-        Outbound::Rest(_) => return None,
-    };
-    let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
-    let mut head = [0u8; crate::writer::MAX_HEAD];
-    let h = frame.fmt_head(&mut head);
-    let len = h + payload.len();
-    if len > DIRECT_MAX {
-        return None;
-    }
-    buf[..h].copy_from_slice(&head[..h]);
-    buf[h..len].copy_from_slice(payload);
-    Some(len)
+    WIRE.with_borrow_mut(|wire| {
+        wire.clear();
+        out.encode(wire);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(io).poll_write(&mut cx, wire) {
+            Poll::Ready(Ok(n)) if n == wire.len() => Direct::Written,
+            Poll::Ready(Ok(n)) if n > 0 => Direct::Partly(Bytes::copy_from_slice(&wire[n..])),
+            _ => Direct::NotWritten,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -429,14 +415,15 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_larger_than_the_stack_buffer_goes_through_the_writer() {
+    fn a_large_frame_is_written_at_once_too() {
         let o = with_socket(8, usize::MAX);
-        let big = Bytes::from(vec![b'x'; DIRECT_MAX]);
+        let big = Bytes::from(vec![b'x'; 64 * 1024]);
         o.push(Outbound::Text(big.clone()), true).unwrap();
+        o.push(text("small"), true).unwrap();
         let mut buf = Vec::new();
         let (io, n) = o.take(&mut buf, 64).unwrap();
-        assert_eq!((n, io.written.len()), (1, 0));
-        assert_eq!(buf, wire(&[Outbound::Text(big)]));
+        assert_eq!(n, 0, "nothing queued");
+        assert_eq!(io.written, wire(&[Outbound::Text(big), text("small")]));
     }
 
     #[tokio::test]
