@@ -1,6 +1,7 @@
 //! Reading frames that arrive from the broker: enough of each frame to route it, without
 //! decoding the whole event.
 
+use proto::EventKind;
 use serde::Deserialize;
 
 /// The parts of a room frame a node needs: its type, seq, and subject user.
@@ -21,7 +22,7 @@ pub struct PeekUser {
 
 pub fn peek(frame: &[u8]) -> Option<Peek> {
     let mut p: Peek = serde_json::from_slice(frame).ok()?;
-    if p.kind == "receipt" {
+    if EventKind::parse(&p.kind) == Some(EventKind::Receipt) {
         // A receipt's `seq` is the reader's marker, not the room's event seq: the frame is
         // ephemeral, and must not be mistaken for (or ordered against) stored events.
         p.seq = 0;
@@ -32,20 +33,20 @@ pub fn peek(frame: &[u8]) -> Option<Peek> {
 /// The user an ephemeral frame is about and who must not receive it: the typist of
 /// `typing`/`stop_typing`, the joiner of `join` (who gets `joined` instead).
 pub fn excluded_user(p: &Peek) -> Option<&str> {
-    match p.kind.as_str() {
-        "typing" | "stop_typing" | "join" => p.user.as_ref().map(|u| u.id.as_str()),
-        _ => None,
-    }
+    let skips = EventKind::parse(&p.kind).is_some_and(EventKind::skips_its_user);
+    skips
+        .then(|| p.user.as_ref().map(|u| u.id.as_str()))
+        .flatten()
 }
 
-/// The `type` of a frame, read from its first bytes without parsing it: stored frames start
+/// The kind of a frame, read from its first bytes without parsing it: stored frames start
 /// `{"seq":N,"type":"…"`, others `{"type":"…"` (serde writes the tag first).
-pub fn kind_of(frame: &[u8]) -> Option<&str> {
+pub fn kind_of(frame: &[u8]) -> Option<EventKind> {
     const TAG: &[u8] = b"\"type\":\"";
     let head = &frame[..frame.len().min(48)];
     let start = head.windows(TAG.len()).position(|w| w == TAG)? + TAG.len();
     let len = frame[start..].iter().take(32).position(|&b| b == b'"')?;
-    std::str::from_utf8(&frame[start..start + len]).ok()
+    EventKind::parse(std::str::from_utf8(&frame[start..start + len]).ok()?)
 }
 
 #[cfg(test)]
@@ -56,9 +57,13 @@ mod tests {
     fn kind_of_reads_the_tag_of_stored_and_plain_frames() {
         assert_eq!(
             kind_of(br#"{"seq":12,"type":"banned","room":"a"}"#),
-            Some("banned")
+            Some(EventKind::Banned)
         );
-        assert_eq!(kind_of(br#"{"type":"typing","room":"a"}"#), Some("typing"));
+        assert_eq!(
+            kind_of(br#"{"type":"typing","room":"a"}"#),
+            Some(EventKind::Typing)
+        );
+        assert_eq!(kind_of(br#"{"type":"warp","room":"a"}"#), None);
         assert_eq!(kind_of(br#"{"room":"a"}"#), None);
         assert_eq!(kind_of(b""), None);
     }

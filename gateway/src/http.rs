@@ -292,7 +292,7 @@ async fn admin_notice(
         )
         .into_response();
     }
-    match commands::notice(&node, req.content).await {
+    match node.notice(req.content).await {
         Ok(()) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({ "ok": true })),

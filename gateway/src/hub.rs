@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use proto::errors::close;
-use proto::{RoomId, UserRef};
+use proto::server::Evicts;
+use proto::{EventKind, RoomId, UserRef};
 
 use crate::outbox::{Full, Outbound, Outbox};
 
@@ -94,7 +95,7 @@ struct Room {
     members: HashMap<SessionId, Member>,
 }
 
-/// What the node does around a stored room-state event (see [`crate::rooms`]).
+/// What the node does around a stored room-state event (see [`crate::room_state`]).
 pub trait StateObserver: Send + Sync {
     /// Before the event reaches any local session: drop cached state.
     fn state_changed(&self, room: &RoomId);
@@ -128,16 +129,15 @@ fn shard_of(key: &str) -> usize {
 fn evict(
     shard: &mut HashMap<RoomId, Room>,
     room: &RoomId,
-    kind: &str,
+    evicts: Evicts,
     frame: &[u8],
 ) -> Vec<UserRef> {
-    let subject = match kind {
-        "room_deleted" => None,
-        "banned" | "member_removed" => match crate::bus::peek(frame).and_then(|p| p.user) {
+    let subject = match evicts {
+        Evicts::Everyone => None,
+        Evicts::Subject => match crate::bus::peek(frame).and_then(|p| p.user) {
             Some(u) => Some(u.id),
             None => return Vec::new(),
         },
-        _ => return Vec::new(),
     };
     let Some(entry) = shard.get_mut(room) else {
         return Vec::new();
@@ -169,13 +169,6 @@ impl Hub {
     /// Sets the observer of room-state events (once, at node start).
     pub fn observe(&self, observer: Arc<dyn StateObserver>) {
         let _ = self.observer.set(observer);
-    }
-
-    /// Tells the observer a room's state changed without a room event passing through.
-    pub fn state_changed(&self, room: &RoomId) {
-        if let Some(o) = self.observer.get() {
-            o.state_changed(room);
-        }
     }
 
     /// True while the session is in the room (joined or joining).
@@ -293,9 +286,9 @@ impl Hub {
         let state_event = (seq > 0)
             .then(|| crate::bus::kind_of(frame))
             .flatten()
-            .filter(|k| crate::rooms::STATE_EVENTS.contains(k));
-        if state_event.is_some() {
-            self.state_changed(room);
+            .filter(|k| k.changes_room_state());
+        if let (Some(_), Some(o)) = (state_event, self.observer.get()) {
+            o.state_changed(room);
         }
         let mut shard = self.room_shard(room).write().expect("hub lock");
         let Some(entry) = shard.get_mut(room) else {
@@ -322,8 +315,8 @@ impl Hub {
             }
             n += 1;
         }
-        let evicted = match state_event {
-            Some(kind) => evict(&mut shard, room, kind, frame),
+        let evicted = match state_event.and_then(EventKind::evicts) {
+            Some(evicts) => evict(&mut shard, room, evicts, frame),
             None => Vec::new(),
         };
         let emptied = !shard.contains_key(room);
@@ -336,7 +329,7 @@ impl Hub {
             if !evicted.is_empty() {
                 o.evicted(room, evicted, emptied);
             }
-            if state_event == Some("room_updated") {
+            if state_event == Some(EventKind::RoomUpdated) {
                 o.updated(room);
             }
         }

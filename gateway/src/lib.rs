@@ -5,9 +5,13 @@
 //! - [`http`]: routes — the WebSocket upgrade (authenticated before upgrading), API paths,
 //!   health, readiness, metrics.
 //! - [`session`]: one per socket; its reader runs [`commands`], its [`writer`] drains a bounded
-//!   queue to the socket.
-//! - [`commands`]: what each client command does, authorized against [`rooms`].
-//! - [`node`]: per-process state shared by sessions (hub, broker, ids, drain state, typing).
+//!   queue ([`outbox`]) to the socket, frames encoded by [`wire`].
+//! - [`commands`]: what each client command does, one file per group; every permission
+//!   decision goes through [`commands::guard`] (rules: `history_service::access`) on the
+//!   node's cached [`room_state`], confirmed by the broker's state version.
+//! - [`node`]: per-process state shared by sessions (hub, broker, room state, ids, drain
+//!   state, typing, [`online`] announcements, [`receipts`] coalescing), and the policy around
+//!   what the hub and the broker report.
 //! - [`hub`]: sharded local registry room → sessions and user → sessions; local fan-out.
 //! - [`broker`]: the cluster seam — seq assignment, recovery window, presence, pub/sub —
 //!   in memory (one node) or on Redis (many); [`bus`] reads frames that arrive from it.
@@ -24,17 +28,17 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod hub;
-pub mod moderation;
 pub mod node;
 pub mod online;
 pub mod outbox;
 pub mod persist;
 pub mod reassembly;
 pub mod receipts;
-pub mod rooms;
+pub mod room_state;
 pub mod session;
 pub mod shutdown;
 pub mod telemetry;
+pub mod wire;
 pub mod writer;
 
 use std::future::Future;

@@ -1,5 +1,8 @@
-//! One [`Node`] per process: configuration, the local hub, the broker, room settings, id
-//! generation, and the drain state. Sessions hold an `Arc<Node>`.
+//! One [`Node`] per process: configuration, the local hub, the broker, room state, id
+//! generation, and the drain state. Sessions hold an `Arc<Node>`. The node is also where
+//! policy around the transport lives: what follows when the hub delivers a room-state event
+//! ([`StateObserver`]) or the broker reports something ([`Events`]), presence announcements,
+//! typing expiry.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,11 +19,11 @@ use tokio::sync::Semaphore;
 
 use history_service::{AnyStore, HistoryApi};
 
-use crate::broker::{AnyBroker, Broker};
+use crate::broker::{AnyBroker, Broker, BrokerError, Events, StateVersion};
 use crate::config::Config;
 use crate::hub::{Hub, StateObserver};
 use crate::receipts::Receipts;
-use crate::rooms::{MemberChange, Rooms};
+use crate::room_state::{MemberChange, RoomStates};
 
 /// How long a `typing` lasts without a repeat.
 pub const TYPING_TTL: Duration = Duration::from_secs(5);
@@ -33,7 +36,7 @@ pub struct Node {
     pub verifier: Verifier,
     pub hub: Arc<Hub>,
     pub broker: AnyBroker,
-    pub rooms: Rooms,
+    pub rooms: RoomStates,
     /// The history API over the same store (mounted on this node's HTTP router).
     pub history: Arc<HistoryApi<AnyStore>>,
     pub receipts: Receipts,
@@ -68,7 +71,7 @@ impl Node {
             verifier,
             hub,
             broker,
-            rooms: Rooms::new(store),
+            rooms: RoomStates::new(store),
             history,
             receipts: Receipts::default(),
             online: Default::default(),
@@ -80,7 +83,9 @@ impl Node {
             typing_gen: AtomicU64::new(0),
             config,
         });
-        node.hub.observe(Arc::new(Observer(Arc::downgrade(&node))));
+        let observer = Arc::new(Observer(Arc::downgrade(&node)));
+        node.hub.observe(observer.clone());
+        node.broker.report_to(observer);
         node
     }
 
@@ -127,20 +132,47 @@ impl Node {
 
     /// Publishes an ephemeral event to a room; failures are logged, not returned (best effort).
     pub async fn publish_ephemeral(&self, room: &RoomId, ev: &ServerEvent) {
-        if let Err(e) = self
-            .broker
-            .publish_ephemeral(room, Bytes::from(ev.to_json()))
-            .await
-        {
-            tracing::debug!(error = %e, %room, "ephemeral publish failed");
-        }
+        self.publish_ephemeral_frame(room, Bytes::from(ev.to_json()))
+            .await;
     }
 
     /// Publishes an already serialized ephemeral frame (best effort, like the above).
     pub async fn publish_ephemeral_frame(&self, room: &RoomId, frame: Bytes) {
-        if let Err(e) = self.broker.publish_ephemeral(room, frame).await {
+        if let Err(e) = self.broker.publish_ephemeral(room, frame, None).await {
             tracing::debug!(error = %e, %room, "ephemeral publish failed");
         }
+    }
+
+    /// Sends a site-wide notice to every connection on every node.
+    pub async fn notice(&self, content: String) -> Result<(), BrokerError> {
+        let frame = ServerEvent::Notice {
+            content,
+            ts: proto::Timestamp::now(),
+        }
+        .to_json();
+        self.broker
+            .publish_node(proto::envelope::NodeTarget::All, Bytes::from(frame))
+            .await
+    }
+
+    /// The room's presence changed: announce its online users now, or at the end of the
+    /// room's open window (see [`crate::online`]).
+    pub async fn online_changed(self: &Arc<Self>, room: &RoomId) {
+        if !self.online.lead(room) {
+            return;
+        }
+        self.publish_online(room).await;
+        let node = self.clone();
+        let room = room.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::online::WINDOW).await;
+                if !node.online.trail(&room) {
+                    return;
+                }
+                node.publish_online(&room).await;
+            }
+        });
     }
 
     /// Announces the room's online users (capped list, exact count).
@@ -161,23 +193,28 @@ impl Node {
         .await;
     }
 
-    /// Relays `typing` and (re)arms its expiry: without a repeat within [`TYPING_TTL`] the
-    /// room gets `stop_typing` from this node.
-    pub async fn typing(self: &Arc<Self>, room: &RoomId, user: &UserRef) {
+    /// Relays `typing` — only while the room's state is at `version`, the one the typist's
+    /// permission was decided on — and (re)arms its expiry: without a repeat within
+    /// [`TYPING_TTL`] the room gets `stop_typing` from this node.
+    pub async fn typing(
+        self: &Arc<Self>,
+        room: &RoomId,
+        user: &UserRef,
+        version: StateVersion,
+    ) -> Result<(), BrokerError> {
+        let frame = ServerEvent::Typing {
+            room: room.clone(),
+            user: user.clone(),
+        };
+        self.broker
+            .publish_ephemeral(room, Bytes::from(frame.to_json()), Some(version))
+            .await?;
         let gen = self.typing_gen.fetch_add(1, Ordering::Relaxed) + 1;
         let key = (room.clone(), user.id.clone());
         self.typing
             .lock()
             .expect("typing lock")
             .insert(key.clone(), gen);
-        self.publish_ephemeral(
-            room,
-            &ServerEvent::Typing {
-                room: room.clone(),
-                user: user.clone(),
-            },
-        )
-        .await;
         let node = self.clone();
         let user = user.clone();
         tokio::spawn(async move {
@@ -197,6 +234,7 @@ impl Node {
                     .await;
             }
         });
+        Ok(())
     }
 
     /// Ends a `typing` now (explicit `stop_typing`, a sent message, a leave); no-op when the
@@ -221,8 +259,43 @@ impl Node {
     }
 }
 
-/// Keeps this node's view of rooms current as their state events pass through the hub.
+/// Keeps this node's view of rooms current as their state events pass through the hub, and
+/// acts on what the broker reports.
 struct Observer(Weak<Node>);
+
+impl Events for Observer {
+    fn presence_expired(&self, room: &RoomId, users: Vec<String>) {
+        let Some(node) = self.0.upgrade() else { return };
+        let room = room.clone();
+        tokio::spawn(async move {
+            // Their node is gone, and with it their display names: the id stands in.
+            for id in users {
+                let user = UserRef {
+                    name: id.clone(),
+                    id,
+                };
+                let leave = ServerEvent::Leave {
+                    room: room.clone(),
+                    user,
+                };
+                node.publish_ephemeral(&room, &leave).await;
+            }
+            node.online_changed(&room).await;
+        });
+    }
+
+    fn room_state_changed(&self, room: &RoomId) {
+        if let Some(node) = self.0.upgrade() {
+            node.rooms.invalidate(room);
+        }
+    }
+
+    fn reconnected(&self) {
+        if let Some(node) = self.0.upgrade() {
+            node.rooms.clear();
+        }
+    }
+}
 
 impl StateObserver for Observer {
     fn state_changed(&self, room: &RoomId) {
@@ -248,8 +321,8 @@ impl Node {
     /// After a room's settings changed: when it is now private, the local sessions that may no
     /// longer read it (readers of what was a public or restricted room) leave it, told `left`.
     async fn let_readers_go(self: &Arc<Self>, room: &RoomId) {
-        let state = match self.rooms.state(room).await {
-            Ok(Some(state)) if state.info.visibility == Visibility::Private => state,
+        let state = match self.rooms.get(&self.broker, room).await {
+            Ok(Some(copy)) if copy.state.info.visibility == Visibility::Private => copy.state,
             Ok(_) => return,
             Err(e) => {
                 // Their next command is checked against the store anyway; only reading stays.

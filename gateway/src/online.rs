@@ -1,16 +1,15 @@
-//! `online_users` announcements, coalesced per room. A join or leave announces the room's
+//! `online_users` announcements, coalesced per room (the windows; the node announces:
+//! `Node::online_changed`). A join or leave announces the room's
 //! online users at once when the room had no announcement during the last [`WINDOW`]; later
 //! changes within the window fold into one trailing announcement at its end (which opens the
 //! next window). A connection storm into a room of N users so costs each member a few frames
 //! per window instead of one per joiner — O(N) frames instead of O(N²).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use proto::RoomId;
-
-use crate::node::Node;
 
 pub const WINDOW: Duration = Duration::from_millis(500);
 
@@ -22,7 +21,7 @@ pub struct Online {
 
 impl Online {
     /// True when the room had no open window: the caller announces now, and a window opens.
-    fn lead(&self, room: &RoomId) -> bool {
+    pub fn lead(&self, room: &RoomId) -> bool {
         let mut open = self.open.lock().expect("online lock");
         match open.get_mut(room) {
             Some(changed) => {
@@ -38,7 +37,7 @@ impl Online {
 
     /// At the end of a window: true when presence changed during it (announce; the next
     /// window opens), false closes the room's window.
-    fn trail(&self, room: &RoomId) -> bool {
+    pub fn trail(&self, room: &RoomId) -> bool {
         let mut open = self.open.lock().expect("online lock");
         match open.get_mut(room) {
             Some(changed) if *changed => {
@@ -50,27 +49,6 @@ impl Online {
                 false
             }
         }
-    }
-}
-
-impl Node {
-    /// The room's presence changed: announce its online users now or at the window's end.
-    pub async fn online_changed(self: &Arc<Self>, room: &RoomId) {
-        if !self.online.lead(room) {
-            return;
-        }
-        self.publish_online(room).await;
-        let node = self.clone();
-        let room = room.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(WINDOW).await;
-                if !node.online.trail(&room) {
-                    return;
-                }
-                node.publish_online(&room).await;
-            }
-        });
     }
 }
 

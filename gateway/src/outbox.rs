@@ -41,8 +41,8 @@ impl Outbound {
     /// Appends the item, as it goes on the wire, to `buf`.
     pub fn encode(&self, buf: &mut Vec<u8>) {
         match self {
-            Outbound::Text(b) => crate::writer::encode(buf, Frame::text(Payload::Borrowed(b))),
-            Outbound::Pong(b) => crate::writer::encode(buf, Frame::pong(Payload::Borrowed(b))),
+            Outbound::Text(b) => crate::wire::encode(buf, Frame::text(Payload::Borrowed(b))),
+            Outbound::Pong(b) => crate::wire::encode(buf, Frame::pong(Payload::Borrowed(b))),
             Outbound::Rest(b) => buf.extend_from_slice(b),
         }
     }

@@ -17,7 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::broker::BrokerError;
+/// Why a frame was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("store writer stopped")]
+    Stopped,
+    #[error("store did not commit in time")]
+    Timeout,
+}
 
 /// Frames waiting for the store at most; a full queue makes publishers wait (backpressure on
 /// senders only).
@@ -55,26 +62,24 @@ impl PersistQueue {
     }
 
     /// Appends a frame and waits until it is committed.
-    pub async fn append_and_wait(&self, frame: Bytes) -> Result<(), BrokerError> {
+    pub async fn append_and_wait(&self, frame: Bytes) -> Result<(), PersistError> {
         let (done, committed) = oneshot::channel();
         self.tx
             .send((frame, Some(done), publisher()))
             .await
-            .map_err(|_| BrokerError::Unavailable("store writer stopped".into()))?;
+            .map_err(|_| PersistError::Stopped)?;
         match tokio::time::timeout(COMMIT_TIMEOUT, committed).await {
             Ok(Ok(())) => Ok(()),
-            _ => Err(BrokerError::Unavailable(
-                "store did not commit in time".into(),
-            )),
+            _ => Err(PersistError::Timeout),
         }
     }
 
     /// Appends a frame without waiting for the commit (read receipts).
-    pub async fn append(&self, frame: Bytes) -> Result<(), BrokerError> {
+    pub async fn append(&self, frame: Bytes) -> Result<(), PersistError> {
         self.tx
             .send((frame, None, publisher()))
             .await
-            .map_err(|_| BrokerError::Unavailable("store writer stopped".into()))
+            .map_err(|_| PersistError::Stopped)
     }
 
     pub fn healthy(&self) -> bool {

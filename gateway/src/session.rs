@@ -1,7 +1,6 @@
 //! One session per WebSocket: a reader that parses frames and runs commands, a writer that
 //! drains the bounded outbound queue ([`crate::writer`]); both end together.
 
-use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,12 +12,12 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use proto::auth::Identity;
 use proto::errors::close;
-use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
+use proto::{ErrorCode, RoomId, ServerEvent};
 use tokio::io::ReadHalf;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use crate::commands;
+use crate::commands::{self, Caller};
 use crate::hub::SessionHandle;
 use crate::node::Node;
 use crate::outbox::{Outbound, Outbox};
@@ -28,24 +27,10 @@ use crate::writer::Writer;
 /// Rejected commands in a row after which a flooding client is closed with 1008.
 const MAX_STRIKES: u32 = 200;
 
-/// What the reader knows about its session; commands read and change it.
-pub struct SessionState {
-    pub handle: SessionHandle,
-    pub identity: Identity,
-    pub rooms: HashSet<RoomId>,
+/// The per-connection token bucket, and how many commands in a row it refused.
+struct Admission {
     limiter: DefaultDirectRateLimiter,
     strikes: u32,
-}
-
-impl SessionState {
-    pub fn user(&self) -> &UserRef {
-        &self.identity.user
-    }
-
-    /// Queues a direct answer to this session.
-    pub fn send(&self, ev: &ServerEvent) {
-        self.handle.send(Bytes::from(ev.to_json()));
-    }
 }
 
 /// What a session starts from: the upgraded socket, who is on it, and its place under the
@@ -74,7 +59,8 @@ struct Session {
 /// reader's future holds one reference to it rather than one per field, twice (see `Session`).
 struct Reader {
     node: Arc<Node>,
-    state: SessionState,
+    caller: Caller,
+    admission: Admission,
     /// The session's `connect` span.
     connect: tracing::Span,
     read: WebSocketRead<ReadHalf<TokioIo<Upgraded>>>,
@@ -124,24 +110,22 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
 
     let quota = Quota::per_second(NonZeroU32::new(node.config.messages_per_s).expect("validated"))
         .allow_burst(NonZeroU32::new(node.config.burst).expect("validated"));
-    let state = SessionState {
-        handle,
-        identity,
-        rooms: HashSet::new(),
+    let caller = Caller::new(handle, identity);
+    let admission = Admission {
         limiter: RateLimiter::direct(quota),
         strikes: 0,
     };
-    state.send(&ServerEvent::Hello {
+    caller.send(&ServerEvent::Hello {
         session_id: format!("{}-{}", node.name, id),
-        user: state.identity.user.clone(),
+        user: caller.identity.user.clone(),
         node: node.name.clone(),
         heartbeat_s: node.config.heartbeat_seconds as u32,
         limits: node.limits(),
     });
     // Registered before this check, so a drain either sees this session or is seen here.
     if node.is_draining() {
-        state.send(&ServerEvent::Reconnect { after_ms: 0 });
-        state.handle.close(close::RESTARTING);
+        caller.send(&ServerEvent::Reconnect { after_ms: 0 });
+        caller.handle.close(close::RESTARTING);
     }
 
     // fastwebsockets reads frames; the writer encodes its own (see `writer`), so the write half
@@ -160,7 +144,8 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
             auto_join,
             started,
             node,
-            state,
+            caller,
+            admission,
             connect,
         },
         last_seen: AtomicU64::new(0),
@@ -191,21 +176,21 @@ async fn run_session(mut session: Box<Session>) {
 
     let Reader {
         node,
-        state,
+        caller,
         connect,
         ..
     } = reader;
     // Boxed: inline, the loop's state would add to every idle connection's task (see read_loop).
-    Box::pin(leave_all(node, state, connect)).await;
+    Box::pin(leave_all(node, caller, connect)).await;
     node.hub
-        .unregister(&state.identity.user.id, state.handle.id);
+        .unregister(&caller.identity.user.id, caller.handle.id);
     metrics::gauge!("chat_connections").decrement(1.0);
 }
 
 /// The session's rooms, left when it ends.
-async fn leave_all(node: &Arc<Node>, state: &mut SessionState, connect: &tracing::Span) {
-    for room in std::mem::take(&mut state.rooms) {
-        let leave = commands::leave_room(node, state, &room).instrument(connect.clone());
+async fn leave_all(node: &Arc<Node>, caller: &mut Caller, connect: &tracing::Span) {
+    for room in std::mem::take(&mut caller.rooms) {
+        let leave = commands::leave_room(node, caller, &room).instrument(connect.clone());
         Box::pin(leave).await; // boxed: see read_loop
     }
 }
@@ -213,13 +198,14 @@ async fn leave_all(node: &Arc<Node>, state: &mut SessionState, connect: &tracing
 async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
     if let Some(room) = reader.auto_join.take() {
         let span = command_span("join", Some(&room), &reader.connect);
-        let join = commands::join(&reader.node, &mut reader.state, None, room, None);
+        let cmd = proto::client::Join { room, since: None };
+        let join = commands::join(&reader.node, &mut reader.caller, None, cmd);
         Box::pin(join.instrument(span)).await;
     }
 
     loop {
         // Obligated answers (pong to a ping, the close echo) go through the writer.
-        let handle = &reader.state.handle;
+        let handle = &reader.caller.handle;
         let mut obligated = |frame: Frame<'_>| {
             match frame.opcode {
                 OpCode::Pong => {
@@ -241,11 +227,11 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
         let frame = match reader.read.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(WebSocketError::FrameTooLarge) => {
-                reader.state.handle.close(close::TOO_BIG);
+                reader.caller.handle.close(close::TOO_BIG);
                 break;
             }
             Err(WebSocketError::InvalidUTF8) => {
-                reader.state.handle.close(close::INVALID_UTF8);
+                reader.caller.handle.close(close::INVALID_UTF8);
                 break;
             }
             Err(_) => break,
@@ -258,7 +244,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(e) => {
-                reader.state.handle.close(e.close_code());
+                reader.caller.handle.close(e.close_code());
                 break;
             }
         };
@@ -271,7 +257,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
                     Ok(inb) => inb.r#ref.clone(),
                     Err(e) => e.r#ref.clone(),
                 };
-                if !admit(&mut reader.state, r#ref) {
+                if !admit(&mut reader.admission, &reader.caller, r#ref) {
                     continue;
                 }
                 let span = match &decoded {
@@ -283,7 +269,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
                 // Boxed: a command's future (joins, moderation, store calls) is many KB;
                 // inline, every idle connection's task would carry room for it.
                 Box::pin(
-                    commands::handle(&reader.node, &mut reader.state, decoded).instrument(span),
+                    commands::handle(&reader.node, &mut reader.caller, decoded).instrument(span),
                 )
             }
             OpCode::Close => break,
@@ -294,7 +280,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
     // The writer ends by sending the close frame (the code asked for already, or 1000 when the
     // client closed or vanished); a client that stopped reading gets `writer::CLOSE_GRACE` to
     // take it, then the write gives up.
-    reader.state.handle.close(1000);
+    reader.caller.handle.close(1000);
 }
 
 /// One command's span: the root of its own trace (a session lasts hours; a trace per command
@@ -319,21 +305,21 @@ fn command_span(
 
 /// The per-connection token bucket. A rejected command is answered `rate_limited`; a client
 /// that keeps flooding is closed with 1008.
-fn admit(state: &mut SessionState, r#ref: Option<proto::Ref>) -> bool {
-    match state.limiter.check() {
+fn admit(admission: &mut Admission, caller: &Caller, r#ref: Option<proto::Ref>) -> bool {
+    match admission.limiter.check() {
         Ok(()) => {
-            state.strikes = 0;
+            admission.strikes = 0;
             true
         }
         Err(not_until) => {
             use governor::clock::{Clock, DefaultClock};
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            state.strikes += 1;
+            admission.strikes += 1;
             metrics::counter!("chat_rate_limited_total").increment(1);
-            if state.strikes > MAX_STRIKES {
-                state.handle.close(close::POLICY);
+            if admission.strikes > MAX_STRIKES {
+                caller.handle.close(close::POLICY);
             } else {
-                state.send(&ServerEvent::Error {
+                caller.send(&ServerEvent::Error {
                     r#ref,
                     code: ErrorCode::RateLimited,
                     message: "too many commands".into(),

@@ -3,11 +3,10 @@
 //! close request asks for. Frames for an idle session do not pass through here: whoever sends them
 //! writes them (see [`Outbox::push`]); the writer takes what the socket did not take at once.
 //!
-//! Frames are encoded here, synchronously, with fastwebsockets' own head encoder
-//! ([`Frame::fmt_head`]) into one buffer per write, instead of through its `WebSocketWrite`:
-//! server frames are never masked, so encoding is a head and a copy, and the session's task
-//! then holds no write-side state between writes (no per-frame write future, no buffer kept
-//! at the size of the largest burst). Reading stays fastwebsockets' (see `session`).
+//! Frames are encoded synchronously ([`crate::wire`]) into one buffer per write, instead of
+//! through fastwebsockets' `WebSocketWrite`: the session's task then holds no write-side state
+//! between writes (no per-frame write future, no buffer kept at the size of the largest
+//! burst). Reading stays fastwebsockets' (see `session`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,20 +20,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Interval};
 
 use crate::outbox::{Outbox, SocketWrite};
+use crate::wire::encode;
 
 /// Frames written per syscall at most.
 const BATCH: usize = 64;
-/// The longest frame head: 2 bytes, a 64-bit length, and a mask (never set by a server).
-pub const MAX_HEAD: usize = 14;
-
-/// Appends one frame, as it goes on the wire, to `buf`.
-pub fn encode(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
-    let mut head = [0u8; MAX_HEAD];
-    let n = frame.fmt_head(&mut head);
-    buf.extend_from_slice(&head[..n]);
-    buf.extend_from_slice(&frame.payload);
-}
-
 /// How long a write may stay stuck after a close was requested (a client that stopped
 /// reading gets this long to take its queued frames and the close frame).
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -140,44 +129,5 @@ fn close_reason(code: u16) -> &'static str {
         1001 => "idle timeout",
         1007 => "invalid utf-8",
         _ => "",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// RFC 6455 §5.2 by hand: FIN + opcode, then a 7-bit, 16-bit or 64-bit length, no mask.
-    fn expected(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => v.push(n as u8),
-            n if n < 65536 => {
-                v.push(126);
-                v.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                v.push(127);
-                v.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(payload);
-        v
-    }
-
-    #[test]
-    fn frames_are_encoded_as_the_rfc_says_at_every_length_boundary() {
-        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
-            let payload = vec![b'x'; len];
-            let mut buf = Vec::new();
-            encode(&mut buf, Frame::text(Payload::Borrowed(&payload)));
-            assert_eq!(buf, expected(0x1, &payload), "text of {len} bytes");
-        }
-        let mut buf = Vec::new();
-        encode(&mut buf, Frame::pong(Payload::Borrowed(b"p")));
-        encode(&mut buf, Frame::close(1013, b"client too slow"));
-        let mut want = expected(0xA, b"p");
-        want.extend(expected(0x8, b"\x03\xf5client too slow"));
-        assert_eq!(buf, want, "frames appended back to back");
     }
 }

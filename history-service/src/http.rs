@@ -38,9 +38,10 @@ use axum::{Json, Router};
 use proto::auth::{Identity, Verifier};
 use proto::errors::{ErrorCode, HttpError};
 use proto::rooms::{MemberInfo, MessageView, PinView, ReadMarker, RoomSummary, Visibility};
-use proto::{RoomId, Timestamp};
+use proto::RoomId;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Access, Action, Denied};
 use crate::singleflight::SingleFlight;
 use crate::store::{Page, RoomAccess, Store, StoreError};
 
@@ -87,6 +88,12 @@ impl From<StoreError> for ApiError {
             }
             other => ApiError::new(other.code(), other.to_string()),
         }
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        ApiError::new(d.code, d.message)
     }
 }
 
@@ -189,24 +196,7 @@ impl<S: Store> HistoryApi<S> {
             .access(room, &who.user.id)
             .await?
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no room {room}")))?;
-        if !who.admin {
-            if access
-                .ban
-                .as_ref()
-                .is_some_and(|b| b.active_at(Timestamp::now()))
-            {
-                return Err(ApiError::new(
-                    ErrorCode::Banned,
-                    "you are banned from this room",
-                ));
-            }
-            if access.info.visibility == Visibility::Private && access.member.is_none() {
-                return Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    "private room: members only",
-                ));
-            }
-        }
+        Access::of_room(&access, who).check(Action::Read)?;
         Ok(access)
     }
 

@@ -29,6 +29,7 @@
 //! room state through [`remote::RemoteStore`] → [`internal`] → the store. Embedded: the
 //! gateway calls a [`store::sqlite::SqliteStore`] directly and mounts [`http::router`].
 
+pub mod access;
 pub mod consumer;
 pub mod http;
 pub mod internal;

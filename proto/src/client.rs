@@ -13,128 +13,190 @@ pub struct Inbound {
     pub command: Command,
 }
 
-/// Every client command of protocol v1. Unknown fields are ignored; an unknown `type` is an
-/// error ([`DecodeErrorKind::UnknownType`]).
+/// Every client command of protocol v1, one struct per command (a handler takes one value).
+/// Unknown fields are ignored; an unknown `type` is an error ([`DecodeErrorKind::UnknownType`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
-    Join {
-        room: RoomId,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        since: Option<u64>,
-    },
-    Leave {
-        room: RoomId,
-    },
-    Message {
-        room: RoomId,
-        content: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        client_msg_id: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reply_to: Option<MessageId>,
-    },
-    Edit {
-        room: RoomId,
-        id: MessageId,
-        content: String,
-    },
-    Delete {
-        room: RoomId,
-        id: MessageId,
-    },
-    Typing {
-        room: RoomId,
-    },
-    StopTyping {
-        room: RoomId,
-    },
-    Read {
-        room: RoomId,
-        seq: u64,
-    },
-    Pin {
-        room: RoomId,
-        id: MessageId,
-    },
-    Unpin {
-        room: RoomId,
-        id: MessageId,
-    },
-    CreateRoom {
-        room: RoomId,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<String>,
-        #[serde(default)]
-        visibility: Visibility,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        topic: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_members: Option<u32>,
-    },
-    UpdateRoom {
-        room: RoomId,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        topic: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        visibility: Option<Visibility>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_members: Option<u32>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        members_can_pin: Option<bool>,
-    },
-    DeleteRoom {
-        room: RoomId,
-    },
-    AddMember {
-        room: RoomId,
-        user: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        role: Option<Role>,
-    },
-    RemoveMember {
-        room: RoomId,
-        user: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
-    },
-    Kick {
-        room: RoomId,
-        user: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
-    },
-    Ban {
-        room: RoomId,
-        user: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        duration_s: Option<u64>,
-    },
-    Unban {
-        room: RoomId,
-        user: String,
-    },
-    Mute {
-        room: RoomId,
-        user: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        duration_s: Option<u64>,
-    },
-    Unmute {
-        room: RoomId,
-        user: String,
-    },
-    SetRole {
-        room: RoomId,
-        user: String,
-        role: Role,
-    },
+    Join(Join),
+    Leave(Leave),
+    Message(SendMessage),
+    Edit(Edit),
+    Delete(Delete),
+    Typing(Typing),
+    StopTyping(StopTyping),
+    Read(Read),
+    Pin(Pin),
+    Unpin(Unpin),
+    CreateRoom(CreateRoom),
+    UpdateRoom(UpdateRoom),
+    DeleteRoom(DeleteRoom),
+    AddMember(AddMember),
+    RemoveMember(RemoveMember),
+    /// `kick` is `remove_member` by another name: the membership ends, the connections leave.
+    Kick(RemoveMember),
+    Ban(Ban),
+    Unban(Unban),
+    Mute(Mute),
+    Unmute(Unmute),
+    SetRole(SetRole),
     ListRooms,
     Ping,
+}
+
+/// `join`: enter a room; with `since`, replay the stored events after it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub room: RoomId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Leave {
+    pub room: RoomId,
+}
+
+/// `message`: post to a room.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SendMessage {
+    pub room: RoomId,
+    pub content: String,
+    /// Idempotency key: a repeat is answered with the first publication's ack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Edit {
+    pub room: RoomId,
+    pub id: MessageId,
+    pub content: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delete {
+    pub room: RoomId,
+    pub id: MessageId,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Typing {
+    pub room: RoomId,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StopTyping {
+    pub room: RoomId,
+}
+
+/// `read`: the user has read the room up to `seq`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Read {
+    pub room: RoomId,
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pin {
+    pub room: RoomId,
+    pub id: MessageId,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unpin {
+    pub room: RoomId,
+    pub id: MessageId,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateRoom {
+    pub room: RoomId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub visibility: Visibility,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_members: Option<u32>,
+}
+
+/// `update_room`: the settings given change, the others stay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRoom {
+    pub room: RoomId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visibility: Option<Visibility>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_members: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_can_pin: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeleteRoom {
+    pub room: RoomId,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AddMember {
+    pub room: RoomId,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+/// `remove_member` and `kick`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemoveMember {
+    pub room: RoomId,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ban {
+    pub room: RoomId,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unban {
+    pub room: RoomId,
+    pub user: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mute {
+    pub room: RoomId,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unmute {
+    pub room: RoomId,
+    pub user: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetRole {
+    pub room: RoomId,
+    pub user: String,
+    pub role: Role,
 }
 
 /// The `type` names of [`Command`], to tell "unknown type" from "bad field".
@@ -168,57 +230,56 @@ impl Command {
     /// The room the command acts on, if any.
     pub fn room(&self) -> Option<&RoomId> {
         use Command::*;
-        match self {
-            Join { room, .. }
-            | Leave { room }
-            | Message { room, .. }
-            | Edit { room, .. }
-            | Delete { room, .. }
-            | Typing { room }
-            | StopTyping { room }
-            | Read { room, .. }
-            | Pin { room, .. }
-            | Unpin { room, .. }
-            | CreateRoom { room, .. }
-            | UpdateRoom { room, .. }
-            | DeleteRoom { room }
-            | AddMember { room, .. }
-            | RemoveMember { room, .. }
-            | Kick { room, .. }
-            | Ban { room, .. }
-            | Unban { room, .. }
-            | Mute { room, .. }
-            | Unmute { room, .. }
-            | SetRole { room, .. } => Some(room),
-            ListRooms | Ping => None,
-        }
+        Some(match self {
+            Join(c) => &c.room,
+            Leave(c) => &c.room,
+            Message(c) => &c.room,
+            Edit(c) => &c.room,
+            Delete(c) => &c.room,
+            Typing(c) => &c.room,
+            StopTyping(c) => &c.room,
+            Read(c) => &c.room,
+            Pin(c) => &c.room,
+            Unpin(c) => &c.room,
+            CreateRoom(c) => &c.room,
+            UpdateRoom(c) => &c.room,
+            DeleteRoom(c) => &c.room,
+            AddMember(c) => &c.room,
+            RemoveMember(c) | Kick(c) => &c.room,
+            Ban(c) => &c.room,
+            Unban(c) => &c.room,
+            Mute(c) => &c.room,
+            Unmute(c) => &c.room,
+            SetRole(c) => &c.room,
+            ListRooms | Ping => return None,
+        })
     }
 
     /// The wire name of the command, for metrics and logs.
     pub fn name(&self) -> &'static str {
         use Command::*;
         match self {
-            Join { .. } => "join",
-            Leave { .. } => "leave",
-            Message { .. } => "message",
-            Edit { .. } => "edit",
-            Delete { .. } => "delete",
-            Typing { .. } => "typing",
-            StopTyping { .. } => "stop_typing",
-            Read { .. } => "read",
-            Pin { .. } => "pin",
-            Unpin { .. } => "unpin",
-            CreateRoom { .. } => "create_room",
-            UpdateRoom { .. } => "update_room",
-            DeleteRoom { .. } => "delete_room",
-            AddMember { .. } => "add_member",
-            RemoveMember { .. } => "remove_member",
-            Kick { .. } => "kick",
-            Ban { .. } => "ban",
-            Unban { .. } => "unban",
-            Mute { .. } => "mute",
-            Unmute { .. } => "unmute",
-            SetRole { .. } => "set_role",
+            Join(_) => "join",
+            Leave(_) => "leave",
+            Message(_) => "message",
+            Edit(_) => "edit",
+            Delete(_) => "delete",
+            Typing(_) => "typing",
+            StopTyping(_) => "stop_typing",
+            Read(_) => "read",
+            Pin(_) => "pin",
+            Unpin(_) => "unpin",
+            CreateRoom(_) => "create_room",
+            UpdateRoom(_) => "update_room",
+            DeleteRoom(_) => "delete_room",
+            AddMember(_) => "add_member",
+            RemoveMember(_) => "remove_member",
+            Kick(_) => "kick",
+            Ban(_) => "ban",
+            Unban(_) => "unban",
+            Mute(_) => "mute",
+            Unmute(_) => "unmute",
+            SetRole(_) => "set_role",
             ListRooms => "list_rooms",
             Ping => "ping",
         }

@@ -25,4 +25,4 @@ pub mod server;
 pub use client::{Command, Inbound};
 pub use errors::ErrorCode;
 pub use ids::{MessageId, Ref, RoomId, Timestamp, UserRef};
-pub use server::ServerEvent;
+pub use server::{EventKind, ServerEvent};

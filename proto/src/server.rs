@@ -238,7 +238,274 @@ pub enum ServerEvent {
     },
 }
 
+/// The `type` of a server frame, for code that routes frames by kind — read from a typed
+/// event ([`ServerEvent::kind`]) or from the tag of a serialized one ([`EventKind::parse`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Hello,
+    Ack,
+    Error,
+    Pong,
+    Joined,
+    Left,
+    Message,
+    MessageEdited,
+    MessageDeleted,
+    Typing,
+    StopTyping,
+    Join,
+    Leave,
+    OnlineUsers,
+    Receipt,
+    Pinned,
+    Unpinned,
+    RoomCreated,
+    RoomUpdated,
+    RoomDeleted,
+    MemberAdded,
+    MemberRemoved,
+    MemberUpdated,
+    Banned,
+    Unbanned,
+    Muted,
+    Unmuted,
+    Rooms,
+    Notice,
+    Reconnect,
+}
+
+/// Whom a stored room event takes out of the room on every node, once it is delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evicts {
+    /// The event's `user` (`banned`, `member_removed`).
+    Subject,
+    /// Everyone (`room_deleted`).
+    Everyone,
+}
+
+impl EventKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [EventKind; 30] = {
+        use EventKind::*;
+        [
+            Hello,
+            Ack,
+            Error,
+            Pong,
+            Joined,
+            Left,
+            Message,
+            MessageEdited,
+            MessageDeleted,
+            Typing,
+            StopTyping,
+            Join,
+            Leave,
+            OnlineUsers,
+            Receipt,
+            Pinned,
+            Unpinned,
+            RoomCreated,
+            RoomUpdated,
+            RoomDeleted,
+            MemberAdded,
+            MemberRemoved,
+            MemberUpdated,
+            Banned,
+            Unbanned,
+            Muted,
+            Unmuted,
+            Rooms,
+            Notice,
+            Reconnect,
+        ]
+    };
+
+    /// The wire name (the frame's `type`).
+    pub fn as_str(self) -> &'static str {
+        use EventKind::*;
+        match self {
+            Hello => "hello",
+            Ack => "ack",
+            Error => "error",
+            Pong => "pong",
+            Joined => "joined",
+            Left => "left",
+            Message => "message",
+            MessageEdited => "message_edited",
+            MessageDeleted => "message_deleted",
+            Typing => "typing",
+            StopTyping => "stop_typing",
+            Join => "join",
+            Leave => "leave",
+            OnlineUsers => "online_users",
+            Receipt => "receipt",
+            Pinned => "pinned",
+            Unpinned => "unpinned",
+            RoomCreated => "room_created",
+            RoomUpdated => "room_updated",
+            RoomDeleted => "room_deleted",
+            MemberAdded => "member_added",
+            MemberRemoved => "member_removed",
+            MemberUpdated => "member_updated",
+            Banned => "banned",
+            Unbanned => "unbanned",
+            Muted => "muted",
+            Unmuted => "unmuted",
+            Rooms => "rooms",
+            Notice => "notice",
+            Reconnect => "reconnect",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        use EventKind::*;
+        Some(match s {
+            "hello" => Hello,
+            "ack" => Ack,
+            "error" => Error,
+            "pong" => Pong,
+            "joined" => Joined,
+            "left" => Left,
+            "message" => Message,
+            "message_edited" => MessageEdited,
+            "message_deleted" => MessageDeleted,
+            "typing" => Typing,
+            "stop_typing" => StopTyping,
+            "join" => Join,
+            "leave" => Leave,
+            "online_users" => OnlineUsers,
+            "receipt" => Receipt,
+            "pinned" => Pinned,
+            "unpinned" => Unpinned,
+            "room_created" => RoomCreated,
+            "room_updated" => RoomUpdated,
+            "room_deleted" => RoomDeleted,
+            "member_added" => MemberAdded,
+            "member_removed" => MemberRemoved,
+            "member_updated" => MemberUpdated,
+            "banned" => Banned,
+            "unbanned" => Unbanned,
+            "muted" => Muted,
+            "unmuted" => Unmuted,
+            "rooms" => Rooms,
+            "notice" => Notice,
+            "reconnect" => Reconnect,
+            _ => return None,
+        })
+    }
+
+    /// A stored event that changes the room's state — settings, membership, roles, bans,
+    /// mutes — and so what its members may do.
+    pub fn changes_room_state(self) -> bool {
+        use EventKind::*;
+        matches!(
+            self,
+            RoomCreated
+                | RoomUpdated
+                | RoomDeleted
+                | MemberAdded
+                | MemberRemoved
+                | MemberUpdated
+                | Banned
+                | Unbanned
+                | Muted
+                | Unmuted
+        )
+    }
+
+    /// Who the event takes out of the room, if anyone.
+    pub fn evicts(self) -> Option<Evicts> {
+        match self {
+            EventKind::Banned | EventKind::MemberRemoved => Some(Evicts::Subject),
+            EventKind::RoomDeleted => Some(Evicts::Everyone),
+            _ => None,
+        }
+    }
+
+    /// Ephemeral room frames that are not sent back to the user they are about: the typist's
+    /// own `typing`/`stop_typing`, the joiner's own `join` (who gets `joined` instead).
+    pub fn skips_its_user(self) -> bool {
+        matches!(
+            self,
+            EventKind::Typing | EventKind::StopTyping | EventKind::Join
+        )
+    }
+}
+
 impl ServerEvent {
+    /// The frame's kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            ServerEvent::Hello { .. } => EventKind::Hello,
+            ServerEvent::Ack { .. } => EventKind::Ack,
+            ServerEvent::Error { .. } => EventKind::Error,
+            ServerEvent::Pong { .. } => EventKind::Pong,
+            ServerEvent::Joined { .. } => EventKind::Joined,
+            ServerEvent::Left { .. } => EventKind::Left,
+            ServerEvent::Message { .. } => EventKind::Message,
+            ServerEvent::MessageEdited { .. } => EventKind::MessageEdited,
+            ServerEvent::MessageDeleted { .. } => EventKind::MessageDeleted,
+            ServerEvent::Typing { .. } => EventKind::Typing,
+            ServerEvent::StopTyping { .. } => EventKind::StopTyping,
+            ServerEvent::Join { .. } => EventKind::Join,
+            ServerEvent::Leave { .. } => EventKind::Leave,
+            ServerEvent::OnlineUsers { .. } => EventKind::OnlineUsers,
+            ServerEvent::Receipt { .. } => EventKind::Receipt,
+            ServerEvent::Pinned { .. } => EventKind::Pinned,
+            ServerEvent::Unpinned { .. } => EventKind::Unpinned,
+            ServerEvent::RoomCreated { .. } => EventKind::RoomCreated,
+            ServerEvent::RoomUpdated { .. } => EventKind::RoomUpdated,
+            ServerEvent::RoomDeleted { .. } => EventKind::RoomDeleted,
+            ServerEvent::MemberAdded { .. } => EventKind::MemberAdded,
+            ServerEvent::MemberRemoved { .. } => EventKind::MemberRemoved,
+            ServerEvent::MemberUpdated { .. } => EventKind::MemberUpdated,
+            ServerEvent::Banned { .. } => EventKind::Banned,
+            ServerEvent::Unbanned { .. } => EventKind::Unbanned,
+            ServerEvent::Muted { .. } => EventKind::Muted,
+            ServerEvent::Unmuted { .. } => EventKind::Unmuted,
+            ServerEvent::Rooms { .. } => EventKind::Rooms,
+            ServerEvent::Notice { .. } => EventKind::Notice,
+            ServerEvent::Reconnect { .. } => EventKind::Reconnect,
+        }
+    }
+
+    /// The room a room event belongs to (None for session frames: hello, ack, rooms…).
+    pub fn room(&self) -> Option<&RoomId> {
+        use ServerEvent::*;
+        match self {
+            RoomCreated { room, .. } | RoomUpdated { room, .. } => Some(&room.id),
+            Joined { room, .. } => Some(&room.id),
+            Left { room, .. }
+            | Message { room, .. }
+            | MessageEdited { room, .. }
+            | MessageDeleted { room, .. }
+            | Typing { room, .. }
+            | StopTyping { room, .. }
+            | Join { room, .. }
+            | Leave { room, .. }
+            | OnlineUsers { room, .. }
+            | Receipt { room, .. }
+            | Pinned { room, .. }
+            | Unpinned { room, .. }
+            | RoomDeleted { room, .. }
+            | MemberAdded { room, .. }
+            | MemberRemoved { room, .. }
+            | MemberUpdated { room, .. }
+            | Banned { room, .. }
+            | Unbanned { room, .. }
+            | Muted { room, .. }
+            | Unmuted { room, .. } => Some(room),
+            Hello { .. }
+            | Ack { .. }
+            | Error { .. }
+            | Pong { .. }
+            | Rooms { .. }
+            | Notice { .. }
+            | Reconnect { .. } => None,
+        }
+    }
+
     /// The stored-event seq this frame carries (0 for ephemeral and direct frames).
     pub fn seq(&self) -> u64 {
         use ServerEvent::*;

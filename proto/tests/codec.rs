@@ -10,94 +10,95 @@ fn room(s: &str) -> RoomId {
 }
 
 fn all_commands() -> Vec<Command> {
+    use proto::client::*;
     let r = || room("lobby");
     vec![
-        Command::Join {
+        Command::Join(Join {
             room: r(),
             since: Some(3),
-        },
-        Command::Leave { room: r() },
-        Command::Message {
+        }),
+        Command::Leave(Leave { room: r() }),
+        Command::Message(SendMessage {
             room: r(),
             content: "hi".into(),
             client_msg_id: Some("c1".into()),
             reply_to: Some(MessageId(9)),
-        },
-        Command::Edit {
+        }),
+        Command::Edit(Edit {
             room: r(),
             id: MessageId(1),
             content: "x".into(),
-        },
-        Command::Delete {
+        }),
+        Command::Delete(Delete {
             room: r(),
             id: MessageId(1),
-        },
-        Command::Typing { room: r() },
-        Command::StopTyping { room: r() },
-        Command::Read { room: r(), seq: 4 },
-        Command::Pin {
+        }),
+        Command::Typing(Typing { room: r() }),
+        Command::StopTyping(StopTyping { room: r() }),
+        Command::Read(Read { room: r(), seq: 4 }),
+        Command::Pin(Pin {
             room: r(),
             id: MessageId(2),
-        },
-        Command::Unpin {
+        }),
+        Command::Unpin(Unpin {
             room: r(),
             id: MessageId(2),
-        },
-        Command::CreateRoom {
+        }),
+        Command::CreateRoom(CreateRoom {
             room: r(),
             name: Some("Lobby".into()),
             visibility: Visibility::Restricted,
             topic: Some("t".into()),
             max_members: Some(10),
-        },
-        Command::UpdateRoom {
+        }),
+        Command::UpdateRoom(UpdateRoom {
             room: r(),
             name: None,
             topic: Some("t2".into()),
             visibility: Some(Visibility::Private),
             max_members: None,
             members_can_pin: Some(true),
-        },
-        Command::DeleteRoom { room: r() },
-        Command::AddMember {
+        }),
+        Command::DeleteRoom(DeleteRoom { room: r() }),
+        Command::AddMember(AddMember {
             room: r(),
             user: "u2".into(),
             role: Some(Role::Admin),
-        },
-        Command::RemoveMember {
+        }),
+        Command::RemoveMember(RemoveMember {
             room: r(),
             user: "u2".into(),
             reason: None,
-        },
-        Command::Kick {
+        }),
+        Command::Kick(RemoveMember {
             room: r(),
             user: "u2".into(),
             reason: Some("spam".into()),
-        },
-        Command::Ban {
+        }),
+        Command::Ban(Ban {
             room: r(),
             user: "u2".into(),
             reason: None,
             duration_s: Some(60),
-        },
-        Command::Unban {
+        }),
+        Command::Unban(Unban {
             room: r(),
             user: "u2".into(),
-        },
-        Command::Mute {
+        }),
+        Command::Mute(Mute {
             room: r(),
             user: "u2".into(),
             duration_s: None,
-        },
-        Command::Unmute {
+        }),
+        Command::Unmute(Unmute {
             room: r(),
             user: "u2".into(),
-        },
-        Command::SetRole {
+        }),
+        Command::SetRole(SetRole {
             room: r(),
             user: "u2".into(),
             role: Role::Member,
-        },
+        }),
         Command::ListRooms,
         Command::Ping,
     ]
@@ -303,4 +304,61 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn event_kinds_name_the_serialized_type_and_parse_back() {
+    use proto::EventKind;
+    for k in EventKind::ALL {
+        assert_eq!(EventKind::parse(k.as_str()), Some(k));
+    }
+    assert_eq!(EventKind::parse("warp"), None);
+    let u = UserRef {
+        id: "u".into(),
+        name: "U".into(),
+    };
+    let events = [
+        ServerEvent::Banned {
+            seq: 0,
+            room: room("a"),
+            user: u.clone(),
+            by: u.clone(),
+            reason: None,
+            until: None,
+        },
+        ServerEvent::Typing {
+            room: room("a"),
+            user: u.clone(),
+        },
+        ServerEvent::RoomUpdated {
+            seq: 3,
+            room: proto::rooms::RoomInfo {
+                id: room("a"),
+                name: "A".into(),
+                topic: String::new(),
+                visibility: Visibility::Public,
+                max_members: None,
+                members_can_pin: false,
+                owner: None,
+                created_at: Timestamp(0),
+            },
+        },
+        ServerEvent::Pong { r#ref: None },
+    ];
+    for ev in &events {
+        let v: serde_json::Value = serde_json::from_slice(&ev.to_json()).unwrap();
+        assert_eq!(v["type"], ev.kind().as_str());
+    }
+    assert_eq!(
+        events[0].room(),
+        Some(&room("a")),
+        "a room event names its room"
+    );
+    assert_eq!(
+        events[2].room(),
+        Some(&room("a")),
+        "room_updated carries the room as an object"
+    );
+    assert_eq!(events[3].room(), None);
+    assert!(events[0].kind().changes_room_state() && !events[1].kind().changes_room_state());
 }

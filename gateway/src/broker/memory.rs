@@ -12,7 +12,10 @@ use bytes::Bytes;
 use proto::envelope::{with_seq, NodeTarget};
 use proto::{MessageId, RoomId, UserRef};
 
-use super::{Broker, BrokerError, Dedupe, PinChange, PinOutcome, Published, Recovery};
+use super::{
+    Broker, BrokerError, Dedupe, Events, PinChange, PinOutcome, Published, Recovery, StateCheck,
+    StateVersion,
+};
 use crate::hub::Hub;
 use crate::persist::PersistQueue;
 
@@ -63,6 +66,29 @@ struct Shard {
     presence: HashMap<RoomId, HashMap<String, (UserRef, usize)>>,
     /// Pinned message ids per room that has had a pin change since start.
     pins: HashMap<RoomId, HashSet<MessageId>>,
+    /// State versions of rooms whose state changed since start (absent: 0).
+    versions: HashMap<RoomId, StateVersion>,
+}
+
+impl Shard {
+    /// Applies a state check; the caller holds the shard, so the check and what follows are
+    /// one step. A `Change` is recorded by [`Shard::changed`] once the change is done.
+    fn check(&self, room: &RoomId, check: StateCheck) -> Result<(), BrokerError> {
+        match check {
+            StateCheck::Expect(v) if v != self.version(room) => Err(BrokerError::Stale),
+            _ => Ok(()),
+        }
+    }
+
+    fn changed(&mut self, room: &RoomId, check: StateCheck) {
+        if let StateCheck::Change(v) = check {
+            self.versions.insert(room.clone(), v);
+        }
+    }
+
+    fn version(&self, room: &RoomId) -> StateVersion {
+        self.versions.get(room).copied().unwrap_or(0)
+    }
 }
 
 /// Reads a room's last stored seq from the store: after a restart a room's numbering goes on
@@ -129,11 +155,15 @@ impl Broker for MemoryBroker {
         0
     }
 
+    /// One node: nothing happens elsewhere to report.
+    fn report_to(&self, _events: Arc<dyn Events>) {}
+
     async fn publish_stored(
         &self,
         room: &RoomId,
         frame: &[u8],
         dedupe: Option<Dedupe<'_>>,
+        check: StateCheck,
     ) -> Result<Published, BrokerError> {
         self.ensure_log(room).await?;
         let now = Instant::now();
@@ -146,6 +176,8 @@ impl Broker for MemoryBroker {
                     return Ok(first);
                 }
             }
+            shard.check(room, check)?;
+            shard.changed(room, check);
             let log = shard.logs.entry(room.clone()).or_default();
             log.last_seq += 1;
             let seq = log.last_seq;
@@ -166,16 +198,33 @@ impl Broker for MemoryBroker {
             (Published::Fresh { seq }, stored)
         };
         if let Some(p) = &self.persist {
-            p.append_and_wait(stored).await?;
+            p.append_and_wait(stored)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         }
         Ok(published)
     }
 
-    async fn publish_ephemeral(&self, room: &RoomId, frame: Bytes) -> Result<(), BrokerError> {
+    async fn publish_ephemeral(
+        &self,
+        room: &RoomId,
+        frame: Bytes,
+        expect: Option<StateVersion>,
+    ) -> Result<(), BrokerError> {
         let peek = crate::bus::peek(&frame);
         let except = peek.as_ref().and_then(crate::bus::excluded_user);
+        let shard = self.shard(room);
+        if let Some(v) = expect {
+            shard.check(room, StateCheck::Expect(v))?;
+        }
+        // Delivered under the shard, like a stored event: a state change cannot slip between
+        // the check and the delivery.
         self.hub.deliver(room, 0, &frame, except);
         Ok(())
+    }
+
+    async fn state_version(&self, room: &RoomId) -> Result<StateVersion, BrokerError> {
+        Ok(self.shard(room).version(room))
     }
 
     async fn publish_node(&self, target: NodeTarget<'_>, frame: Bytes) -> Result<(), BrokerError> {
@@ -190,7 +239,9 @@ impl Broker for MemoryBroker {
 
     async fn persist(&self, frame: Bytes) -> Result<(), BrokerError> {
         if let Some(p) = &self.persist {
-            p.append(frame).await?;
+            p.append(frame)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         }
         Ok(())
     }
@@ -206,9 +257,11 @@ impl Broker for MemoryBroker {
     async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
         self.ensure_log(room).await?;
         let shard = self.shard(room);
+        let version = shard.version(room);
         let Some(log) = shard.logs.get(room) else {
             return Ok(Recovery {
                 last_seq: 0,
+                version,
                 events: vec![],
                 complete: true,
             });
@@ -216,6 +269,7 @@ impl Broker for MemoryBroker {
         let Some(since) = since else {
             return Ok(Recovery {
                 last_seq: log.last_seq,
+                version,
                 events: vec![],
                 complete: true,
             });
@@ -232,6 +286,7 @@ impl Broker for MemoryBroker {
             .collect();
         Ok(Recovery {
             last_seq: log.last_seq,
+            version,
             events,
             complete,
         })
@@ -287,8 +342,10 @@ impl Broker for MemoryBroker {
         change: PinChange,
         max: usize,
         stored: Option<&[MessageId]>,
+        check: StateCheck,
     ) -> Result<PinOutcome, BrokerError> {
         let mut shard = self.shard(room);
+        shard.check(room, check)?;
         let pins = match (shard.pins.contains_key(room), stored) {
             (false, None) => return Ok(PinOutcome::NotPinned),
             (false, Some(stored)) => shard

@@ -12,6 +12,17 @@
 //! - Ephemeral events (typing, join/leave, online users) and node-targeted frames are
 //!   best-effort: no seq, no log, no recovery.
 //! - Delivery into this node goes to the [`Hub`](crate::hub::Hub), which fans out locally.
+//!   Everything else the broker learns — presence that expired on a dead node, a room's state
+//!   changed on another node, a lost connection that is back — it reports to the node through
+//!   [`Events`]; the node decides what follows.
+//!
+//! # Room state versions
+//! Each room has a state version: an opaque token that every room-state change replaces
+//! ([`StateCheck::Change`], in the same atomic step as the change's event). A command decided
+//! on a node's cached state carries the version it was decided on ([`StateCheck::Expect`]);
+//! the broker refuses it with [`BrokerError::Stale`] when the version moved on, and the node
+//! decides again on fresh state (see `commands::guard`). So a change acknowledged to anyone
+//! is seen by every later command on every node, without a round trip per command.
 
 pub mod memory;
 pub mod redis;
@@ -27,6 +38,43 @@ pub enum BrokerError {
     /// The backend is unreachable or failed; the command may be retried.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The room's state version is not the one the command was decided on: nothing was done.
+    #[error("the room's state changed")]
+    Stale,
+}
+
+/// A room's state version (see the module docs). 0: no change since the broker's data began.
+pub type StateVersion = u64;
+
+/// A fresh state version for a change: random, so a version is never reused (also after the
+/// broker lost its data and counts from nothing).
+pub fn new_state_version() -> StateVersion {
+    rand::random::<u64>() | 1
+}
+
+/// How a publish relates to the room's state version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateCheck {
+    /// Only while the room's state is still at this version (the command was decided on it).
+    Expect(StateVersion),
+    /// The event changes the room's state: the version becomes this one.
+    Change(StateVersion),
+    /// Neither (the decision was confirmed by an earlier checked step).
+    Unchecked,
+}
+
+/// What a broker reports to its node. The node registers one ([`Broker::report_to`]); the
+/// broker builds no events and applies no policy of its own.
+pub trait Events: Send + Sync + 'static {
+    /// These users' presence in `room` expired: the node that held them stopped refreshing
+    /// it (it died). They are offline now.
+    fn presence_expired(&self, room: &RoomId, users: Vec<String>);
+    /// Another node changed `room`'s state without a room event (a membership from a public
+    /// join or leave).
+    fn room_state_changed(&self, room: &RoomId);
+    /// The broker's connection was lost and is back: what it reports may have been missed
+    /// in between.
+    fn reconnected(&self);
 }
 
 /// Idempotency of a publish: a repeat of `key` returns the first publication.
@@ -63,6 +111,8 @@ impl Published {
 pub struct Recovery {
     /// The room's last assigned seq when the window was read.
     pub last_seq: u64,
+    /// The room's state version when the window was read.
+    pub version: StateVersion,
     /// Stored events with seq > since, in order (empty without `since`).
     pub events: Vec<(u64, Bytes)>,
     /// False when `since` is older than the window: the client must use history.
@@ -101,20 +151,32 @@ pub trait Broker: Send + Sync + 'static {
     /// A worker id for message ids, unique among live nodes.
     fn worker_id(&self) -> u16;
 
+    /// Registers the node's receiver of what the broker learns (once, at node start).
+    fn report_to(&self, events: std::sync::Arc<dyn Events>);
+
     /// Publishes a stored event. `frame` is the event serialized without `seq`.
     fn publish_stored(
         &self,
         room: &RoomId,
         frame: &[u8],
         dedupe: Option<Dedupe<'_>>,
+        check: StateCheck,
     ) -> impl Future<Output = Result<Published, BrokerError>> + Send;
 
     /// Publishes an ephemeral room event. Typing frames are not delivered to the typist.
+    /// With `expect`, only while the room's state is at that version ([`BrokerError::Stale`]).
     fn publish_ephemeral(
         &self,
         room: &RoomId,
         frame: Bytes,
+        expect: Option<StateVersion>,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// The room's state version now.
+    fn state_version(
+        &self,
+        room: &RoomId,
+    ) -> impl Future<Output = Result<StateVersion, BrokerError>> + Send;
 
     /// Sends a frame to every connection, or to one user's connections, on every node.
     fn publish_node(
@@ -164,7 +226,7 @@ pub trait Broker: Send + Sync + 'static {
     /// persistence log reaches it, too late to stop two pins from passing the limit or an
     /// unpin from missing a pin a moment old. `stored` (the store's pins) seeds the set the
     /// first time the room's is used; with None, a room without a set is left alone
-    /// (`NotPinned`).
+    /// (`NotPinned`). Checked against the room's state version like a publish.
     fn pin_set(
         &self,
         room: &RoomId,
@@ -172,6 +234,7 @@ pub trait Broker: Send + Sync + 'static {
         change: PinChange,
         max: usize,
         stored: Option<&[MessageId]>,
+        check: StateCheck,
     ) -> impl Future<Output = Result<PinOutcome, BrokerError>> + Send;
 
     /// True while the broker can publish and receive.
@@ -197,22 +260,34 @@ impl Broker for AnyBroker {
     fn worker_id(&self) -> u16 {
         delegate!(self, b => b.worker_id())
     }
+    fn report_to(&self, events: std::sync::Arc<dyn Events>) {
+        delegate!(self, b => b.report_to(events))
+    }
     async fn publish_stored(
         &self,
         room: &RoomId,
         frame: &[u8],
         dedupe: Option<Dedupe<'_>>,
+        check: StateCheck,
     ) -> Result<Published, BrokerError> {
         use tracing::Instrument;
         // One span per stored publish; the Redis broker writes its traceparent into the
         // persistence entry so the history service's write joins the trace.
         let span = tracing::info_span!("broker_publish", otel.kind = "producer", room = %room);
-        async { delegate!(self, b => b.publish_stored(room, frame, dedupe).await) }
+        async { delegate!(self, b => b.publish_stored(room, frame, dedupe, check).await) }
             .instrument(span)
             .await
     }
-    async fn publish_ephemeral(&self, room: &RoomId, frame: Bytes) -> Result<(), BrokerError> {
-        delegate!(self, b => b.publish_ephemeral(room, frame).await)
+    async fn publish_ephemeral(
+        &self,
+        room: &RoomId,
+        frame: Bytes,
+        expect: Option<StateVersion>,
+    ) -> Result<(), BrokerError> {
+        delegate!(self, b => b.publish_ephemeral(room, frame, expect).await)
+    }
+    async fn state_version(&self, room: &RoomId) -> Result<StateVersion, BrokerError> {
+        delegate!(self, b => b.state_version(room).await)
     }
     async fn publish_node(&self, target: NodeTarget<'_>, frame: Bytes) -> Result<(), BrokerError> {
         delegate!(self, b => b.publish_node(target, frame).await)
@@ -245,8 +320,9 @@ impl Broker for AnyBroker {
         change: PinChange,
         max: usize,
         stored: Option<&[MessageId]>,
+        check: StateCheck,
     ) -> Result<PinOutcome, BrokerError> {
-        delegate!(self, b => b.pin_set(room, id, change, max, stored).await)
+        delegate!(self, b => b.pin_set(room, id, change, max, stored, check).await)
     }
     fn healthy(&self) -> bool {
         delegate!(self, b => b.healthy())

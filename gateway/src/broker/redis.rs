@@ -9,6 +9,8 @@
 //! - `chat:{room}:presence` (zset `user\nnode` → expiry ms), `chat:{room}:users` (hash
 //!   user → nodes holding them), `chat:{room}:names` (hash user → display name);
 //!   `chat:presence-rooms` (set) lists rooms to sweep.
+//! - `chat:{room}:state` — the room's state version (see [`super::StateCheck`]): set by the
+//!   publish of every room-state event, compared by checked publishes, pins and typing.
 //! - `chat:{room}:pins` — the room's pin set (hash of pinned message ids), which decides pins
 //!   and unpins before their events are published ([`Broker::pin_set`]).
 //! - `chat:persist` — the persistence stream the history service consumes. It is the one key
@@ -18,9 +20,10 @@
 //!   exported.
 //!
 //! # Why one script per publish
-//! INCR, the window append, the persistence append and PUBLISH run in one Lua script: Redis
-//! runs it atomically, so seq is gapless, every subscriber sees events in seq order, and an
-//! event is in the persistence stream before anyone is acknowledged.
+//! The state check, INCR, the window append, the persistence append and PUBLISH run in one Lua
+//! script: Redis runs it atomically, so seq is gapless, every subscriber sees events in seq
+//! order, an event is in the persistence stream before anyone is acknowledged, and a command
+//! decided on an outdated room state never gets published.
 //!
 //! # Subscriber
 //! One pub/sub connection per node, owned by a task ([`subscriber`]). It keeps each room's last
@@ -41,7 +44,10 @@ use proto::envelope::{NodeMessage, NodeTarget};
 use proto::{MessageId, RoomId, Timestamp, UserRef};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Broker, BrokerError, Dedupe, PinChange, PinOutcome, Published, Recovery};
+use super::{
+    Broker, BrokerError, Dedupe, Events, PinChange, PinOutcome, Published, Recovery, StateCheck,
+    StateVersion,
+};
 use crate::bus;
 use crate::hub::Hub;
 
@@ -52,10 +58,20 @@ const DEDUPE_TTL_S: u64 = 600;
 /// Every Redis call gives up after this; the command answers `unavailable`.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// KEYS: seq, log, persistence stream, dedupe key, state version. ARGV: frame, window size,
+/// channel, dedupe? ('1'), dedupe value, dedupe TTL, traceparent, state check ('e' expect,
+/// 'c' change, '' none), version. Returns {'1', seq} (published), {'0', first publication}
+/// (a repeat of the dedupe key) or {'2', version now} (stale: nothing done).
 const PUBLISH_LUA: &str = r#"
 if ARGV[4] == '1' then
   local prev = redis.call('GET', KEYS[4])
   if prev then return {'0', prev} end
+end
+if ARGV[8] == 'e' then
+  local now = redis.call('GET', KEYS[5]) or '0'
+  if now ~= ARGV[9] then return {'2', now} end
+elseif ARGV[8] == 'c' then
+  redis.call('SET', KEYS[5], ARGV[9])
 end
 local seq = redis.call('INCR', KEYS[1])
 local rest = string.sub(ARGV[1], 2)
@@ -74,13 +90,22 @@ end
 return {'1', tostring(seq)}
 "#;
 
+/// An ephemeral frame published only while the room's state version (KEYS[1]) is ARGV[1].
+const PUBLISH_CHECKED_LUA: &str = r#"
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// KEYS: seq, log, state version. Returns {last seq, oldest seq in the window, state version,
+/// frames after ARGV[1]...}.
 const RECOVER_LUA: &str = r#"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
 local oldest = 0
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
-local out = {tostring(last), tostring(oldest)}
+local out = {tostring(last), tostring(oldest), redis.call('GET', KEYS[3]) or '0'}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
@@ -89,13 +114,15 @@ return out
 "#;
 
 /// The room's pin set: a hash of pinned message ids plus a `_` field, so that a set with no
-/// pins still exists. When the hash does not exist, ARGV[4] = '1' seeds it with ARGV[5..] (the
-/// store's pins); '0' leaves it absent.
+/// pins still exists. When the hash does not exist, ARGV[4] = '1' seeds it with ARGV[6..] (the
+/// store's pins); '0' leaves it absent. ARGV[5]: the state version the pin was decided on
+/// (KEYS[2]; '' unchecked).
 const PIN_LUA: &str = r#"
+if ARGV[5] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[5] then return 'stale' end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[4] ~= '1' then return 'absent' end
   redis.call('HSET', KEYS[1], '_', '1')
-  for i = 5, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], '1') end
+  for i = 6, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], '1') end
 end
 if ARGV[1] == 'pin' then
   if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return 'pinned' end
@@ -174,10 +201,13 @@ pub struct RedisBroker {
     sub_tx: mpsc::Sender<SubCmd>,
     healthy: Arc<AtomicBool>,
     scripts: Scripts,
+    /// The node's receiver of what this broker learns.
+    events: std::sync::OnceLock<Arc<dyn Events>>,
 }
 
 struct Scripts {
     publish: redis::Script,
+    publish_checked: redis::Script,
     recover: redis::Script,
     presence_add: redis::Script,
     presence_remove: redis::Script,
@@ -230,12 +260,14 @@ impl RedisBroker {
             healthy: healthy.clone(),
             scripts: Scripts {
                 publish: redis::Script::new(PUBLISH_LUA),
+                publish_checked: redis::Script::new(PUBLISH_CHECKED_LUA),
                 recover: redis::Script::new(RECOVER_LUA),
                 presence_add: redis::Script::new(PRESENCE_ADD_LUA),
                 presence_remove: redis::Script::new(PRESENCE_REMOVE_LUA),
                 presence_sweep: redis::Script::new(PRESENCE_SWEEP_LUA),
                 pin: redis::Script::new(PIN_LUA),
             },
+            events: std::sync::OnceLock::new(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(subscriber(
@@ -326,21 +358,32 @@ impl Broker for Arc<RedisBroker> {
         self.worker
     }
 
+    fn report_to(&self, events: Arc<dyn Events>) {
+        let _ = self.events.set(events);
+    }
+
     async fn publish_stored(
         &self,
         room: &RoomId,
         frame: &[u8],
         dedupe: Option<Dedupe<'_>>,
+        check: StateCheck,
     ) -> Result<Published, BrokerError> {
         let started = std::time::Instant::now();
         let mut inv = self.scripts.publish.prepare_invoke();
         let dd_key = dedupe
             .as_ref()
             .map_or_else(|| key(room, "dd"), |d| key(room, &format!("dd:{}", d.key)));
+        let (mode, version) = match check {
+            StateCheck::Expect(v) => ("e", v),
+            StateCheck::Change(v) => ("c", v),
+            StateCheck::Unchecked => ("", 0),
+        };
         inv.key(key(room, "seq"))
             .key(key(room, "log"))
             .key(PERSIST_STREAM)
             .key(&dd_key)
+            .key(key(room, "state"))
             .arg(frame)
             .arg(self.window)
             .arg(channel(room))
@@ -353,13 +396,19 @@ impl Broker for Arc<RedisBroker> {
             .arg(DEDUPE_TTL_S)
             // ARGV[7]: the publish span's traceparent (empty when not tracing), stored as the
             // persistence entry's `tp` so the history service's write joins the trace.
-            .arg(crate::telemetry::current_traceparent().unwrap_or_default());
+            .arg(crate::telemetry::current_traceparent().unwrap_or_default())
+            .arg(mode)
+            .arg(version);
         let (fresh, value): (String, String) = self.invoke(inv).await?;
         metrics::histogram!("chat_broker_publish_seconds").record(started.elapsed());
-        if fresh == "1" {
-            return Ok(Published::Fresh {
-                seq: value.parse().map_err(unavailable)?,
-            });
+        match fresh.as_str() {
+            "1" => {
+                return Ok(Published::Fresh {
+                    seq: value.parse().map_err(unavailable)?,
+                })
+            }
+            "2" => return Err(BrokerError::Stale),
+            _ => {}
         }
         // "seq:id:ts" of the first publication
         let mut parts = value.splitn(3, ':').map(|p| p.parse::<u64>().ok());
@@ -377,7 +426,25 @@ impl Broker for Arc<RedisBroker> {
         }
     }
 
-    async fn publish_ephemeral(&self, room: &RoomId, frame: Bytes) -> Result<(), BrokerError> {
+    async fn publish_ephemeral(
+        &self,
+        room: &RoomId,
+        frame: Bytes,
+        expect: Option<StateVersion>,
+    ) -> Result<(), BrokerError> {
+        if let Some(v) = expect {
+            let mut inv = self.scripts.publish_checked.prepare_invoke();
+            inv.key(key(room, "state"))
+                .arg(v)
+                .arg(channel(room))
+                .arg(&frame[..]);
+            let published: i64 = self.invoke(inv).await?;
+            return if published == 1 {
+                Ok(())
+            } else {
+                Err(BrokerError::Stale)
+            };
+        }
         let mut conn = self.conn().await?;
         let r: Result<i64, _> = tokio::time::timeout(
             CALL_TIMEOUT,
@@ -442,10 +509,25 @@ impl Broker for Arc<RedisBroker> {
             .map_err(|_| unavailable("subscriber stopped"))
     }
 
+    async fn state_version(&self, room: &RoomId) -> Result<StateVersion, BrokerError> {
+        let mut conn = self.conn().await?;
+        let v: Option<StateVersion> = tokio::time::timeout(
+            CALL_TIMEOUT,
+            redis::cmd("GET")
+                .arg(key(room, "state"))
+                .query_async(&mut *conn),
+        )
+        .await
+        .map_err(|_| unavailable("redis call timed out"))?
+        .map_err(unavailable)?;
+        Ok(v.unwrap_or(0))
+    }
+
     async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
         let mut inv = self.scripts.recover.prepare_invoke();
         inv.key(key(room, "seq"))
             .key(key(room, "log"))
+            .key(key(room, "state"))
             .arg(since.map_or(-1, |s| s as i64))
             .arg(self.window);
         let out: Vec<Vec<u8>> = self.invoke(inv).await?;
@@ -457,21 +539,24 @@ impl Broker for Arc<RedisBroker> {
         };
         let last_seq = num(out.first())?;
         let oldest = num(out.get(1))?;
+        let version = num(out.get(2))?;
         let Some(since) = since else {
             return Ok(Recovery {
                 last_seq,
+                version,
                 events: vec![],
                 complete: true,
             });
         };
-        let mut events = Vec::with_capacity(out.len().saturating_sub(2));
-        for frame in out.into_iter().skip(2) {
+        let mut events = Vec::with_capacity(out.len().saturating_sub(3));
+        for frame in out.into_iter().skip(3) {
             let seq = bus::peek(&frame).map_or(0, |p| p.seq);
             events.push((seq, Bytes::from(frame)));
         }
         let complete = since >= last_seq || (oldest != 0 && oldest <= since + 1);
         Ok(Recovery {
             last_seq,
+            version,
             events,
             complete,
         })
@@ -537,21 +622,28 @@ impl Broker for Arc<RedisBroker> {
         change: PinChange,
         max: usize,
         stored: Option<&[MessageId]>,
+        check: StateCheck,
     ) -> Result<PinOutcome, BrokerError> {
         let mut inv = self.scripts.pin.prepare_invoke();
         inv.key(key(room, "pins"))
+            .key(key(room, "state"))
             .arg(match change {
                 PinChange::Pin => "pin",
                 PinChange::Unpin => "unpin",
             })
             .arg(id.0)
             .arg(max)
-            .arg(if stored.is_some() { "1" } else { "0" });
+            .arg(if stored.is_some() { "1" } else { "0" })
+            .arg(match check {
+                StateCheck::Expect(v) => v.to_string(),
+                _ => String::new(),
+            });
         for s in stored.unwrap_or_default() {
             inv.arg(s.0);
         }
         let out: String = self.invoke(inv).await?;
         Ok(match out.as_str() {
+            "stale" => return Err(BrokerError::Stale),
             "done" => PinOutcome::Done,
             "pinned" => PinOutcome::AlreadyPinned,
             "full" => PinOutcome::Full,
@@ -575,32 +667,10 @@ async fn presence_heartbeat(broker: std::sync::Weak<RedisBroker>) {
         let Some(b) = broker.upgrade() else { return };
         match b.presence_tick().await {
             Ok(changed) => {
-                for (room, gone) in changed {
-                    // Every node's sessions learn it from the room channel.
-                    for id in gone {
-                        let user = UserRef {
-                            name: id.clone(),
-                            id,
-                        };
-                        let leave = proto::ServerEvent::Leave {
-                            room: room.clone(),
-                            user,
-                        };
-                        let _ = Broker::publish_ephemeral(&b, &room, Bytes::from(leave.to_json()))
-                            .await;
+                if let Some(events) = b.events.get() {
+                    for (room, gone) in changed {
+                        events.presence_expired(&room, gone);
                     }
-                    let users = Broker::presence(&b, &room).await.unwrap_or_default();
-                    let count = users.len() as u64;
-                    let frame = proto::ServerEvent::OnlineUsers {
-                        room: room.clone(),
-                        users: users
-                            .into_iter()
-                            .take(crate::node::ONLINE_LIST_MAX)
-                            .collect(),
-                        count,
-                    };
-                    let _ =
-                        Broker::publish_ephemeral(&b, &room, Bytes::from(frame.to_json())).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "presence refresh failed"),
@@ -654,6 +724,10 @@ async fn subscriber(
                 catch_up(&b, &hub, room, seen, &mut last).await;
             }
         }
+        // Room-state changes announced while the connection was down were missed.
+        if let Some(events) = b.events.get() {
+            events.reconnected();
+        }
         drop(b);
         healthy.store(true, Ordering::Relaxed);
         backoff = Duration::from_millis(100);
@@ -701,9 +775,10 @@ async fn subscriber(
                             Some(NodeMessage { target: NodeTarget::User(u), frame }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
                             Some(NodeMessage { target: NodeTarget::RoomState(r), frame }) => {
                                 // The frame names the announcing node; it updated its own cache.
-                                let own = broker.upgrade().is_some_and(|b| frame == b.worker.to_string().as_bytes());
-                                if let (false, Ok(room)) = (own, RoomId::new(r)) {
-                                    hub.state_changed(&room);
+                                let Some(b) = broker.upgrade() else { return };
+                                let own = frame == b.worker.to_string().as_bytes();
+                                if let (false, Ok(room), Some(events)) = (own, RoomId::new(r), b.events.get()) {
+                                    events.room_state_changed(&room);
                                 }
                             }
                             None => tracing::warn!("undecodable node message"),

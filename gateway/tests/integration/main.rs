@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod authorization;
 mod bad_input;
 mod cluster;
 mod floods;

@@ -16,10 +16,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a test waits for an expected frame before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// `CHAT_TEST_SCALED=1`: every [`Server`] runs in scaled mode — the in-process gateway on a
-/// real redis-server and history-service process — so suites written against the embedded
-/// mode check the same contract in scaled mode (`scripts/test.sh` runs the room, moderation,
-/// pin and receipt suites both ways).
+/// `CHAT_TEST_SCALED=1`: every [`Server`] runs in scaled mode — two in-process gateway nodes
+/// on a real redis-server and history-service process — so suites written against the
+/// embedded mode check the same contract in scaled mode (`scripts/test.sh` runs the whole
+/// suite both ways). The users of a test are spread over the two nodes: the first user a test
+/// connects goes to the first node, the second to the other, and so on ([`Server::addr_for`]).
 pub fn scaled() -> bool {
     std::env::var_os("CHAT_TEST_SCALED").is_some()
 }
@@ -34,14 +35,50 @@ pub fn skipped_in_scaled_mode() -> bool {
 }
 
 pub struct Server {
+    /// The first node's address (HTTP calls go there).
     pub addr: SocketAddr,
     /// The embedded store's directory (fresh per server unless given).
     pub data_dir: std::path::PathBuf,
+    /// The first node.
     pub node: Arc<Node>,
+    /// The second node, in scaled mode.
+    pub other: Option<Running>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Which node each user of the test was put on (0 or 1).
+    placed: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Redis and the history service, in scaled mode; stopped with the server.
     _backend: Option<crate::cluster::procs::Backend>,
+}
+
+/// A gateway node serving in this process.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Serves a node built from `config` on a fresh listener.
+async fn run_node(config: Config) -> Running {
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let node = gateway::build_node(config).await.expect("node starts");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let n = node.clone();
+    let task = tokio::spawn(async move {
+        gateway::serve(listener, n, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running {
+        addr,
+        node,
+        stop,
+        task,
+    }
 }
 
 impl Server {
@@ -69,25 +106,38 @@ impl Server {
             None
         };
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let node = gateway::build_node(config).await.expect("node starts");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let n = node.clone();
-        let task = tokio::spawn(async move {
-            gateway::serve(listener, n, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
+        let other = if backend.is_some() {
+            let mut second = config.clone();
+            second.node_id = Some(format!("{}-b", config.node_name()));
+            second.listen = "127.0.0.1:0".parse().unwrap();
+            Some(run_node(second).await)
+        } else {
+            None
+        };
+        let first = run_node(config).await;
         Server {
-            addr,
+            addr: first.addr,
             data_dir,
-            node,
-            stop: Some(stop),
-            task: Some(task),
+            node: first.node,
+            other,
+            stop: Some(first.stop),
+            task: Some(first.task),
+            placed: Default::default(),
             _backend: backend,
+        }
+    }
+
+    /// The node `user` connects to: in scaled mode users alternate between the two nodes in
+    /// the order a test first connects them; embedded, the one node.
+    pub fn addr_for(&self, user: &str) -> SocketAddr {
+        let Some(other) = &self.other else {
+            return self.addr;
+        };
+        let mut placed = self.placed.lock().unwrap();
+        let n = placed.len();
+        match *placed.entry(user.to_string()).or_insert(n % 2) {
+            0 => self.addr,
+            _ => other.addr,
         }
     }
 
@@ -99,6 +149,10 @@ impl Server {
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+        if let Some(o) = self.other.take() {
+            let _ = o.stop.send(());
+            let _ = o.task.await;
         }
         if let Some(t) = self.task.take() {
             let _ = t.await;
@@ -174,7 +228,7 @@ impl Client {
     }
 
     pub async fn connect_path(server: &Server, user: &str, path: &str) -> Client {
-        Self::connect_addr(server.addr, user, path).await
+        Self::connect_addr(server.addr_for(user), user, path).await
     }
 
     pub async fn connect_addr(addr: SocketAddr, user: &str, path: &str) -> Client {

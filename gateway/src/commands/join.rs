@@ -1,0 +1,289 @@
+//! `join` and `leave`, and leaving every room when a session ends.
+//!
+//! A join reads the room's recovery window *after* registering the session in the hub (in the
+//! holding state), so every stored event is either in the window it reads or reaches the
+//! session live — held until `joined` is sent, then released above the window's last seq
+//! (see [`crate::hub::Hub::release`]). The window read also returns the room's state
+//! version: when it is not the one the join was decided on, the join is decided again on
+//! state read now (and backed out when the answer changed).
+
+use history_service::access::{Access, Action};
+use history_service::store::RoomState;
+use history_service::Store;
+use proto::client::{Join, Leave};
+use proto::rooms::{Role, RoomInfo, Visibility};
+use proto::{ErrorCode, Ref, RoomId, ServerEvent, Timestamp};
+
+use super::{err, guard, in_room, rooms, Caller, CommandError, Cx, Result, Run};
+use crate::broker::Broker;
+use crate::node::Node;
+use crate::room_state::MemberChange;
+
+impl Run for Join {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        let r#ref = cx.r#ref.clone();
+        join(cx.node, cx.caller, r#ref, self).await;
+        Ok(())
+    }
+}
+
+/// Joins a room: its own error frame on failure (the upgrade URL's room is joined this way,
+/// before the session reads any frame).
+pub async fn join(node: &std::sync::Arc<Node>, caller: &mut Caller, r#ref: Option<Ref>, cmd: Join) {
+    if let Err(e) = try_join(node, caller, r#ref.clone(), &cmd.room, cmd.since).await {
+        caller.send(&ServerEvent::error(r#ref, e.code, e.message));
+    }
+}
+
+/// May `caller` join: read access, and room for one more when joining a public room makes
+/// them a member.
+fn may_join(st: &RoomState, caller: &Caller) -> Result {
+    let access = Access::of_state(st, &caller.identity);
+    access.check(Action::Read)?;
+    if st.info.visibility == Visibility::Public && access.member.is_none() {
+        if let Some(max) = st.info.max_members {
+            if st.members.len() >= max as usize {
+                return Err(err(
+                    ErrorCode::RoomFull,
+                    format!("the room is full ({max} members)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn try_join(
+    node: &std::sync::Arc<Node>,
+    caller: &mut Caller,
+    r#ref: Option<Ref>,
+    room: &RoomId,
+    since: Option<u64>,
+) -> Result {
+    if in_room(node, caller, room) {
+        return Err(err(ErrorCode::Conflict, "already in this room"));
+    }
+    let max = node.config.max_rooms_per_connection;
+    if caller.rooms.len() >= max {
+        return Err(err(
+            ErrorCode::Forbidden,
+            format!("at most {max} rooms per connection"),
+        ));
+    }
+    if node.config.auto_create_rooms && node.rooms.get(&node.broker, room).await?.is_none() {
+        create_on_join(node, caller, room).await?;
+    }
+    let caller_ref = &*caller;
+    let mut decided = guard::decide(node, room, |st| may_join(st, caller_ref)).await?;
+
+    node.hub.add(room, caller.handle.clone());
+    // Every joiner waits for the subscription, not only the room's first local session: a
+    // second joiner that read the room's seq before the first one's SUBSCRIBE took effect
+    // would never get the events in between.
+    let setup = async {
+        node.broker.subscribe(room).await?;
+        node.broker.recover(room, since).await
+    };
+    let recovery = match setup.await {
+        Ok(r) => r,
+        Err(e) => {
+            back_out(node, caller, room).await;
+            return Err(e.into());
+        }
+    };
+    if recovery.version != decided.version {
+        // The room's state changed since this node's copy: decide on what holds now.
+        let caller_ref = &*caller;
+        match guard::decide_fresh(node, room, |st| may_join(st, caller_ref)).await {
+            Ok(now) => decided = now,
+            Err(e) => {
+                back_out(node, caller, room).await;
+                return Err(e);
+            }
+        }
+    }
+    let access = Access::of_state(&decided.state, &caller.identity);
+    let role = become_member(node, caller, room, &decided.state, access.role()).await;
+    let role = match role {
+        Ok(role) => role,
+        Err(e) => {
+            back_out(node, caller, room).await;
+            return Err(e);
+        }
+    };
+    let info = decided.state.info.clone();
+    let store = node.rooms.store();
+    let user_id = caller.user().id.clone();
+    let read = tokio::try_join!(store.pins(room), store.marker(room, &user_id));
+    let (pins, marker) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            back_out(node, caller, room).await;
+            return Err(e.into());
+        }
+    };
+
+    let recovered = since.is_some() && recovery.complete;
+    if recovered {
+        for (_, frame) in &recovery.events {
+            caller.handle.send(frame.clone());
+        }
+    }
+    node.hub
+        .seen_up_to(room, caller.handle.id, recovery.last_seq);
+    let newly_online = node
+        .broker
+        .presence_add(room, caller.user())
+        .await
+        .unwrap_or(false);
+    if !node.hub.contains(room, caller.handle.id) {
+        // A ban, kick or deletion took this session out while it was joining (its held
+        // events went with it): undo the presence and say so instead of a dead `joined`.
+        let _ = node.broker.presence_remove(room, &caller.user().id).await;
+        return Err(err(
+            ErrorCode::Forbidden,
+            "removed from the room while joining; retry",
+        ));
+    }
+    caller.rooms.insert(room.clone());
+    if newly_online {
+        let join = ServerEvent::Join {
+            room: room.clone(),
+            user: caller.user().clone(),
+        };
+        node.publish_ephemeral(room, &join).await;
+        node.online_changed(room).await;
+    }
+    let online = node.broker.presence(room).await.unwrap_or_default();
+    caller.send(&ServerEvent::Joined {
+        r#ref,
+        room: info,
+        seq: recovery.last_seq,
+        online,
+        pins,
+        recovered,
+        role,
+        unread: Some(recovery.last_seq.saturating_sub(marker.unwrap_or(0))),
+    });
+    node.hub.release(room, caller.handle.id);
+    Ok(())
+}
+
+/// A first `join` of a room id nobody used creates it, public, with the joiner as its owner
+/// (as `create_room` would).
+async fn create_on_join(node: &Node, caller: &Caller, room: &RoomId) -> Result {
+    let info = RoomInfo {
+        id: room.clone(),
+        name: room.to_string(),
+        topic: String::new(),
+        visibility: Visibility::Public,
+        max_members: None,
+        members_can_pin: false,
+        owner: Some(caller.user().id.clone()),
+        created_at: Timestamp::now(),
+    };
+    match rooms::create(node, info, caller.user()).await {
+        // Another join created it first: join that one.
+        Ok(_)
+        | Err(CommandError {
+            code: ErrorCode::Conflict,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Joining a public room makes the user a member (counted, may pin when allowed); a member
+/// whose display name changed has it updated. Returns the caller's role.
+async fn become_member(
+    node: &Node,
+    caller: &Caller,
+    room: &RoomId,
+    state: &RoomState,
+    role: Option<Role>,
+) -> Result<Option<Role>> {
+    let user = caller.user();
+    let stale_name = state
+        .members
+        .iter()
+        .any(|m| m.user.id == user.id && m.user.name != user.name);
+    let joins_public = state.info.visibility == Visibility::Public && role.is_none();
+    if !(joins_public || stale_name) {
+        return Ok(role);
+    }
+    let Some(r) = role.or(joins_public.then_some(Role::Member)) else {
+        return Ok(role);
+    };
+    node.rooms.store().put_member(room, user, r).await?;
+    node.membership_changed(room, MemberChange::Put(user.clone(), r))
+        .await;
+    Ok(Some(r))
+}
+
+/// Undoes a join's registration after it failed.
+async fn back_out(node: &Node, caller: &Caller, room: &RoomId) {
+    if node.hub.remove(room, caller.handle.id) {
+        let _ = node.broker.unsubscribe(room).await;
+    }
+}
+
+impl Run for Leave {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        let room = self.room;
+        let node = cx.node;
+        if !in_room(node, cx.caller, &room) {
+            return Err(err(ErrorCode::NotFound, "not in this room"));
+        }
+        // Leaving a public room ends a plain membership (admins and owners keep theirs).
+        // Every node hears of it before the room sees the `leave`.
+        if let Ok(Some(copy)) = node.rooms.get(&node.broker, &room).await {
+            let access = Access::of_state(&copy.state, cx.who());
+            if copy.state.info.visibility == Visibility::Public
+                && access.role() == Some(Role::Member)
+            {
+                let user = cx.caller.user().id.clone();
+                node.rooms.store().remove_member(&room, &user).await?;
+                node.membership_changed(&room, MemberChange::Removed(user))
+                    .await;
+            }
+        }
+        cx.caller.rooms.remove(&room);
+        leave_room(node, cx.caller, &room).await;
+        cx.caller.send(&ServerEvent::Left {
+            r#ref: cx.r#ref.clone(),
+            room,
+        });
+        Ok(())
+    }
+}
+
+/// Takes a session out of a room (leave, disconnect, removal); tells the room when the user's
+/// last connection left.
+///
+/// A session an eviction (ban, kick, room deletion) already took out is not counted out of
+/// presence again: the eviction did that.
+pub async fn leave_room(node: &std::sync::Arc<Node>, caller: &Caller, room: &RoomId) {
+    match node.hub.take(room, caller.handle.id) {
+        None => return,
+        Some(true) => {
+            if let Err(e) = node.broker.unsubscribe(room).await {
+                tracing::warn!(error = %e, %room, "unsubscribe failed");
+            }
+        }
+        Some(false) => {}
+    }
+    if node
+        .broker
+        .presence_remove(room, &caller.user().id)
+        .await
+        .unwrap_or(false)
+    {
+        node.stop_typing(room, caller.user(), false).await;
+        let leave = ServerEvent::Leave {
+            room: room.clone(),
+            user: caller.user().clone(),
+        };
+        node.publish_ephemeral(room, &leave).await;
+        node.online_changed(room).await;
+    }
+}

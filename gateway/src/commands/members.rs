@@ -1,0 +1,134 @@
+//! `add_member`, `remove_member` / `kick`, `set_role`.
+
+use bytes::Bytes;
+use history_service::access::{Access, Action};
+use history_service::store::RoomState;
+use history_service::Store;
+use proto::client::{AddMember, RemoveMember, SetRole};
+use proto::envelope::NodeTarget;
+use proto::rooms::Role;
+use proto::{ErrorCode, ServerEvent, Timestamp};
+
+use super::{check_reason, err, guard, publish_change, user_ref, Cx, Result, Run};
+use crate::broker::Broker;
+
+/// `user`'s role in the room (None: not a member).
+pub(super) fn role_of(state: &RoomState, user: &str) -> Option<Role> {
+    state
+        .members
+        .iter()
+        .find(|m| m.user.id == user)
+        .map(|m| m.role)
+}
+
+impl Run for AddMember {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        let AddMember { room, user, role } = self;
+        let role = role.unwrap_or(Role::Member);
+        let who = cx.who();
+        let decided = guard::decide_fresh(cx.node, &room, |st| {
+            Ok(Access::of_state(st, who).check(Action::AddMember { role })?)
+        })
+        .await?;
+        let state = &decided.state;
+        if role_of(state, &user).is_some() {
+            return Err(err(ErrorCode::Conflict, "already a member; use set_role"));
+        }
+        let now = Timestamp::now();
+        if state
+            .bans
+            .iter()
+            .any(|b| b.user.id == user && b.active_at(now))
+        {
+            return Err(err(ErrorCode::Banned, "that user is banned from this room"));
+        }
+        if let Some(max) = state.info.max_members {
+            if state.members.len() >= max as usize {
+                return Err(err(
+                    ErrorCode::RoomFull,
+                    format!("the room is full ({max} members)"),
+                ));
+            }
+        }
+        let target = user_ref(state, &user);
+        cx.node
+            .rooms
+            .store()
+            .put_member(&room, &target, role)
+            .await?;
+        let ev = ServerEvent::MemberAdded {
+            seq: 0,
+            room,
+            user: target.clone(),
+            role,
+            by: who.user.clone(),
+        };
+        publish_change(cx, &ev).await?;
+        // The new member learns it even when not in the room (a private room they can now see).
+        let frame = Bytes::from(ev.to_json());
+        let _ = cx
+            .node
+            .broker
+            .publish_node(NodeTarget::User(&target.id), frame)
+            .await;
+        Ok(())
+    }
+}
+
+/// `remove_member` and `kick`: the membership ends (if any) and the user's connections leave.
+impl Run for RemoveMember {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        let RemoveMember { room, user, reason } = self;
+        check_reason(&reason)?;
+        let who = cx.who();
+        let target = user.as_str();
+        let decided = guard::decide_fresh(cx.node, &room, |st| {
+            let role = role_of(st, target);
+            Ok(Access::of_state(st, who).check(Action::Remove { target, role })?)
+        })
+        .await?;
+        cx.node.rooms.store().remove_member(&room, &user).await?;
+        let ev = ServerEvent::MemberRemoved {
+            seq: 0,
+            room,
+            user: user_ref(&decided.state, &user),
+            by: who.user.clone(),
+            reason,
+        };
+        publish_change(cx, &ev).await
+    }
+}
+
+impl Run for SetRole {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        let SetRole { room, user, role } = self;
+        let who = cx.who();
+        let target = user.as_str();
+        let decided = guard::decide_fresh(cx.node, &room, |st| {
+            let theirs = role_of(st, target);
+            let action = Action::SetRole {
+                target,
+                role: theirs,
+                to: role,
+            };
+            Ok(Access::of_state(st, who).check(action)?)
+        })
+        .await?;
+        let Some(member) = decided.state.members.iter().find(|m| m.user.id == user) else {
+            return Err(err(ErrorCode::NotFound, "that user is not a member"));
+        };
+        cx.node
+            .rooms
+            .store()
+            .put_member(&room, &member.user, role)
+            .await?;
+        let ev = ServerEvent::MemberUpdated {
+            seq: 0,
+            room,
+            user: member.user.clone(),
+            role,
+            by: who.user.clone(),
+        };
+        publish_change(cx, &ev).await
+    }
+}

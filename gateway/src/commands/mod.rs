@@ -1,0 +1,358 @@
+//! What each client command does: one struct per command (`proto::client`), one [`Run::run`]
+//! each, grouped in files by subject:
+//!
+//! | file | commands |
+//! |---|---|
+//! | [`join`] | `join`, `leave` (and leaving every room when a session ends) |
+//! | [`messages`] | `message`, `edit`, `delete`, `typing`, `stop_typing` |
+//! | [`rooms`] | `create_room`, `update_room`, `delete_room`, `list_rooms` |
+//! | [`members`] | `add_member`, `remove_member`, `kick`, `set_role` |
+//! | [`sanctions`] | `ban`, `unban`, `mute`, `unmute` |
+//! | [`pins`] | `pin`, `unpin` |
+//! | [`receipts`] | `read` |
+//!
+//! Every permission decision goes through [`guard`], which asks the rules in
+//! `history_service::access` on this node's cached room state and makes the broker confirm
+//! that the state has not changed since. Failures become one typed [`CommandError`], mapped
+//! once to an `error` frame that echoes the command's `ref`.
+//!
+//! Room-state changes (the commands of `rooms`, `members`, `sanctions`) are decided on state
+//! read from the store, written to the store, then published as an event that replaces the
+//! room's state version ([`publish_change`]); the caller's `ack` follows the publish, so once
+//! anyone has seen the ack, every node decides on the new state.
+
+mod find;
+pub mod guard;
+pub mod join;
+pub mod members;
+pub mod messages;
+pub mod pins;
+pub mod receipts;
+pub mod rooms;
+pub mod sanctions;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use history_service::access::Denied;
+use history_service::store::RoomState;
+use history_service::StoreError;
+use proto::auth::Identity;
+use proto::client::{DecodeError, DecodeErrorKind};
+use proto::{Command, ErrorCode, Inbound, MessageId, Ref, RoomId, ServerEvent, Timestamp, UserRef};
+
+use crate::broker::{new_state_version, Broker, BrokerError, StateCheck};
+use crate::hub::SessionHandle;
+use crate::node::Node;
+use crate::room_state::LoadError;
+
+pub use join::{join, leave_room};
+pub use rooms::list_rooms;
+
+/// The session a command comes from, as commands see it: who, its outbound queue, its rooms.
+pub struct Caller {
+    pub handle: SessionHandle,
+    pub identity: Identity,
+    pub rooms: HashSet<RoomId>,
+}
+
+impl Caller {
+    pub fn new(handle: SessionHandle, identity: Identity) -> Self {
+        Self {
+            handle,
+            identity,
+            rooms: HashSet::new(),
+        }
+    }
+
+    pub fn user(&self) -> &UserRef {
+        &self.identity.user
+    }
+
+    /// Queues a direct answer to this session.
+    pub fn send(&self, ev: &ServerEvent) {
+        self.handle.send(Bytes::from(ev.to_json()));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T = ()> = std::result::Result<T, CommandError>;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> CommandError {
+    CommandError::new(code, message)
+}
+
+impl From<BrokerError> for CommandError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            // Only after the guard's retries: the room's state kept changing under the command.
+            BrokerError::Stale => err(ErrorCode::Unavailable, "the room is changing; retry"),
+            BrokerError::Unavailable(_) => {
+                tracing::warn!(error = %e, "broker failure");
+                err(ErrorCode::Unavailable, "a backend is unavailable; retry")
+            }
+        }
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Internal(_) => {
+                tracing::warn!(error = %e, "store failure");
+                err(e.code(), "the store is unavailable; retry")
+            }
+            other => err(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<LoadError> for CommandError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Broker(e) => e.into(),
+            LoadError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<Denied> for CommandError {
+    fn from(d: Denied) -> Self {
+        err(d.code, d.message)
+    }
+}
+
+impl From<DecodeError> for CommandError {
+    fn from(e: DecodeError) -> Self {
+        err(ErrorCode::Invalid, e.kind.to_string())
+    }
+}
+
+/// Where a command runs: the node, the session it came from, and the `ref` its answer echoes.
+pub struct Cx<'a> {
+    pub node: &'a Arc<Node>,
+    pub caller: &'a mut Caller,
+    pub r#ref: Option<Ref>,
+}
+
+impl Cx<'_> {
+    pub fn who(&self) -> &Identity {
+        &self.caller.identity
+    }
+
+    /// `ack {ref, seq}` (plus `id` and `ts` for messages).
+    fn ack(&self, seq: u64, id: Option<MessageId>, ts: Option<Timestamp>) {
+        self.caller.send(&ServerEvent::Ack {
+            r#ref: self.r#ref.clone(),
+            id,
+            seq: Some(seq),
+            ts,
+        });
+    }
+}
+
+/// One command: what it does when `cx`'s caller sends it.
+pub trait Run {
+    fn run(self, cx: &mut Cx<'_>) -> impl Future<Output = Result> + Send;
+}
+
+/// Runs one decoded (or undecodable) frame.
+pub async fn handle(
+    node: &Arc<Node>,
+    caller: &mut Caller,
+    decoded: std::result::Result<Inbound, DecodeError>,
+) {
+    let (r#ref, result) = match decoded {
+        Ok(Inbound { r#ref, command }) => {
+            let name = command.name();
+            let mut cx = Cx {
+                node,
+                caller,
+                r#ref: r#ref.clone(),
+            };
+            let result = dispatch(&mut cx, command).await;
+            if let Err(e) = &result {
+                tracing::debug!(command = name, code = e.code.as_str(), "command refused");
+            }
+            (r#ref, result)
+        }
+        Err(e) => {
+            if matches!(e.kind, DecodeErrorKind::Json(_)) {
+                tracing::debug!("malformed frame");
+            }
+            (e.r#ref.clone(), Err(e.into()))
+        }
+    };
+    if let Err(e) = result {
+        caller.send(&ServerEvent::error(r#ref, e.code, e.message));
+    }
+}
+
+async fn dispatch(cx: &mut Cx<'_>, command: Command) -> Result {
+    match command {
+        Command::Join(c) => c.run(cx).await,
+        Command::Leave(c) => c.run(cx).await,
+        Command::Message(c) => c.run(cx).await,
+        Command::Edit(c) => c.run(cx).await,
+        Command::Delete(c) => c.run(cx).await,
+        Command::Typing(c) => c.run(cx).await,
+        Command::StopTyping(c) => c.run(cx).await,
+        Command::Read(c) => c.run(cx).await,
+        Command::Pin(c) => c.run(cx).await,
+        Command::Unpin(c) => c.run(cx).await,
+        Command::CreateRoom(c) => c.run(cx).await,
+        Command::UpdateRoom(c) => c.run(cx).await,
+        Command::DeleteRoom(c) => c.run(cx).await,
+        Command::AddMember(c) => c.run(cx).await,
+        Command::RemoveMember(c) | Command::Kick(c) => c.run(cx).await,
+        Command::Ban(c) => c.run(cx).await,
+        Command::Unban(c) => c.run(cx).await,
+        Command::Mute(c) => c.run(cx).await,
+        Command::Unmute(c) => c.run(cx).await,
+        Command::SetRole(c) => c.run(cx).await,
+        Command::ListRooms => rooms::ListRooms.run(cx).await,
+        Command::Ping => {
+            cx.caller.send(&ServerEvent::Pong {
+                r#ref: cx.r#ref.clone(),
+            });
+            Ok(())
+        }
+    }
+}
+
+/// True while the session is in the room. The hub is the truth: a ban, kick or room deletion
+/// takes sessions out of the room there; the session's own list catches up here.
+fn in_room(node: &Node, caller: &mut Caller, room: &RoomId) -> bool {
+    if node.hub.contains(room, caller.handle.id) {
+        return true;
+    }
+    caller.rooms.remove(room);
+    false
+}
+
+/// In the room, or the reason why not: the room does not exist (or was deleted) → `not_found`,
+/// the user is banned → `banned`, else `forbidden` (join first). The reason is read from the
+/// store: a refusal is rare, and this node's copy may predate a deletion or a ban.
+async fn must_be_in(cx: &mut Cx<'_>, room: &RoomId) -> Result {
+    if in_room(cx.node, cx.caller, room) {
+        return Ok(());
+    }
+    let who = cx.who();
+    guard::decide_fresh(cx.node, room, |st| {
+        let access = history_service::access::Access::of_state(st, who);
+        if access.banned() {
+            return Err(err(ErrorCode::Banned, "you are banned from this room"));
+        }
+        Ok(())
+    })
+    .await?;
+    Err(err(ErrorCode::Forbidden, "join the room first"))
+}
+
+/// Limits on what clients write.
+pub const MAX_NAME_CHARS: usize = 100;
+pub const MAX_TOPIC_CHARS: usize = 500;
+pub const MAX_REASON_CHARS: usize = 500;
+/// `max_members` at most.
+pub const MAX_MEMBERS_LIMIT: u32 = 1_000_000;
+/// A ban's or mute's `duration_s` at most: ten years.
+pub const MAX_DURATION_S: u64 = 10 * 365 * 24 * 3600;
+
+fn check_text(what: &str, text: &str, max: usize) -> Result {
+    if text.chars().count() > max {
+        return Err(err(
+            ErrorCode::TooLarge,
+            format!("{what} is over {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_reason(reason: &Option<String>) -> Result {
+    match reason {
+        Some(r) => check_text("reason", r, MAX_REASON_CHARS),
+        None => Ok(()),
+    }
+}
+
+fn check_max_members(max: Option<u32>) -> Result {
+    match max {
+        Some(0) => Err(err(ErrorCode::Invalid, "max_members must be at least 1")),
+        Some(m) if m > MAX_MEMBERS_LIMIT => Err(err(
+            ErrorCode::Invalid,
+            format!("max_members is at most {MAX_MEMBERS_LIMIT}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// When a ban or mute of `duration_s` ends (None: never).
+fn until_of(duration_s: Option<u64>) -> Result<Option<Timestamp>> {
+    match duration_s {
+        None => Ok(None),
+        Some(0) => Err(err(ErrorCode::Invalid, "duration_s must be at least 1")),
+        Some(d) if d > MAX_DURATION_S => Err(err(
+            ErrorCode::Invalid,
+            format!("duration_s is at most {MAX_DURATION_S}"),
+        )),
+        Some(d) => Ok(Some(Timestamp::now().plus_secs(d))),
+    }
+}
+
+/// The display name of a user this node can name: a member's or banned user's stored name,
+/// else the id.
+fn user_ref(state: &RoomState, id: &str) -> UserRef {
+    state
+        .members
+        .iter()
+        .map(|m| &m.user)
+        .chain(state.bans.iter().map(|b| &b.user))
+        .find(|u| u.id == id)
+        .cloned()
+        .unwrap_or_else(|| UserRef {
+            id: id.to_string(),
+            name: id.to_string(),
+        })
+}
+
+/// Publishes a room-state event (already written to the store) with a new state version, and
+/// acknowledges the caller with its seq.
+async fn publish_change(cx: &Cx<'_>, ev: &ServerEvent) -> Result {
+    let room = ev
+        .room()
+        .expect("room-state events name their room")
+        .clone();
+    debug_assert!(ev.kind().changes_room_state());
+    let published = cx
+        .node
+        .broker
+        .publish_stored(
+            &room,
+            &ev.to_json(),
+            None,
+            StateCheck::Change(new_state_version()),
+        )
+        .await;
+    // Read your own writes without a retry: the next command here reloads at once.
+    cx.node.rooms.invalidate(&room);
+    let seq = published?.seq();
+    cx.ack(seq, None, None);
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `pin` and `unpin`. The limit and the pinned/not-pinned answers are decided on the room's
+//! pin set in the broker ([`Broker::pin_set`]), atomically across nodes, before the event is
+//! published: the store learns of pins only as the persistence log reaches it.
+
+use history_service::access::{Access, Action};
+use history_service::Store;
+use proto::client::{Pin, Unpin};
+use proto::{ErrorCode, MessageId, RoomId, ServerEvent, Timestamp};
+
+use super::find::find_message;
+use super::{err, guard, Cx, Result, Run};
+use crate::broker::{Broker, PinChange, PinOutcome, StateCheck};
+use crate::node::Node;
+
+/// Pins per room at most.
+pub const MAX_PINS: usize = 50;
+
+impl Run for Pin {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        pin(cx, self.room, self.id, PinChange::Pin).await
+    }
+}
+
+impl Run for Unpin {
+    async fn run(self, cx: &mut Cx<'_>) -> Result {
+        pin(cx, self.room, self.id, PinChange::Unpin).await
+    }
+}
+
+async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) -> Result {
+    let who = cx.who();
+    let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Pin)?);
+    let decided = guard::decide(cx.node, &room, rule).await?;
+    let node = cx.node;
+    let stored: Vec<MessageId> = node
+        .rooms
+        .store()
+        .pins(&room)
+        .await?
+        .iter()
+        .map(|p| p.message.id)
+        .collect();
+    let ev = match change {
+        PinChange::Pin => ServerEvent::Pinned {
+            seq: 0,
+            room: room.clone(),
+            message: find_message(node, &room, id).await?,
+            by: who.user.clone(),
+            pinned_at: Timestamp::now(),
+        },
+        PinChange::Unpin => ServerEvent::Unpinned {
+            seq: 0,
+            room: room.clone(),
+            id,
+            by: who.user.clone(),
+        },
+    };
+    let outcome = guard::act(node, &room, rule, decided, |v| {
+        let (room, stored) = (&room, &stored);
+        async move {
+            let check = StateCheck::Expect(v);
+            node.broker
+                .pin_set(room, id, change, MAX_PINS, Some(stored), check)
+                .await
+        }
+    })
+    .await?;
+    match outcome {
+        PinOutcome::Done => {}
+        PinOutcome::AlreadyPinned => return Err(err(ErrorCode::Conflict, "already pinned")),
+        PinOutcome::NotPinned => return Err(err(ErrorCode::NotFound, "not pinned")),
+        PinOutcome::Full => {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("at most {MAX_PINS} pins per room; unpin one first"),
+            ))
+        }
+    }
+    // The pin set took the change under the decision's version: the event needs no check.
+    let published = node
+        .broker
+        .publish_stored(&room, &ev.to_json(), None, StateCheck::Unchecked)
+        .await;
+    match published {
+        Ok(p) => {
+            cx.ack(p.seq(), None, None);
+            Ok(())
+        }
+        Err(e) => {
+            // Not published: give the change back so the pin set matches what the room saw.
+            let undo = node
+                .broker
+                .pin_set(
+                    &room,
+                    id,
+                    change.undo(),
+                    MAX_PINS,
+                    Some(&stored),
+                    StateCheck::Unchecked,
+                )
+                .await;
+            if let Err(e) = undo {
+                tracing::warn!(error = %e, %room, "could not undo a pin change");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// A deleted message leaves the room's pin set (the store unpins it as it stores the delete).
+pub async fn unpin_deleted(node: &Node, room: &RoomId, id: MessageId) {
+    if let Err(e) = node
+        .broker
+        .pin_set(
+            room,
+            id,
+            PinChange::Unpin,
+            MAX_PINS,
+            None,
+            StateCheck::Unchecked,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, %room, "could not drop a deleted message's pin");
+    }
+}

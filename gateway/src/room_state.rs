@@ -1,0 +1,191 @@
+//! Room state as this node knows it — settings, members, bans — loaded from the store once per
+//! room and cached, each copy tagged with the room's state version it was loaded at. The
+//! permission rules themselves live in `history_service::access`; `commands::guard` decides
+//! with them on this cache.
+//!
+//! # Why a cached copy is safe to decide on
+//! Every room-state change replaces the room's state version in the broker, in the same atomic
+//! step as publishing its event, and a command decided on a copy carries the copy's version to
+//! the broker step that acts on it, which refuses it when the version moved on (see
+//! `crate::broker`). The version is read *before* the state: a change landing in between leaves
+//! a copy newer than its version — harmless, the next check reloads it — never an old copy
+//! with a current version.
+//!
+//! The cache is also kept current by cheaper means, which only save reloads: the room's own
+//! state events drop the copy as they pass through the hub, public joins and leaves patch it in
+//! place ([`RoomStates::apply_member`]) or drop it on the other nodes, a broker reconnect drops
+//! everything, and a copy older than [`MAX_AGE`] is reloaded whatever happened.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use history_service::store::RoomState;
+use history_service::{AnyStore, Store, StoreError};
+use proto::rooms::{MemberInfo, Role};
+use proto::{RoomId, Timestamp, UserRef};
+
+use crate::broker::{AnyBroker, Broker, BrokerError, StateVersion};
+
+/// Cached rooms at most; past it the cache is emptied (cheap, always correct: entries reload).
+const MAX_CACHED: usize = 10_000;
+/// A copy older than this is reloaded: the backstop for a change whose event never got
+/// published (its store write succeeded, then the broker failed).
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+
+/// A membership change that has no room event of its own (a public join or leave).
+#[derive(Clone, Debug)]
+pub enum MemberChange {
+    /// Added, or its name or role changed.
+    Put(UserRef, Role),
+    /// Removed (the user id).
+    Removed(String),
+}
+
+/// Why a room's state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A room's state and the version it was loaded at.
+#[derive(Clone, Debug)]
+pub struct Versioned {
+    pub state: Arc<RoomState>,
+    pub version: StateVersion,
+    /// Read from the store for this call (not from the cache).
+    pub fresh: bool,
+}
+
+struct Entry {
+    state: Arc<RoomState>,
+    version: StateVersion,
+    loaded: Instant,
+}
+
+pub struct RoomStates {
+    store: Arc<AnyStore>,
+    cache: Mutex<HashMap<RoomId, Entry>>,
+    /// Bumped by every invalidation; a load that raced one does not fill the cache with what
+    /// it read before the change.
+    generation: AtomicU64,
+}
+
+impl RoomStates {
+    pub fn new(store: Arc<AnyStore>) -> Self {
+        Self {
+            store,
+            cache: Mutex::default(),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<AnyStore> {
+        &self.store
+    }
+
+    /// The room's state, cached when there is a current copy; None when the room does not
+    /// exist (or was deleted).
+    pub async fn get(
+        &self,
+        broker: &AnyBroker,
+        room: &RoomId,
+    ) -> Result<Option<Versioned>, LoadError> {
+        if let Some(e) = self.cache.lock().expect("rooms lock").get(room) {
+            if e.loaded.elapsed() < MAX_AGE {
+                return Ok(Some(Versioned {
+                    state: e.state.clone(),
+                    version: e.version,
+                    fresh: false,
+                }));
+            }
+        }
+        self.load(broker, room).await
+    }
+
+    /// The room's state read now (version first, then the store), cached for later calls.
+    pub async fn load(
+        &self,
+        broker: &AnyBroker,
+        room: &RoomId,
+    ) -> Result<Option<Versioned>, LoadError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let version = broker.state_version(room).await?;
+        let Some(state) = self.store.room_state(room).await? else {
+            self.invalidate(room);
+            return Ok(None);
+        };
+        let state = Arc::new(state);
+        let mut cache = self.cache.lock().expect("rooms lock");
+        if self.generation.load(Ordering::Acquire) == generation {
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            cache.insert(
+                room.clone(),
+                Entry {
+                    state: state.clone(),
+                    version,
+                    loaded: Instant::now(),
+                },
+            );
+        }
+        Ok(Some(Versioned {
+            state,
+            version,
+            fresh: true,
+        }))
+    }
+
+    /// Applies a membership change this node just stored to its cached copy, in place: a
+    /// join storm into a public room then costs no reload of the whole member list per join.
+    /// Like an invalidation it bumps the generation, so a load that read the store before the
+    /// change does not put its older copy in the cache. (Plain memberships of public rooms
+    /// are not versioned: nothing a member of a public room may do depends on them but
+    /// `max_members` and `members_can_pin`, which tolerate a moment's delay.)
+    pub fn apply_member(&self, room: &RoomId, change: &MemberChange) {
+        let mut cache = self.cache.lock().expect("rooms lock");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let Some(entry) = cache.get_mut(room) else {
+            return;
+        };
+        // Copy-on-write: a command holding the old state keeps a consistent one.
+        let members = &mut Arc::make_mut(&mut entry.state).members;
+        match change {
+            // As the stores do: a member's name and role change, the mute and join time stay.
+            MemberChange::Put(user, role) => {
+                match members.iter_mut().find(|x| x.user.id == user.id) {
+                    Some(x) => {
+                        x.user = user.clone();
+                        x.role = *role;
+                    }
+                    None => members.push(MemberInfo {
+                        user: user.clone(),
+                        role: *role,
+                        muted_until: None,
+                        joined_at: Timestamp::now(),
+                    }),
+                }
+            }
+            MemberChange::Removed(user) => members.retain(|x| &x.user.id != user),
+        }
+    }
+
+    /// Forgets a room's cached state (its state changed).
+    pub fn invalidate(&self, room: &RoomId) {
+        let mut cache = self.cache.lock().expect("rooms lock");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        cache.remove(room);
+    }
+
+    /// Forgets every room's cached state (changes may have been missed).
+    pub fn clear(&self) {
+        let mut cache = self.cache.lock().expect("rooms lock");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        cache.clear();
+    }
+}
