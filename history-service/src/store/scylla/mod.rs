@@ -47,13 +47,14 @@ use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{Counter, CqlTimestamp, MaybeUnset};
 
-pub use config::{DriverSettings, ScyllaConfig, TlsSettings, DEFAULT_REQUEST_TIMEOUT};
-pub use schema::{
-    migrate, parse_schema, schema_statements, SchemaStatement, DEFAULT_REPLICATION, SCHEMA,
-};
+pub use config::{DriverSettings, ScyllaConfig, TlsSettings};
+pub use schema::{migrate, schema_statements, SchemaStatement, DEFAULT_REPLICATION, SCHEMA};
 
 use paging::{Direction, PageWalk, Query};
-use rows::*;
+use rows::{
+    applied, ban_info, bucket_of, collect_pages, exec_err, from_ts, id_db, member_info,
+    message_view, room_info, row_err, seq_db, ts, BanRow, MemberRow, MessageRow, RoomRow,
+};
 use statements::Statements;
 
 use super::{Ban, Page, RoomAccess, RoomState, Store, StoreError};

@@ -1,8 +1,9 @@
 //! One-off data steps of `migrate`: filling the tables this build added from what an earlier
 //! build left in the keyspace. Each step runs once per keyspace (recorded in `schema_steps`)
-//! and may run again if `migrate` died midway. Nothing may write to the keyspace while they
-//! run: docs/operations.md ("Upgrading a keyspace") stops history-service first. On a new
-//! keyspace both find nothing to do.
+//! and may run again if `migrate` died midway. History-services of this build may run
+//! meanwhile (they index and count what they write themselves); earlier builds must not: what
+//! they write after the step passed their room is missed (docs/operations.md, "Upgrading a
+//! keyspace from an earlier build"). On a new keyspace both steps find nothing to do.
 
 use futures_util::{stream, StreamExt, TryStreamExt};
 use proto::Timestamp;
@@ -19,7 +20,7 @@ use crate::store::StoreError;
 /// Fills `message_buckets` from the buckets of the rooms in `room_heads` (the table earlier
 /// builds paged with; this one never writes it).
 const MESSAGE_BUCKETS: &str = "message_buckets";
-/// Seeds `room_member_counts` with each room's members.
+/// Brings `room_member_counts` to each room's number of members.
 const MEMBER_COUNTS: &str = "room_member_counts";
 
 pub async fn run(session: &Session, ks: &str) -> Result<(), StoreError> {
@@ -109,11 +110,12 @@ async fn fill_message_buckets(session: &Session, ks: &str) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Each room without a count gets its current number of members (a re-run after a crash
-/// skips the rooms already counted).
+/// Brings each room's count to its number of members: adds the difference, so a room whose
+/// count new code already moved (history-service running during the upgrade) ends right, and
+/// a re-run after a crash changes nothing where the counts are right already.
 async fn seed_member_counts(session: &Session, ks: &str) -> Result<(), StoreError> {
     let rooms: Vec<(String,)> = scan(session, format!("SELECT id FROM {ks}.rooms")).await?;
-    let existing = prepare(
+    let current = prepare(
         session,
         format!("SELECT members FROM {ks}.room_member_counts WHERE room = ?"),
     )
@@ -130,18 +132,23 @@ async fn seed_member_counts(session: &Session, ks: &str) -> Result<(), StoreErro
     .await?;
     stream::iter(&rooms)
         .map(|(room,)| {
-            let (existing, count, add) = (&existing, &count, &add);
+            let (current, count, add) = (&current, &count, &add);
             async move {
-                let seeded = first::<(Option<Counter>,)>(session, existing, (room,)).await?;
-                let members = first::<(i64,)>(session, count, (room,)).await?;
-                match (seeded, members) {
-                    (None, Some((n,))) if n > 0 => session
-                        .execute_unpaged(add, (Counter(n), room))
-                        .await
-                        .map(drop)
-                        .map_err(exec_err),
-                    _ => Ok(()),
+                let counted = first::<(Option<Counter>,)>(session, current, (room,))
+                    .await?
+                    .and_then(|(c,)| c)
+                    .map_or(0, |c| c.0);
+                let members = first::<(i64,)>(session, count, (room,))
+                    .await?
+                    .map_or(0, |(n,)| n);
+                if members == counted {
+                    return Ok(());
                 }
+                session
+                    .execute_unpaged(add, (Counter(members - counted), room))
+                    .await
+                    .map(drop)
+                    .map_err(exec_err)
             }
         })
         .buffer_unordered(MAX_IN_FLIGHT)
