@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
 use history_service::server::{self, RunOptions};
-use history_service::store::scylla::DEFAULT_REPLICATION;
+use history_service::store::scylla::{DriverSettings, TlsSettings, DEFAULT_REPLICATION};
 use history_service::telemetry::{self, OtlpProtocol, TelemetryConfig};
 use history_service::{AnyStore, HistoryApi};
 use proto::auth::{KeyConfig, Verifier};
@@ -82,13 +82,41 @@ struct Config {
     jwt_issuer: Option<String>,
     #[arg(long, env = "CHAT_JWT_AUDIENCE", global = true)]
     jwt_audience: Option<String>,
-    /// `migrate` on ScyllaDB: keyspace replication factor (SimpleStrategy, one data centre).
+    /// `migrate` on ScyllaDB: keyspace replication factor, in every datacenter
+    /// (NetworkTopologyStrategy).
     #[arg(long, env = "CHAT_SCYLLA_REPLICATION_FACTOR", global = true)]
     scylla_replication_factor: Option<u32>,
     /// `migrate` on ScyllaDB: the whole replication map instead, e.g.
     /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
     #[arg(long, env = "CHAT_SCYLLA_REPLICATION", global = true)]
     scylla_replication: Option<String>,
+    /// ScyllaDB: the local datacenter. Requests go to its nodes only, so LOCAL_QUORUM is a
+    /// quorum there; unset → every node counts as local (one datacenter).
+    #[arg(long, env = "CHAT_SCYLLA_DATACENTER", global = true)]
+    scylla_datacenter: Option<String>,
+    /// ScyllaDB: connect with TLS (the nodes' TLS CQL port, usually 9142), verifying their
+    /// certificates against the system's CAs.
+    #[arg(long, env = "CHAT_SCYLLA_TLS", global = true)]
+    scylla_tls: bool,
+    /// ScyllaDB: a PEM file of CAs to trust for the nodes' certificates; implies TLS.
+    #[arg(long, env = "CHAT_SCYLLA_TLS_CA_FILE", global = true)]
+    scylla_tls_ca_file: Option<PathBuf>,
+    /// ScyllaDB: a PEM client certificate (chain) for clusters that require one; implies TLS,
+    /// needs the key too.
+    #[arg(long, env = "CHAT_SCYLLA_TLS_CERT_FILE", global = true)]
+    scylla_tls_cert_file: Option<PathBuf>,
+    /// ScyllaDB: the PEM private key of the client certificate.
+    #[arg(long, env = "CHAT_SCYLLA_TLS_KEY_FILE", global = true)]
+    scylla_tls_key_file: Option<PathBuf>,
+    /// ScyllaDB: seconds the driver waits for one request; keep it above the server's longest
+    /// timeout (`range_request_timeout_in_ms`, 10 s by default) so the server answers first.
+    #[arg(
+        long,
+        env = "CHAT_SCYLLA_REQUEST_TIMEOUT_SECS",
+        default_value_t = 12,
+        global = true
+    )]
+    scylla_request_timeout_secs: u64,
     /// `serve`: apply the schema before serving (what `migrate` does).
     #[arg(long, env = "CHAT_MIGRATE_ON_START", global = true)]
     migrate_on_start: bool,
@@ -140,6 +168,7 @@ impl Config {
         if self.scylla_replication_factor == Some(0) {
             return Err("CHAT_SCYLLA_REPLICATION_FACTOR must be at least 1".into());
         }
+        self.scylla_driver()?;
         self.otlp_protocol.parse::<OtlpProtocol>()?;
         if let Some(endpoint) = &self.otlp_endpoint {
             telemetry::validate_endpoint(endpoint)?;
@@ -173,12 +202,49 @@ impl Config {
         .map_err(|e| format!("JWT key: {e}"))
     }
 
+    /// The ScyllaDB driver settings; TLS files are loaded here, so a bad one is reported
+    /// before anything starts.
+    fn scylla_driver(&self) -> Result<DriverSettings, String> {
+        if self
+            .scylla_datacenter
+            .as_deref()
+            .is_some_and(|dc| dc.trim().is_empty())
+        {
+            return Err("CHAT_SCYLLA_DATACENTER is empty".into());
+        }
+        if self.scylla_request_timeout_secs == 0 {
+            return Err("CHAT_SCYLLA_REQUEST_TIMEOUT_SECS must be at least 1".into());
+        }
+        let client_cert =
+            match (&self.scylla_tls_cert_file, &self.scylla_tls_key_file) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                _ => return Err(
+                    "set both CHAT_SCYLLA_TLS_CERT_FILE and CHAT_SCYLLA_TLS_KEY_FILE, or neither"
+                        .into(),
+                ),
+            };
+        let tls = (self.scylla_tls || self.scylla_tls_ca_file.is_some() || client_cert.is_some())
+            .then(|| TlsSettings {
+                ca_file: self.scylla_tls_ca_file.clone(),
+                client_cert,
+            });
+        if let Some(tls) = &tls {
+            tls.context().map_err(|e| e.to_string())?;
+        }
+        Ok(DriverSettings {
+            datacenter: self.scylla_datacenter.clone(),
+            tls,
+            request_timeout: Duration::from_secs(self.scylla_request_timeout_secs),
+        })
+    }
+
     /// The CQL replication map `migrate` creates the keyspace with.
     fn replication(&self) -> String {
         match (&self.scylla_replication, self.scylla_replication_factor) {
             (Some(map), _) => map.clone(),
             (None, Some(rf)) => {
-                format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}")
+                format!("{{'class': 'NetworkTopologyStrategy', 'replication_factor': {rf}}}")
             }
             (None, None) => DEFAULT_REPLICATION.to_owned(),
         }
@@ -255,7 +321,8 @@ async fn main() -> anyhow::Result<()> {
 
     let result = match command {
         Command::Migrate => {
-            if let Err(e) = AnyStore::migrate(&config.store, &config.replication()).await {
+            let driver = config.scylla_driver().unwrap_or_else(|e| fail(e));
+            if let Err(e) = AnyStore::migrate(&config.store, &config.replication(), &driver).await {
                 eprintln!("history-service: migrate failed: {e}");
                 std::process::exit(1);
             }
@@ -270,13 +337,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let verifier = config.verifier().unwrap_or_else(|e| fail(e));
+    let driver = config.scylla_driver().unwrap_or_else(|e| fail(e));
     if config.migrate_on_start {
-        if let Err(e) = AnyStore::migrate(&config.store, &config.replication()).await {
+        if let Err(e) = AnyStore::migrate(&config.store, &config.replication(), &driver).await {
             eprintln!("history-service: migrate failed: {e}");
             std::process::exit(1);
         }
     }
-    let store = match AnyStore::connect(&config.store).await {
+    let store = match AnyStore::connect_with(&config.store, &driver).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("history-service: cannot open the store: {e}");

@@ -83,6 +83,30 @@ pub fn describe_metrics() {
         "chat_stream_undecodable_total",
         "Entries skipped because their frame could not be decoded."
     );
+    describe_counter!(
+        "chat_store_seq_conflicts_total",
+        "Messages dropped because a different message already held their seq (the first is kept)."
+    );
+    describe_counter!(
+        "chat_scylla_requests_total",
+        "Requests the ScyllaDB driver sent (as the driver counts them)."
+    );
+    describe_counter!(
+        "chat_scylla_errors_total",
+        "ScyllaDB requests that failed after the driver's retries."
+    );
+    describe_counter!(
+        "chat_scylla_retries_total",
+        "ScyllaDB requests the driver's retry policy retried."
+    );
+    describe_counter!(
+        "chat_scylla_request_timeouts_total",
+        "ScyllaDB requests that hit the client-side timeout (CHAT_SCYLLA_REQUEST_TIMEOUT_SECS)."
+    );
+    describe_gauge!(
+        "chat_scylla_connections",
+        "Open connections of the ScyllaDB driver."
+    );
 }
 
 /// What `/readyz` checks besides the store.

@@ -6,7 +6,7 @@
 use proto::rooms::{MessageView, PinView, ReadMarker, Role, RoomInfo};
 use proto::{MessageId, RoomId, ServerEvent, Timestamp, UserRef};
 
-use super::scylla::{ScyllaConfig, ScyllaStore};
+use super::scylla::{DriverSettings, ScyllaConfig, ScyllaStore};
 use super::sqlite::SqliteStore;
 use super::{Ban, Page, RoomAccess, RoomState, Store, StoreError};
 use crate::remote::RemoteStore;
@@ -51,9 +51,14 @@ impl StoreUrl {
 }
 
 impl AnyStore {
-    /// Opens the store `url` names (see [`StoreUrl`]). SQLite creates its schema on open;
-    /// ScyllaDB needs [`AnyStore::migrate`] first.
+    /// Opens the store `url` names (see [`StoreUrl`]) with the driver's default settings.
+    /// SQLite creates its schema on open; ScyllaDB needs [`AnyStore::migrate`] first.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, &DriverSettings::default()).await
+    }
+
+    /// [`AnyStore::connect`], with `scylla` as the driver settings of a `scylla://` store.
+    pub async fn connect_with(url: &str, scylla: &DriverSettings) -> Result<Self, StoreError> {
         Ok(match StoreUrl::parse(url)? {
             StoreUrl::Sqlite(path) => {
                 // Opening runs schema DDL and may create directories: keep it off the runtime.
@@ -62,21 +67,30 @@ impl AnyStore {
                     .map_err(|e| StoreError::Internal(e.to_string()))??;
                 AnyStore::Sqlite(store)
             }
-            StoreUrl::Scylla(config) => AnyStore::Scylla(ScyllaStore::connect(&config).await?),
+            StoreUrl::Scylla(config) => {
+                AnyStore::Scylla(ScyllaStore::connect(&config.with_driver(scylla.clone())).await?)
+            }
             StoreUrl::Remote(base) => AnyStore::Remote(RemoteStore::new(&base, None)?),
         })
     }
 
-    /// Applies the schema idempotently: ScyllaDB keyspace (with `replication`, a CQL map) and
-    /// tables; SQLite creates its schema by opening the file. Nothing to do for a remote store.
-    pub async fn migrate(url: &str, replication: &str) -> Result<(), StoreError> {
+    /// Applies the schema idempotently: ScyllaDB keyspace (with `replication`, a CQL map),
+    /// tables and one-off data steps, connecting with `scylla`; SQLite creates its schema by
+    /// opening the file. Nothing to do for a remote store.
+    pub async fn migrate(
+        url: &str,
+        replication: &str,
+        scylla: &DriverSettings,
+    ) -> Result<(), StoreError> {
         match StoreUrl::parse(url)? {
             StoreUrl::Sqlite(path) => {
                 tokio::task::spawn_blocking(move || SqliteStore::open(path).map(drop))
                     .await
                     .map_err(|e| StoreError::Internal(e.to_string()))?
             }
-            StoreUrl::Scylla(config) => super::scylla::migrate(&config, replication).await,
+            StoreUrl::Scylla(config) => {
+                super::scylla::migrate(&config.with_driver(scylla.clone()), replication).await
+            }
             StoreUrl::Remote(_) => Ok(()),
         }
     }

@@ -20,8 +20,10 @@
 //! not by arrival: an edit only replaces content written by an older seq, a delete is final,
 //! pin/unpin of one message keep the state of the highest seq, a marker keeps the highest seq.
 //! An edit or delete that arrives before its message (its message was in a reclaimed batch) is
-//! kept aside and folded in when the message arrives. Both backends pass the same contract
-//! tests for this (`tests/integration/contract.rs`).
+//! kept aside and folded in when the message arrives. A seq holds one message: the first
+//! stored keeps it, a different message reusing it is dropped ([`seq_conflict`]); an edit of
+//! a deleted message is dropped too. Both backends pass the same contract tests for this
+//! (`tests/integration/contract.rs`).
 
 pub mod any;
 pub mod scylla;
@@ -62,6 +64,21 @@ impl StoreError {
             StoreError::Internal(_) => ErrorCode::Internal,
         }
     }
+}
+
+/// Reports a message that reuses the seq of a different stored message. A seq is assigned
+/// once, so a second message with it means the broker lost its state (see "Redis" in
+/// docs/operations.md); every store keeps the message it stored first and drops the newcomer,
+/// never merging the two. Logged, and counted in `chat_store_seq_conflicts_total`.
+pub fn seq_conflict(room: &RoomId, seq: u64, kept: MessageId, dropped: MessageId) {
+    metrics::counter!("chat_store_seq_conflicts_total").increment(1);
+    tracing::error!(
+        %room,
+        seq,
+        kept = %kept,
+        dropped = %dropped,
+        "a different message reused a stored seq; kept the first"
+    );
 }
 
 /// A page request on a room's messages, by seq cursor. Cursors are seqs, which never change,

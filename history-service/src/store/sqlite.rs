@@ -789,13 +789,13 @@ fn insert_message(
         ])?;
     if n == 0 {
         // A replay (same id) is expected; a different id at the same seq is a broken invariant
-        // upstream (seq assigned twice): keep the first, say so.
+        // upstream (seq assigned twice): keep the first, report it.
         let at_seq: Option<i64> = c
             .prepare_cached("SELECT id FROM messages WHERE room = ?1 AND seq = ?2")?
             .query_row(params![room.as_str(), seq_db(seq)], |r| r.get(0))
             .optional()?;
         if let Some(other) = at_seq.filter(|&o| o != id_db(id)) {
-            tracing::error!(%room, seq, id = %id, existing = other as u64, "two messages with one seq; kept the first");
+            super::seq_conflict(room, seq, id_from(other), id);
         }
         return Ok(());
     }

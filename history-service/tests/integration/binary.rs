@@ -162,6 +162,11 @@ fn migrate_and_bad_configuration() {
         ("CHAT_REDIS_URL", "http://not-redis"),
         ("CHAT_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
         ("CHAT_SCYLLA_REPLICATION_FACTOR", "0"),
+        ("CHAT_SCYLLA_DATACENTER", " "),
+        ("CHAT_SCYLLA_REQUEST_TIMEOUT_SECS", "0"),
+        ("CHAT_SCYLLA_TLS_CA_FILE", "/nonexistent/ca.pem"),
+        // A client certificate without its key.
+        ("CHAT_SCYLLA_TLS_CERT_FILE", "/nonexistent/client.pem"),
         ("CHAT_LOG_FORMAT", "xml"),
         ("CHAT_OTLP_PROTOCOL", "http/json"),
         ("CHAT_OTLP_ENDPOINT", "collector:4317"),

@@ -208,6 +208,11 @@ pub async fn edit_and_delete_semantics<S: Store>(s: &S) {
     assert!(m.deleted);
     assert_eq!(m.content, None);
     assert_eq!(m.seq, 1);
+    assert_eq!(
+        m.edited_at,
+        Some(t(5)),
+        "the edit after the delete was dropped, not stored behind the tombstone"
+    );
     let page = all_messages(s, &r).await;
     assert_eq!(
         page.iter().map(|m| (m.seq, m.deleted)).collect::<Vec<_>>(),
@@ -245,6 +250,92 @@ pub async fn edit_and_delete_semantics<S: Store>(s: &S) {
     // Events without a seq have no place in the order: skipped.
     s.apply(&[msg(&r, 0, "ann")]).await.unwrap();
     assert_eq!(s.message(&r, mid(&r, 0)).await.unwrap(), None);
+}
+
+/// Conflicts counted so far in this process (`chat_store_seq_conflicts_total`). Every
+/// backend of these tests reports into this process: SQLite and the remote store's SQLite
+/// directly, ScyllaDB through its client.
+fn seq_conflicts() -> u64 {
+    history_service::server::install_metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("chat_store_seq_conflicts_total "))
+        .map_or(0, |v| {
+            v.trim().parse::<f64>().expect("a counter value") as u64
+        })
+}
+
+/// The conflict tests of the three backends run one at a time, so each sees only its own
+/// conflicts in the process-wide counter.
+static CONFLICTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The id of a message that is not the one `msg(room, seq, ..)` stores at `seq`.
+fn other_id(r: &RoomId, seq: u64) -> MessageId {
+    mid(r, seq + 500_000)
+}
+
+/// A different message at `seq`, as a broker that lost its state could send after a restart:
+/// another id, author, content and time, and a reply.
+fn other_msg(r: &RoomId, seq: u64) -> ServerEvent {
+    ServerEvent::Message {
+        seq,
+        room: r.clone(),
+        id: other_id(r, seq),
+        user: user("mallory"),
+        content: format!("other {seq}"),
+        ts: t(seq + 100),
+        reply_to: Some(mid(r, 1)),
+        client_msg_id: None,
+    }
+}
+
+pub async fn a_reused_seq_keeps_the_first_message<S: Store>(s: &S) {
+    let _one_at_a_time = CONFLICTS.lock().await;
+    let counted = seq_conflicts();
+    let r = room("reuse");
+    s.apply(&[msg(&r, 1, "ann"), msg(&r, 2, "bob"), msg(&r, 3, "cat")])
+        .await
+        .unwrap();
+    s.apply(&[delete(&r, mid(&r, 3), 4, "cat")]).await.unwrap();
+    let stored = all_messages(s, &r).await;
+
+    // A different message at a stored seq: alone, beside a new message, at a deleted one's.
+    s.apply(&[other_msg(&r, 2)]).await.unwrap();
+    s.apply(&[msg(&r, 5, "ann"), other_msg(&r, 1), other_msg(&r, 3)])
+        .await
+        .unwrap();
+    // Two messages at one new seq in one batch: the first of the batch is kept.
+    s.apply(&[msg(&r, 6, "bob"), other_msg(&r, 6)])
+        .await
+        .unwrap();
+    // Replays of the kept messages are no conflict; an edit of a dropped one touches nothing.
+    s.apply(&[msg(&r, 2, "bob"), msg(&r, 6, "bob")])
+        .await
+        .unwrap();
+    s.apply(&[edit(&r, other_id(&r, 2), 7, "edit of the dropped one")])
+        .await
+        .unwrap();
+
+    let mut expected = vec![view(&r, 6, "bob"), view(&r, 5, "ann")];
+    expected.extend(stored);
+    assert_eq!(
+        all_messages(s, &r).await,
+        expected,
+        "every seq keeps the message stored first, whole (no merge of the two)"
+    );
+    assert!(expected[2].deleted, "the tombstone at seq 3 stays one");
+    for seq in [1, 2, 3, 6] {
+        assert_eq!(
+            s.message(&r, other_id(&r, seq)).await.unwrap(),
+            None,
+            "the newcomer at seq {seq} is not stored"
+        );
+    }
+    assert_eq!(
+        seq_conflicts() - counted,
+        4,
+        "each dropped message is counted once"
+    );
 }
 
 pub async fn pin_unpin_semantics<S: Store>(s: &S) {
@@ -933,6 +1024,7 @@ contract_tests!(
     apply_is_idempotent,
     replay_out_of_order_converges,
     edit_and_delete_semantics,
+    a_reused_seq_keeps_the_first_message,
     pin_unpin_semantics,
     receipts_only_move_forward,
     paging_is_exact,
@@ -972,14 +1064,21 @@ async fn remote_refuses_a_wrong_internal_token_and_maps_an_unreachable_service()
 
 #[test]
 fn scylla_schema_is_idempotent_ddl_and_urls_parse() {
-    use history_service::store::scylla::{schema_tables, ScyllaConfig};
-    let statements = schema_tables();
+    use history_service::store::scylla::{schema_statements, SchemaStatement, ScyllaConfig};
+    let statements = schema_statements().expect("the schema file parses");
     assert!(statements.len() >= 5, "{statements:?}");
     for s in &statements {
-        let upper = s.to_ascii_uppercase();
-        assert!(upper.starts_with("CREATE "), "only DDL: {s}");
-        assert!(upper.contains("IF NOT EXISTS"), "re-runnable: {s}");
-        assert!(!s.contains("--"), "comments stripped: {s}");
+        let cql = match s {
+            SchemaStatement::Create(cql) => cql,
+            SchemaStatement::AddColumn { cql, .. } => cql,
+        };
+        let upper = cql.to_ascii_uppercase();
+        assert!(
+            upper.starts_with("CREATE ") && upper.contains("IF NOT EXISTS")
+                || upper.starts_with("ALTER TABLE ") && upper.contains(" ADD "),
+            "re-runnable DDL only: {cql}"
+        );
+        assert!(!cql.contains("--"), "comments stripped: {cql}");
     }
 
     let c = ScyllaConfig::parse("scylla://a:9042,b/chat").unwrap();
