@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
 use history_service::server::{self, RunOptions};
+use history_service::startup;
 use history_service::store::scylla::DEFAULT_REPLICATION;
 use history_service::telemetry::{self, OtlpProtocol, TelemetryConfig};
 use history_service::{AnyStore, HistoryApi};
@@ -165,12 +166,17 @@ impl Config {
     }
 
     fn verifier(&self) -> Result<Verifier, String> {
+        let key = self.key_config()?;
+        let setting = match key {
+            KeyConfig::PublicPem(_) => "CHAT_JWT_PUBLIC_KEY",
+            _ => "CHAT_JWT_SECRET",
+        };
         Verifier::new(
-            &self.key_config()?,
+            &key,
             self.jwt_issuer.as_deref(),
             self.jwt_audience.as_deref(),
         )
-        .map_err(|e| format!("JWT key: {e}"))
+        .map_err(|e| format!("{setting}: {e}"))
     }
 
     /// The CQL replication map `migrate` creates the keyspace with.
@@ -233,7 +239,7 @@ async fn signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = startup::parse();
     let config = cli.config;
     if let Err(e) = config.validate() {
         fail(e);
@@ -279,7 +285,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let store = match AnyStore::connect(&config.store).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            eprintln!("history-service: cannot open the store: {e}");
+            eprintln!("history-service: cannot open the store (CHAT_STORE / --store): {e}");
             std::process::exit(1);
         }
     };
@@ -291,9 +297,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         HistoryApi::new(store.clone(), verifier).with_internal_token(config.internal_token.clone()),
     );
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = startup::bind(config.listen)
         .await
-        .unwrap_or_else(|e| fail(format!("cannot listen on {}: {e}", config.listen)));
+        .unwrap_or_else(|e| fail(e));
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     tracing::info!(
