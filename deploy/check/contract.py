@@ -9,7 +9,9 @@ the Rust source; this module extracts them so the checks follow the code:
             and history-service/src/main.rs, with its default and type;
   metrics:  every `metrics::counter!/gauge!/histogram!("name")` under
             gateway/src and history-service/src;
-  commands: history-service subcommands (`enum Command`).
+  commands: history-service subcommands (`enum Command`);
+  min_hs256_secret_bytes: the shortest CHAT_JWT_SECRET the binaries accept
+            (proto/src/auth.rs).
 
   python3 deploy/check/contract.py            # prints both as a table
   python3 deploy/check/contract.py --json     # the same as JSON
@@ -83,6 +85,16 @@ def subcommands() -> list:
     if not m:
         return []
     return [v.lower() for v in re.findall(r"^\s*(\w+),\s*$", m.group(1), re.M)]
+
+
+def min_hs256_secret_bytes() -> int:
+    """`MIN_HS256_SECRET_BYTES` of proto/src/auth.rs (0 when it cannot be read)."""
+    try:
+        text = (ROOT / "proto/src/auth.rs").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"pub const MIN_HS256_SECRET_BYTES: usize = (\d+);", text)
+    return int(m.group(1)) if m else 0
 
 
 METRIC_RE = re.compile(r"metrics::(counter|gauge|histogram)!\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"")

@@ -28,6 +28,7 @@ Three layers, all offline:
 """
 
 import argparse
+import base64
 import re
 import sys
 
@@ -570,12 +571,21 @@ def check_contract(objs, by_kind, exists, external, notes):
             expect(hist["spec"].get("replicas", 1) == 1,
                    f"Deployment/history-service: CHAT_STORE is SQLite, so replicas must be 1 (is {hist['spec'].get('replicas', 1)})")
 
-    # Generated Secrets (dev) must carry what the pods expect.
+    # Generated Secrets (dev) must carry what the pods expect, and an HS256 secret the
+    # binaries accept (they refuse a shorter one at start).
+    min_secret = contract.min_hs256_secret_bytes()
+    expect(min_secret > 0, "MIN_HS256_SECRET_BYTES not found in proto/src/auth.rs (source moved?)")
     for name, sec in secrets.items():
         keys = set(sec.get("data") or {}) | set(sec.get("stringData") or {})
         if any(k.startswith("CHAT_") for k in keys):
             for k in ("CHAT_JWT_SECRET", "CHAT_INTERNAL_TOKEN"):
                 expect(k in keys, f"Secret/{name}: key {k} missing")
+        jwt = (sec.get("stringData") or {}).get("CHAT_JWT_SECRET", "").encode()
+        if "CHAT_JWT_SECRET" in (sec.get("data") or {}):
+            jwt = base64.b64decode(sec["data"]["CHAT_JWT_SECRET"])
+        if "CHAT_JWT_SECRET" in keys:
+            expect(len(jwt) >= min_secret,
+                   f"Secret/{name}: CHAT_JWT_SECRET is {len(jwt)} bytes; the binaries refuse fewer than {min_secret}")
     for ext in sorted(external):
         if ext.startswith("Secret/") and ext != "Secret/chat-tls":
             notes.append(f"{ext} must hold keys CHAT_JWT_SECRET and CHAT_INTERNAL_TOKEN (docs/operations.md \"Secrets\")")

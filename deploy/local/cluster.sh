@@ -4,11 +4,12 @@
 # tests, demos and debugging. Runs as root or as an ordinary user; needs only
 # bash, curl, redis-server and nginx (Debian packages redis-server, nginx).
 #
-#   cluster.sh start  [--gateways N] [--base-port P] [--dir DIR]
+#   cluster.sh start  [--gateways N] [--base-port P|auto] [--dir DIR]
 #   cluster.sh stop   [--dir DIR]
 #   cluster.sh status [--dir DIR]
 #
-# Defaults: N=2, P=18080, DIR=./data/cluster. Ports:
+# Defaults: N=2, P=$CLUSTER_BASE_PORT or 18080, DIR=./data/cluster; P=auto picks a
+# free block of ports (printed, and in cluster.env). Ports:
 #   P        nginx (the entry point: /ws, /api, /)
 #   P+1..P+N gateways gw1..gwN
 #   P+9      redis-server (AOF on, no RDB snapshots)
@@ -20,7 +21,9 @@
 #                             (not NGINX: nginx itself reads a variable of that
 #                             name as inherited listening sockets, so it is
 #                             removed from nginx's environment)
-#   CHAT_JWT_SECRET           HS256 secret for both binaries (default: a dev value, printed)
+#   CLUSTER_BASE_PORT         P when --base-port is not given (default 18080)
+#   CHAT_JWT_SECRET           HS256 secret for both binaries, at least 32 bytes
+#                             (default: a dev value, printed)
 #   CHAT_INTERNAL_TOKEN       token guarding history-service's /internal/v1 API,
 #                             shared by the gateways (default: random per start)
 #   CHAT_DRAIN_SECONDS        gateway drain window (default here: 5, to stop quickly)
@@ -49,7 +52,7 @@ usage() {
 cmd=${1:-}
 [[ $# -gt 0 ]] && shift
 gateways=2
-base_port=18080
+base_port=${CLUSTER_BASE_PORT:-18080}
 dir=./data/cluster
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -79,6 +82,19 @@ find_exe() { # name [override]: prints a path or nothing
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+free_base_port() { # a P with P..P+10 all free on 127.0.0.1
+    local try p base busy
+    for ((try = 0; try < 20; try++)); do
+        base=$((20000 + RANDOM % 2000 * 10))
+        busy=0
+        for ((p = base; p <= base + 10; p++)); do
+            if port_open "$p"; then busy=1; break; fi
+        done
+        ((busy)) || { echo "$base"; return 0; }
+    done
+    return 1
+}
 
 # A zombie counts as dead: daemonized nginx/redis are reaped by PID 1, which in
 # some containers takes seconds.
@@ -181,8 +197,11 @@ start() {
     if ! [[ $gateways =~ ^[0-9]+$ ]] || ((gateways < 1 || gateways > 8)); then
         die "--gateways must be 1..8 (gateway ports are P+1..P+8; P+9 is redis)"
     fi
+    if [[ $base_port == auto ]]; then
+        base_port=$(free_base_port) || die "--base-port auto: no free block of 11 loopback ports found"
+    fi
     if ! [[ $base_port =~ ^[0-9]+$ ]] || ((base_port < 1024 || base_port + 10 > 65535)); then
-        die "--base-port must be 1024..65525"
+        die "--base-port must be 1024..65525 or auto"
     fi
 
     local gateway_bin history_bin redis_bin nginx_bin
@@ -220,7 +239,7 @@ start() {
 
     local secret=${CHAT_JWT_SECRET:-}
     if [[ -z $secret ]]; then
-        secret=local-cluster-dev-secret
+        secret=local-cluster-dev-secret-not-for-production
         say "CHAT_JWT_SECRET not set; using the dev secret '$secret' (HS256)"
     fi
     export CHAT_JWT_SECRET=$secret

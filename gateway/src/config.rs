@@ -135,13 +135,18 @@ impl Config {
                     "CHAT_REDIS_URL must start with redis:// (got {url})"
                 ));
             }
+            redis::Client::open(url.as_str()).map_err(|e| format!("CHAT_REDIS_URL: {e}"))?;
+        }
+        if let Some(url) = &self.history_url {
+            history_service::remote::RemoteStore::new(url, None)
+                .map_err(|e| format!("CHAT_HISTORY_URL: {e}"))?;
         }
         self.otlp_protocol
             .parse::<history_service::telemetry::OtlpProtocol>()?;
         if let Some(endpoint) = &self.otlp_endpoint {
             history_service::telemetry::validate_endpoint(endpoint)?;
         }
-        self.key_config().map(|_| ())
+        self.verifier().map(drop)
     }
 
     pub fn key_config(&self) -> Result<KeyConfig, String> {
@@ -156,12 +161,17 @@ impl Config {
     }
 
     pub fn verifier(&self) -> Result<Verifier, String> {
+        let key = self.key_config()?;
+        let setting = match key {
+            KeyConfig::PublicPem(_) => "CHAT_JWT_PUBLIC_KEY",
+            _ => "CHAT_JWT_SECRET",
+        };
         Verifier::new(
-            &self.key_config()?,
+            &key,
             self.jwt_issuer.as_deref(),
             self.jwt_audience.as_deref(),
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("{setting}: {e}"))
     }
 
     pub fn node_name(&self) -> String {

@@ -54,15 +54,18 @@ use history_service::{AnyStore, Store};
 use hub::Hub;
 use node::Node;
 
-/// Why a node could not start.
+/// Why a node could not start; each names the setting to look at.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot reach redis: {0}")]
-    Redis(String),
-    #[error("cannot open the store: {0}")]
-    Store(String),
+    #[error("cannot reach redis at {addr} (CHAT_REDIS_URL / --redis-url): {error}")]
+    Redis { addr: String, error: String },
+    #[error("cannot open the store ({setting}): {error}")]
+    Store {
+        setting: &'static str,
+        error: String,
+    },
 }
 
 /// Builds a node from validated configuration: picks the broker and store.
@@ -92,7 +95,10 @@ pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
                 std::time::Duration::from_secs(config.presence_ttl_seconds),
             )
             .await
-            .map_err(|e| StartError::Redis(e.to_string()))?,
+            .map_err(|e| StartError::Redis {
+                addr: redis_addr(url),
+                error: e.to_string(),
+            })?,
         ),
     };
     Ok(Node::new(config, verifier, hub, broker, store))
@@ -103,8 +109,12 @@ pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
 async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
     let store = match &config.history_url {
         Some(url) => AnyStore::Remote(
-            RemoteStore::new(url, config.internal_token.clone())
-                .map_err(|e| StartError::Store(e.to_string()))?,
+            RemoteStore::new(url, config.internal_token.clone()).map_err(|e| {
+                StartError::Store {
+                    setting: "CHAT_HISTORY_URL / --history-url",
+                    error: e.to_string(),
+                }
+            })?,
         ),
         None => {
             if config.redis_url.is_some() {
@@ -117,10 +127,20 @@ async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
             let url = format!("sqlite://{}", path.display());
             AnyStore::connect(&url)
                 .await
-                .map_err(|e| StartError::Store(format!("{url}: {e}")))?
+                .map_err(|e| StartError::Store {
+                    setting: "CHAT_DATA_DIR / --data-dir",
+                    error: format!("{url}: {e}"),
+                })?
         }
     };
     Ok(store)
+}
+
+/// `host:port` of a Redis URL, without the credentials it may hold (for error messages).
+fn redis_addr(url: &str) -> String {
+    redis::Client::open(url)
+        .map(|c| c.get_connection_info().addr().to_string())
+        .unwrap_or_else(|_| "an unparsable URL".into())
 }
 
 /// A room's last stored seq as the store knows it: its newest message, pin or read marker.

@@ -1,29 +1,26 @@
-use clap::Parser;
 use gateway::config::Config;
+use history_service::startup;
+
+/// A start-up failure: one line on stderr, exit status 2.
+fn fail(what: impl std::fmt::Display) -> ! {
+    eprintln!("gateway: {what}");
+    std::process::exit(2);
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config: Config = startup::parse();
     if let Err(e) = config.validate() {
-        eprintln!("gateway: {e}");
-        std::process::exit(2);
+        fail(e);
     }
-    let telemetry = match gateway::telemetry::init(&config) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            std::process::exit(2);
-        }
-    };
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let telemetry = gateway::telemetry::init(&config).unwrap_or_else(|e| fail(e));
+    let listener = startup::bind(config.listen)
+        .await
+        .unwrap_or_else(|e| fail(e));
     tracing::info!("listening on {}", listener.local_addr()?);
-    let node = match gateway::build_node(config).await {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            std::process::exit(2);
-        }
-    };
+    let node = gateway::build_node(config)
+        .await
+        .unwrap_or_else(|e| fail(e));
     tracing::info!(
         node = %node.name,
         mode = if node.config.redis_url.is_some() { "redis" } else { "embedded" },

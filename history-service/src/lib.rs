@@ -22,6 +22,8 @@
 //!   applies the schema.
 //! - [`telemetry`]: logs and OpenTelemetry traces for both binaries (the gateway's telemetry
 //!   uses it), W3C `traceparent` in and out of the persistence stream.
+//! - [`startup`]: both binaries' start-up failures (a bad setting, a taken address) as one
+//!   line naming the setting.
 //!
 //! # Data flow
 //! Scaled out: gateway → (Redis stream `chat:persist`) → [`consumer::Consumer`] →
@@ -36,6 +38,7 @@ pub mod internal;
 pub mod remote;
 pub mod server;
 pub mod singleflight;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 

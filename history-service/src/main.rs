@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
 use history_service::server::{self, RunOptions};
+use history_service::startup;
 use history_service::store::scylla::{DriverSettings, TlsSettings, DEFAULT_REPLICATION};
 use history_service::telemetry::{self, OtlpProtocol, TelemetryConfig};
 use history_service::{AnyStore, HistoryApi};
@@ -194,12 +195,17 @@ impl Config {
     }
 
     fn verifier(&self) -> Result<Verifier, String> {
+        let key = self.key_config()?;
+        let setting = match key {
+            KeyConfig::PublicPem(_) => "CHAT_JWT_PUBLIC_KEY",
+            _ => "CHAT_JWT_SECRET",
+        };
         Verifier::new(
-            &self.key_config()?,
+            &key,
             self.jwt_issuer.as_deref(),
             self.jwt_audience.as_deref(),
         )
-        .map_err(|e| format!("JWT key: {e}"))
+        .map_err(|e| format!("{setting}: {e}"))
     }
 
     /// The ScyllaDB driver settings; TLS files are loaded here, so a bad one is reported
@@ -230,7 +236,15 @@ impl Config {
                 client_cert,
             });
         if let Some(tls) = &tls {
-            tls.context().map_err(|e| e.to_string())?;
+            tls.context().map_err(|e| {
+                // OpenSSL's reason spans lines; the first says which file and why.
+                let e = e.to_string();
+                let first = e.lines().next().unwrap_or_default().trim_end_matches(':');
+                format!(
+                    "cannot load the TLS files of CHAT_SCYLLA_TLS_CA_FILE / \
+                     CHAT_SCYLLA_TLS_CERT_FILE / CHAT_SCYLLA_TLS_KEY_FILE: {first}"
+                )
+            })?;
         }
         Ok(DriverSettings {
             datacenter: self.scylla_datacenter.clone(),
@@ -299,7 +313,7 @@ async fn signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = startup::parse();
     let config = cli.config;
     if let Err(e) = config.validate() {
         fail(e);
@@ -347,7 +361,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let store = match AnyStore::connect_with(&config.store, &driver).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            eprintln!("history-service: cannot open the store: {e}");
+            eprintln!("history-service: cannot open the store (CHAT_STORE / --store): {e}");
             std::process::exit(1);
         }
     };
@@ -359,9 +373,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         HistoryApi::new(store.clone(), verifier).with_internal_token(config.internal_token.clone()),
     );
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = startup::bind(config.listen)
         .await
-        .unwrap_or_else(|e| fail(format!("cannot listen on {}: {e}", config.listen)));
+        .unwrap_or_else(|e| fail(e));
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     tracing::info!(

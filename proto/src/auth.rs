@@ -12,6 +12,10 @@ use crate::ids::UserRef;
 /// with it, which is why `/api/dev/token` exists only in this mode.
 pub const DEV_SECRET: &[u8] = b"chat-gateway-development-key-do-not-use-in-production";
 
+/// The shortest HS256 secret accepted: RFC 7518 §3.2 requires a key of at least the hash's
+/// size (256 bits), and a shorter one can be brute-forced from any token it signed.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -51,6 +55,11 @@ pub enum AuthError {
     Invalid(String),
     #[error("invalid key: {0}")]
     BadKey(String),
+    #[error(
+        "HS256 secret is {0} bytes; at least {MIN_HS256_SECRET_BYTES} are required (RFC 7518): \
+         generate one with `openssl rand -base64 48`"
+    )]
+    WeakSecret(usize),
 }
 
 /// Where the verification key comes from.
@@ -82,8 +91,8 @@ impl Verifier {
         let dev = matches!(key, KeyConfig::Dev);
         let (key, alg) = match key {
             KeyConfig::Dev => (DecodingKey::from_secret(DEV_SECRET), Algorithm::HS256),
-            KeyConfig::Secret(s) if s.is_empty() => {
-                return Err(AuthError::BadKey("empty secret".into()))
+            KeyConfig::Secret(s) if s.len() < MIN_HS256_SECRET_BYTES => {
+                return Err(AuthError::WeakSecret(s.len()))
             }
             KeyConfig::Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),
             KeyConfig::PublicPem(pem) => match DecodingKey::from_rsa_pem(pem) {
@@ -223,15 +232,36 @@ mod tests {
         );
     }
 
+    /// A secret of exactly the minimum length.
+    const SECRET: &[u8] = b"unit-test-hs256-secret-32-bytes!";
+
     #[test]
     fn checks_issuer_and_audience_when_configured() {
-        let v = Verifier::new(&KeyConfig::Secret(b"s".to_vec()), Some("me"), Some("chat")).unwrap();
+        let v = Verifier::new(
+            &KeyConfig::Secret(SECRET.to_vec()),
+            Some("me"),
+            Some("chat"),
+        )
+        .unwrap();
         let mut c = claims("u", "u", 60);
-        assert!(v.verify(&sign_hs256(b"s", &c)).is_err(), "no iss/aud");
+        assert!(v.verify(&sign_hs256(SECRET, &c)).is_err(), "no iss/aud");
         c.iss = Some("me".into());
         c.aud = Some("chat".into());
-        assert!(v.verify(&sign_hs256(b"s", &c)).is_ok());
+        assert!(v.verify(&sign_hs256(SECRET, &c)).is_ok());
         c.aud = Some("other".into());
-        assert!(v.verify(&sign_hs256(b"s", &c)).is_err());
+        assert!(v.verify(&sign_hs256(SECRET, &c)).is_err());
+    }
+
+    #[test]
+    fn refuses_hs256_secrets_shorter_than_256_bits() {
+        assert_eq!(SECRET.len(), MIN_HS256_SECRET_BYTES);
+        for short in [&b""[..], b"short", &SECRET[1..]] {
+            let err = Verifier::new(&KeyConfig::Secret(short.to_vec()), None, None)
+                .err()
+                .expect("a short secret is refused");
+            assert_eq!(err, AuthError::WeakSecret(short.len()));
+            assert!(err.to_string().contains("openssl rand"), "{err}");
+        }
+        assert!(Verifier::new(&KeyConfig::Secret(SECRET.to_vec()), None, None).is_ok());
     }
 }

@@ -142,7 +142,7 @@ async fn dev_token_endpoint_exists_only_with_the_dev_key() {
     assert_eq!(r.status(), 400);
     dev.stop().await;
 
-    let real = Server::start_with(|c| c.jwt_secret = Some("s3cret".into())).await;
+    let real = Server::start_with(|c| c.jwt_secret = Some(TEST_SECRET.into())).await;
     let r = http()
         .post(real.url("/api/dev/token"))
         .json(&json!({"name": "x"}))

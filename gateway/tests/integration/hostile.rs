@@ -100,7 +100,7 @@ async fn rs256_server_refuses_alg_none_and_hs256_signed_with_its_public_key() {
 #[tokio::test]
 async fn issuer_audience_and_nbf_are_enforced_on_every_entry_point() {
     let server = Server::start_with(|c| {
-        c.jwt_secret = Some("s3cret".into());
+        c.jwt_secret = Some(TEST_SECRET.into());
         c.jwt_issuer = Some("https://idp.example".into());
         c.jwt_audience = Some("chat".into());
     })
@@ -110,7 +110,7 @@ async fn issuer_audience_and_nbf_are_enforced_on_every_entry_point() {
         c.iss = Some("https://idp.example".into());
         c.aud = Some("chat".into());
         f(&mut c);
-        proto::auth::sign_hs256(b"s3cret", &c)
+        proto::auth::sign_hs256(TEST_SECRET.as_bytes(), &c)
     };
     assert_eq!(status_of(server.addr, &sign(&|_| {})).await, 101);
     let cases: Vec<(&str, String)> = vec![

@@ -16,4 +16,5 @@ mod presence;
 mod recovery;
 mod rooms;
 mod slow_and_floods;
+mod startup;
 mod telemetry;

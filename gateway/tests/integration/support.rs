@@ -13,6 +13,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// An operator's HS256 secret for tests that run on a real key (at least 32 bytes, as the
+/// binaries require).
+pub const TEST_SECRET: &str = "test-only-hs256-secret-at-least-32-bytes";
+
 /// How long a test waits for an expected frame before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 

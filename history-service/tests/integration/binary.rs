@@ -140,7 +140,7 @@ async fn serves_consumes_and_stops_on_sigterm() {
 }
 
 #[test]
-fn migrate_and_bad_configuration() {
+fn migrate_creates_the_schema() {
     let db = temp_db("migrate");
     let out = clean_env(&mut Command::new(BIN))
         .arg("migrate")
@@ -155,35 +155,127 @@ fn migrate_and_bad_configuration() {
     );
     assert!(db.exists());
     remove_db(&db);
+}
 
-    // Bad settings: one line on stderr, exit 2, before binding anything.
-    for (key, value) in [
-        ("CHAT_STORE", "mysql://nope"),
-        ("CHAT_REDIS_URL", "http://not-redis"),
-        ("CHAT_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
-        ("CHAT_SCYLLA_REPLICATION_FACTOR", "0"),
-        ("CHAT_SCYLLA_DATACENTER", " "),
-        ("CHAT_SCYLLA_REQUEST_TIMEOUT_SECS", "0"),
-        ("CHAT_SCYLLA_TLS_CA_FILE", "/nonexistent/ca.pem"),
+/// Runs `history-service` (serve) with `env` over a clean environment until it exits; one still
+/// running after 20 s fails the test.
+async fn exit_of(env: &[(&str, String)]) -> (Option<i32>, String, Vec<u8>) {
+    let db = temp_db("startup");
+    let mut cmd = Command::new(BIN);
+    clean_env(&mut cmd)
+        .env("CHAT_LISTEN", "127.0.0.1:0")
+        .env("CHAT_STORE", format!("sqlite://{}", db.display()))
+        .env("CHAT_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    let child = tokio::process::Command::from(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("history-service with {env:?} kept running"))
+        .unwrap();
+    remove_db(&db);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.stdout,
+    )
+}
+
+/// Every way start-up can fail on a setting: one line on stderr naming it, a non-zero exit
+/// (2 for a setting, 1 when the store cannot be opened), and no `listening on`.
+#[tokio::test]
+async fn each_startup_failure_is_one_line_naming_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let a_file = temp_db("a-file");
+    std::fs::write(&a_file, "x").unwrap();
+    let not_a_key = temp_db("not-a-key");
+    std::fs::write(&not_a_key, "not a PEM key").unwrap();
+    let under_a_file = format!("sqlite://{}/history.db", a_file.display());
+
+    // (setting, value, exit status, what the line must also contain)
+    let cases: Vec<(&str, String, i32, Vec<&str>)> = vec![
+        (
+            "CHAT_JWT_SECRET",
+            "short".into(),
+            2,
+            vec!["5 bytes", "at least 32", "openssl rand -base64 48"],
+        ),
+        ("CHAT_LISTEN", "nope".into(), 2, vec!["'nope'", "--listen"]),
+        (
+            "CHAT_LISTEN",
+            taken.clone(),
+            2,
+            vec![taken.as_str(), "in use", "--listen"],
+        ),
+        ("CHAT_STORE", "mysql://nope".into(), 2, vec!["mysql"]),
+        (
+            "CHAT_STORE",
+            under_a_file,
+            1,
+            vec!["cannot open the store", "--store"],
+        ),
+        (
+            "CHAT_REDIS_URL",
+            "http://not-redis".into(),
+            2,
+            vec!["redis://"],
+        ),
+        (
+            "CHAT_JWT_PUBLIC_KEY",
+            "/nonexistent/key.pem".into(),
+            2,
+            vec!["/nonexistent/key.pem"],
+        ),
+        (
+            "CHAT_JWT_PUBLIC_KEY",
+            not_a_key.display().to_string(),
+            2,
+            vec!["invalid key"],
+        ),
+        ("CHAT_SCYLLA_REPLICATION_FACTOR", "0".into(), 2, vec![]),
+        ("CHAT_SCYLLA_DATACENTER", " ".into(), 2, vec![]),
+        ("CHAT_SCYLLA_REQUEST_TIMEOUT_SECS", "0".into(), 2, vec![]),
+        (
+            "CHAT_SCYLLA_TLS_CA_FILE",
+            "/nonexistent/ca.pem".into(),
+            2,
+            vec!["/nonexistent/ca.pem"],
+        ),
         // A client certificate without its key.
-        ("CHAT_SCYLLA_TLS_CERT_FILE", "/nonexistent/client.pem"),
-        ("CHAT_LOG_FORMAT", "xml"),
-        ("CHAT_OTLP_PROTOCOL", "http/json"),
-        ("CHAT_OTLP_ENDPOINT", "collector:4317"),
-    ] {
-        let out = clean_env(&mut Command::new(BIN))
-            .env("CHAT_LISTEN", "127.0.0.1:0")
-            .env(
-                "CHAT_STORE",
-                format!("sqlite://{}", temp_db("never").display()),
-            )
-            .env(key, value)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{key}={value}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.lines().count(), 1, "{key}: {err}");
-        assert!(err.starts_with("history-service: "), "{err}");
-        assert!(out.stdout.is_empty(), "nothing listened");
+        (
+            "CHAT_SCYLLA_TLS_CERT_FILE",
+            "/nonexistent/client.pem".into(),
+            2,
+            vec![],
+        ),
+        ("CHAT_LOG_FORMAT", "xml".into(), 2, vec![]),
+        ("CHAT_OTLP_PROTOCOL", "http/json".into(), 2, vec![]),
+        ("CHAT_OTLP_ENDPOINT", "collector:4317".into(), 2, vec![]),
+        (
+            "CHAT_DRAIN_SECONDS",
+            "soon".into(),
+            2,
+            vec!["--drain-seconds"],
+        ),
+    ];
+    for (setting, value, code, wanted) in cases {
+        let (status, err, stdout) = exit_of(&[(setting, value.clone())]).await;
+        let case = format!("{setting}={value}: {err:?}");
+        assert_eq!(status, Some(code), "{case}");
+        assert_eq!(err.lines().count(), 1, "one line: {case}");
+        assert!(err.starts_with("history-service: "), "{case}");
+        assert!(err.contains(setting), "names {setting}: {case}");
+        for w in wanted {
+            assert!(err.contains(w), "says {w:?}: {case}");
+        }
+        assert!(stdout.is_empty(), "nothing listened: {case}");
     }
+    remove_db(&a_file);
+    remove_db(&not_a_key);
 }

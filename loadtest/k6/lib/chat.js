@@ -1,6 +1,7 @@
 // Shared helpers of the k6 scripts: configuration from the environment and client tokens.
 //
-//   WS_URL      ws://127.0.0.1:8080          the load balancer (or one gateway)
+//   WS_URL      ws://127.0.0.1:8080          the load balancer (or one gateway): its base
+//                                            (ws://host:port) or its endpoint (…/ws)
 //   HTTP_URL    derived from WS_URL           for /api/... (http://host:port)
 //   JWT_SECRET  unset                         sign HS256 tokens locally with the server's secret
 //   TOKEN_URL   HTTP_URL + /api/dev/token     else fetch tokens here (servers on their dev key)
@@ -9,8 +10,10 @@ import http from 'k6/http';
 import crypto from 'k6/crypto';
 import encoding from 'k6/encoding';
 
-export const WS_URL = (__ENV.WS_URL || 'ws://127.0.0.1:8080').replace(/\/+$/, '');
-export const HTTP_URL = (__ENV.HTTP_URL || WS_URL.replace(/^ws/, 'http')).replace(/\/+$/, '');
+// The base both URLs are built on: WS_URL without a trailing `/ws` (deploy/local/cluster.sh's
+// CLUSTER_WS_URL names the endpoint itself; a bare ws://host:port works too).
+const BASE_URL = (__ENV.WS_URL || 'ws://127.0.0.1:8080').replace(/\/+$/, '').replace(/\/ws$/, '');
+export const HTTP_URL = (__ENV.HTTP_URL || BASE_URL.replace(/^ws/, 'http')).replace(/\/+$/, '');
 const JWT_SECRET = __ENV.JWT_SECRET || '';
 const TOKEN_URL = __ENV.TOKEN_URL || `${HTTP_URL}/api/dev/token`;
 
@@ -47,7 +50,7 @@ export function token(sub) {
 }
 
 export function wsUrl(tok) {
-  return `${WS_URL}/ws?token=${encodeURIComponent(tok)}`;
+  return `${BASE_URL}/ws?token=${encodeURIComponent(tok)}`;
 }
 
 /** Parses a server frame; null when it is not JSON. */
