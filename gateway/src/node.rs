@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::auth::Verifier;
 use proto::ids::MessageIdGen;
 use proto::rooms::Visibility;
 use proto::server::Limits;
 use proto::{RoomId, ServerEvent, UserRef};
 use tokio::sync::Semaphore;
 
+use history_service::keys::Authenticator;
 use history_service::{AnyStore, HistoryApi};
 
 use crate::broker::{AnyBroker, Broker};
@@ -30,7 +30,7 @@ pub const ONLINE_LIST_MAX: usize = 100;
 pub struct Node {
     pub config: Config,
     pub name: String,
-    pub verifier: Verifier,
+    pub verifier: Authenticator,
     pub hub: Arc<Hub>,
     pub broker: AnyBroker,
     pub rooms: Rooms,
@@ -51,7 +51,7 @@ pub struct Node {
 impl Node {
     pub fn new(
         config: Config,
-        verifier: Verifier,
+        verifier: Authenticator,
         hub: Arc<Hub>,
         broker: AnyBroker,
         store: Arc<AnyStore>,

@@ -117,6 +117,7 @@ pub fn init(config: &Config) -> Result<Telemetry, String> {
         log_to_stderr: false,
         otlp_endpoint: config.otlp_endpoint.as_deref(),
         otlp_protocol: protocol,
+        sample_ratio: config.trace_sample_ratio,
     })
 }
 
