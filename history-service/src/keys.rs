@@ -300,6 +300,14 @@ impl Jwks {
     }
 }
 
+/// HELP text of this module's metric (both binaries' `/metrics` call it).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "chat_jwks_fetch_errors_total",
+        "Failed JWKS fetches (CHAT_JWT_JWKS_URL); the previous keys stay in use."
+    );
+}
+
 /// Refreshes every `period` until the authenticator is gone.
 async fn refresh_periodically(inner: Weak<Inner>, period: Duration) {
     loop {

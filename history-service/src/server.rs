@@ -59,6 +59,7 @@ pub fn install_metrics() -> &'static PrometheusHandle {
 /// HELP text of every metric this service exports (docs/operations.md has the same table).
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    crate::keys::describe_metrics();
     describe_histogram!(
         "chat_store_batch_seconds",
         Unit::Seconds,
