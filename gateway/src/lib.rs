@@ -41,7 +41,7 @@ pub mod telemetry;
 pub mod wire;
 pub mod writer;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
@@ -69,10 +69,13 @@ pub enum StartError {
 }
 
 /// Builds a node from validated configuration: picks the broker and store.
-pub async fn build_node(config: Config) -> Result<Arc<Node>, StartError> {
+pub async fn build_node(mut config: Config) -> Result<Arc<Node>, StartError> {
+    config.load_secret_files().map_err(StartError::Config)?;
     config.validate().map_err(StartError::Config)?;
     telemetry::install_metrics();
-    let verifier = config.verifier().map_err(StartError::Config)?;
+    let verifier = history_service::keys::Authenticator::start(&config.key_settings())
+        .await
+        .map_err(StartError::Config)?;
     // A joining session holds live events until its replay is sent; bounded like its queue.
     let hub = Arc::new(Hub::new(config.outbound_queue));
     let store = Arc::new(open_store(&config).await?);
@@ -187,7 +190,33 @@ pub async fn serve(
     node: Arc<Node>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = http::router(node.clone());
+    serve_with_internal(listener, None, node, shutdown).await
+}
+
+/// [`serve`], with `/healthz`, `/readyz` and `/metrics` on `internal` instead of `listener`
+/// when given. The internal listener keeps answering through the drain (`/readyz` 503) and
+/// stops after the public one.
+pub async fn serve_with_internal(
+    listener: TcpListener,
+    internal: Option<TcpListener>,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (app, internal) = match internal {
+        None => (http::router(node.clone()), None),
+        Some(internal) => {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let ops = axum::serve(internal, http::ops_router(node.clone())).with_graceful_shutdown(
+                async {
+                    let _ = stopped.await;
+                },
+            );
+            (
+                http::public_router(node.clone()),
+                Some((stop, tokio::spawn(ops.into_future()))),
+            )
+        }
+    };
     let drained = {
         let node = node.clone();
         async move {
@@ -202,7 +231,12 @@ pub async fn serve(
             tracing::debug!(error = %e, "set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(drained)
-        .await
+        .await;
+    if let Some((stop, ops)) = internal {
+        let _ = stop.send(());
+        ops.await.map_err(std::io::Error::other)??;
+    }
+    served
 }

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::auth::Verifier;
 use proto::ids::MessageIdGen;
 use proto::rooms::Visibility;
 use proto::server::Limits;
 use proto::{RoomId, ServerEvent, UserRef};
 use tokio::sync::Semaphore;
 
+use history_service::keys::Authenticator;
 use history_service::{AnyStore, HistoryApi};
 
 use crate::broker::{AnyBroker, Broker, BrokerError, Events, StateVersion};
@@ -33,7 +33,7 @@ pub const ONLINE_LIST_MAX: usize = 100;
 pub struct Node {
     pub config: Config,
     pub name: String,
-    pub verifier: Verifier,
+    pub verifier: Authenticator,
     pub hub: Arc<Hub>,
     pub broker: AnyBroker,
     pub rooms: RoomStates,
@@ -54,7 +54,7 @@ pub struct Node {
 impl Node {
     pub fn new(
         config: Config,
-        verifier: Verifier,
+        verifier: Authenticator,
         hub: Arc<Hub>,
         broker: AnyBroker,
         store: Arc<AnyStore>,

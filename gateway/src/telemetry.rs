@@ -56,6 +56,7 @@ pub fn install_metrics() -> &'static PrometheusHandle {
 /// HELP text of every metric the gateway exports (docs/operations.md has the same table).
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    history_service::keys::describe_metrics();
     describe_gauge!("chat_connections", "Open WebSocket sessions on this node.");
     describe_counter!(
         "chat_frames_in_total",
@@ -117,6 +118,7 @@ pub fn init(config: &Config) -> Result<Telemetry, String> {
         log_to_stderr: false,
         otlp_endpoint: config.otlp_endpoint.as_deref(),
         otlp_protocol: protocol,
+        sample_ratio: config.trace_sample_ratio,
     })
 }
 

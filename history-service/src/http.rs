@@ -35,13 +35,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use proto::auth::{Identity, Verifier};
+use proto::auth::Identity;
 use proto::errors::{ErrorCode, HttpError};
 use proto::rooms::{MemberInfo, MessageView, PinView, ReadMarker, RoomSummary, Visibility};
 use proto::RoomId;
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Access, Action, Denied};
+use crate::keys::Authenticator;
 use crate::singleflight::SingleFlight;
 use crate::store::{Page, RoomAccess, Store, StoreError};
 
@@ -131,16 +132,16 @@ type PageFlights = SingleFlight<(RoomId, PageQuery), Result<Arc<MessagesPage>, A
 /// The state behind the routes: a store, a token verifier, and the coalescer.
 pub struct HistoryApi<S> {
     store: Arc<S>,
-    verifier: Verifier,
+    verifier: Authenticator,
     internal_token: Option<String>,
     pages: PageFlights,
 }
 
 impl<S: Store> HistoryApi<S> {
-    pub fn new(store: Arc<S>, verifier: Verifier) -> Self {
+    pub fn new(store: Arc<S>, verifier: impl Into<Authenticator>) -> Self {
         Self {
             store,
-            verifier,
+            verifier: verifier.into(),
             internal_token: None,
             pages: SingleFlight::new(),
         }
@@ -157,7 +158,7 @@ impl<S: Store> HistoryApi<S> {
         &self.store
     }
 
-    pub fn verifier(&self) -> &Verifier {
+    pub fn verifier(&self) -> &Authenticator {
         &self.verifier
     }
 
@@ -166,7 +167,7 @@ impl<S: Store> HistoryApi<S> {
     }
 
     /// Who the request is: the JWT from `Authorization: Bearer` or, failing that, `?token=`.
-    pub fn authenticate(
+    pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         query_token: Option<&str>,
@@ -182,6 +183,7 @@ impl<S: Store> HistoryApi<S> {
         let token = bearer.or(query_token).unwrap_or_default();
         self.verifier
             .verify(token)
+            .await
             .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
     }
 
@@ -406,7 +408,9 @@ async fn reader<S: Store>(
     params: &HashMap<String, String>,
     room: &str,
 ) -> Result<(Identity, RoomId), ApiError> {
-    let who = api.authenticate(headers, params.get("token").map(String::as_str))?;
+    let who = api
+        .authenticate(headers, params.get("token").map(String::as_str))
+        .await?;
     let room = room_param(room)?;
     api.authorize_read(&who, &room).await?;
     Ok((who, room))
@@ -419,7 +423,9 @@ async fn messages<S: Store>(
     Query(params): Params,
 ) -> Result<Response, ApiError> {
     // Authenticate before looking at parameters: a stranger learns nothing but 401.
-    let who = api.authenticate(&headers, params.get("token").map(String::as_str))?;
+    let who = api
+        .authenticate(&headers, params.get("token").map(String::as_str))
+        .await?;
     let limit = match u64_param(&params, "limit")? {
         None => DEFAULT_LIMIT,
         Some(n) if (1..=u64::from(MAX_LIMIT)).contains(&n) => n as u32,
@@ -446,7 +452,9 @@ async fn messages_by_page<S: Store>(
     headers: HeaderMap,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    let who = api.authenticate(&headers, params.get("token").map(String::as_str))?;
+    let who = api
+        .authenticate(&headers, params.get("token").map(String::as_str))
+        .await?;
     let room = params
         .get("room")
         .ok_or_else(|| ApiError::invalid("`room` is required"))?;
@@ -527,7 +535,9 @@ async fn list_rooms<S: Store>(
     headers: HeaderMap,
     Query(params): Params,
 ) -> Result<Json<Rooms>, ApiError> {
-    let who = api.authenticate(&headers, params.get("token").map(String::as_str))?;
+    let who = api
+        .authenticate(&headers, params.get("token").map(String::as_str))
+        .await?;
     Ok(Json(Rooms {
         rooms: api.list_rooms(&who).await?,
     }))

@@ -20,6 +20,9 @@
 //!   beside the HTTP server, graceful shutdown. `src/main.rs` parses the configuration
 //!   (flags and `CHAT_*` variables) and calls [`server::run`]; `history-service migrate`
 //!   applies the schema.
+//! - [`keys`]: the keys client tokens are verified with (configured keys, keys by `kid`, a
+//!   JWKS fetched and refreshed over HTTP) for both binaries; [`secrets`]: secret settings
+//!   read from files (`CHAT_*_FILE`).
 //! - [`telemetry`]: logs and OpenTelemetry traces for both binaries (the gateway's telemetry
 //!   uses it), W3C `traceparent` in and out of the persistence stream.
 //! - [`startup`]: both binaries' start-up failures (a bad setting, a taken address) as one
@@ -35,7 +38,9 @@ pub mod access;
 pub mod consumer;
 pub mod http;
 pub mod internal;
+pub mod keys;
 pub mod remote;
+pub mod secrets;
 pub mod server;
 pub mod singleflight;
 pub mod startup;

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
+use history_service::keys::{Authenticator, KeySettings};
 use history_service::server::{self, RunOptions};
 use history_service::startup;
 use history_service::store::scylla::{DriverSettings, TlsSettings, DEFAULT_REPLICATION};
 use history_service::telemetry::{self, OtlpProtocol, TelemetryConfig};
 use history_service::{AnyStore, HistoryApi};
-use proto::auth::{KeyConfig, Verifier};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +50,10 @@ struct Config {
         global = true
     )]
     listen: SocketAddr,
+    /// Second address for the internal API (`/internal/v1/*`), `/healthz`, `/readyz` and
+    /// `/metrics`; then the main address serves only the public API. Unset → one port.
+    #[arg(long, env = "CHAT_INTERNAL_LISTEN", global = true)]
+    internal_listen: Option<SocketAddr>,
     /// `sqlite://<path>` or `scylla://[user:pass@]host[:port][,host2[:port]]/keyspace`.
     #[arg(
         long,
@@ -59,8 +63,11 @@ struct Config {
     )]
     store: String,
     /// Redis holding the persistence stream `chat:persist`; unset → API only, no consumer.
-    #[arg(long, env = "CHAT_REDIS_URL", global = true)]
+    #[arg(long, env = "CHAT_REDIS_URL", hide_env_values = true, global = true)]
     redis_url: Option<String>,
+    /// File holding `CHAT_REDIS_URL` (it may carry a password): a mounted Secret.
+    #[arg(long, env = "CHAT_REDIS_URL_FILE", global = true)]
+    redis_url_file: Option<PathBuf>,
     /// This replica's consumer name in the stream's group; defaults to the host name.
     #[arg(long, env = "CHAT_NODE_ID", global = true)]
     node_id: Option<String>,
@@ -73,12 +80,32 @@ struct Config {
         global = true
     )]
     internal_token: Option<String>,
+    /// File holding `CHAT_INTERNAL_TOKEN`.
+    #[arg(long, env = "CHAT_INTERNAL_TOKEN_FILE", global = true)]
+    internal_token_file: Option<PathBuf>,
     /// HS256 secret; with no key at all the built-in development key is used.
     #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true, global = true)]
     jwt_secret: Option<String>,
-    /// Path to a PEM public key (RS256 or EdDSA).
+    /// File holding `CHAT_JWT_SECRET`.
+    #[arg(long, env = "CHAT_JWT_SECRET_FILE", global = true)]
+    jwt_secret_file: Option<PathBuf>,
+    /// Path to a PEM public key (RS256, ES256 or EdDSA).
     #[arg(long, env = "CHAT_JWT_PUBLIC_KEY", global = true)]
     jwt_public_key: Option<PathBuf>,
+    /// Directory of keys chosen by the token's `kid`: `<kid>.pem` or `<kid>.secret`.
+    #[arg(long, env = "CHAT_JWT_KEYS_DIR", global = true)]
+    jwt_keys_dir: Option<PathBuf>,
+    /// JWKS URL of the identity provider; keys chosen by `kid`, refreshed in the background.
+    #[arg(long, env = "CHAT_JWT_JWKS_URL", global = true)]
+    jwt_jwks_url: Option<String>,
+    /// Seconds between background JWKS refreshes.
+    #[arg(
+        long,
+        env = "CHAT_JWT_JWKS_REFRESH_SECONDS",
+        default_value_t = 300,
+        global = true
+    )]
+    jwt_jwks_refresh_seconds: u64,
     #[arg(long, env = "CHAT_JWT_ISSUER", global = true)]
     jwt_issuer: Option<String>,
     #[arg(long, env = "CHAT_JWT_AUDIENCE", global = true)]
@@ -136,6 +163,14 @@ struct Config {
         global = true
     )]
     otlp_protocol: String,
+    /// Share of traces recorded, 0.0-1.0 (parent-based: a sampled caller's trace is kept).
+    #[arg(
+        long,
+        env = "CHAT_TRACE_SAMPLE_RATIO",
+        default_value_t = 1.0,
+        global = true
+    )]
+    trace_sample_ratio: f64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "CHAT_LOG", default_value = "info", global = true)]
     log: String,
@@ -157,9 +192,6 @@ impl Config {
             }
             redis::Client::open(url.as_str()).map_err(|e| format!("CHAT_REDIS_URL: {e}"))?;
         }
-        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
-            return Err("set either CHAT_JWT_SECRET or CHAT_JWT_PUBLIC_KEY, not both".into());
-        }
         if self.scylla_replication.is_some() && self.scylla_replication_factor.is_some() {
             return Err(
                 "set either CHAT_SCYLLA_REPLICATION or CHAT_SCYLLA_REPLICATION_FACTOR, not both"
@@ -174,38 +206,50 @@ impl Config {
         if let Some(endpoint) = &self.otlp_endpoint {
             telemetry::validate_endpoint(endpoint)?;
         }
+        telemetry::validate_sample_ratio(self.trace_sample_ratio)?;
+        if self.internal_listen == Some(self.listen) {
+            return Err("CHAT_INTERNAL_LISTEN must differ from CHAT_LISTEN".into());
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(
                 "CHAT_LOG_FORMAT must be text or json (got {})",
                 self.log_format
             ));
         }
-        self.verifier().map(drop)
+        self.key_settings().verifier().map(drop)
     }
 
-    fn key_config(&self) -> Result<KeyConfig, String> {
-        match (&self.jwt_secret, &self.jwt_public_key) {
-            (Some(s), _) if s.is_empty() => Err("CHAT_JWT_SECRET is empty".into()),
-            (Some(s), _) => Ok(KeyConfig::Secret(s.as_bytes().to_vec())),
-            (None, Some(path)) => std::fs::read(path)
-                .map(KeyConfig::PublicPem)
-                .map_err(|e| format!("cannot read CHAT_JWT_PUBLIC_KEY {}: {e}", path.display())),
-            (None, None) => Ok(KeyConfig::Dev),
+    /// Replaces each `*_FILE` setting by the value its file holds. Runs before [`validate`].
+    fn load_secret_files(&mut self) -> Result<(), String> {
+        use history_service::secrets::setting;
+        self.jwt_secret = setting(
+            "CHAT_JWT_SECRET",
+            self.jwt_secret.take(),
+            self.jwt_secret_file.take().as_deref(),
+        )?;
+        self.internal_token = setting(
+            "CHAT_INTERNAL_TOKEN",
+            self.internal_token.take(),
+            self.internal_token_file.take().as_deref(),
+        )?;
+        self.redis_url = setting(
+            "CHAT_REDIS_URL",
+            self.redis_url.take(),
+            self.redis_url_file.take().as_deref(),
+        )?;
+        Ok(())
+    }
+
+    fn key_settings(&self) -> KeySettings {
+        KeySettings {
+            secret: self.jwt_secret.clone(),
+            public_key: self.jwt_public_key.clone(),
+            keys_dir: self.jwt_keys_dir.clone(),
+            jwks_url: self.jwt_jwks_url.clone(),
+            jwks_refresh: Duration::from_secs(self.jwt_jwks_refresh_seconds),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
         }
-    }
-
-    fn verifier(&self) -> Result<Verifier, String> {
-        let key = self.key_config()?;
-        let setting = match key {
-            KeyConfig::PublicPem(_) => "CHAT_JWT_PUBLIC_KEY",
-            _ => "CHAT_JWT_SECRET",
-        };
-        Verifier::new(
-            &key,
-            self.jwt_issuer.as_deref(),
-            self.jwt_audience.as_deref(),
-        )
-        .map_err(|e| format!("{setting}: {e}"))
     }
 
     /// The ScyllaDB driver settings; TLS files are loaded here, so a bad one is reported
@@ -314,8 +358,8 @@ async fn signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = startup::parse();
-    let config = cli.config;
-    if let Err(e) = config.validate() {
+    let mut config = cli.config;
+    if let Err(e) = config.load_secret_files().and_then(|()| config.validate()) {
         fail(e);
     }
     // Logs go to stderr, so stdout's first line is `listening on ADDR` for whoever started us.
@@ -330,6 +374,7 @@ async fn main() -> anyhow::Result<()> {
         // `migrate` is a one-off Job: nothing worth tracing.
         otlp_endpoint: config.otlp_endpoint.as_deref().filter(|_| serving),
         otlp_protocol: config.otlp_protocol.parse().unwrap_or_else(|e| fail(e)),
+        sample_ratio: config.trace_sample_ratio,
     })
     .unwrap_or_else(|e| fail(e));
 
@@ -350,7 +395,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let verifier = config.verifier().unwrap_or_else(|e| fail(e));
+    let verifier = Authenticator::start(&config.key_settings())
+        .await
+        .unwrap_or_else(|e| fail(e));
     let driver = config.scylla_driver().unwrap_or_else(|e| fail(e));
     if config.migrate_on_start {
         if let Err(e) = AnyStore::migrate(&config.store, &config.replication(), &driver).await {
@@ -373,10 +420,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         HistoryApi::new(store.clone(), verifier).with_internal_token(config.internal_token.clone()),
     );
 
-    let listener = startup::bind(config.listen)
+    let listener = startup::bind(config.listen, "CHAT_LISTEN", "--listen")
         .await
         .unwrap_or_else(|e| fail(e));
     let addr = listener.local_addr()?;
+    let internal = match config.internal_listen {
+        Some(at) => Some(
+            startup::bind(at, "CHAT_INTERNAL_LISTEN", "--internal-listen")
+                .await
+                .unwrap_or_else(|e| fail(e)),
+        ),
+        None => None,
+    };
+    if let Some(internal) = &internal {
+        // Before `listening on`: whoever waits for that line may use both right away.
+        println!("internal listener on {}", internal.local_addr()?);
+    }
     println!("listening on {addr}");
     tracing::info!(
         %addr,
@@ -397,6 +456,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             redis,
             consumer: ConsumerConfig::new(node),
             drain: Duration::from_secs(config.drain_seconds),
+            internal,
         },
         signal(),
     )

@@ -3,6 +3,11 @@
 //! kept running beside it. `main.rs` only parses configuration and calls [`run`]; tests call
 //! [`run`] too, with a listener bound to port 0.
 //!
+//! **Ports.** By default one listener serves everything. With an internal listener
+//! (`CHAT_INTERNAL_LISTEN`), the main one serves only the public API ([`crate::http`]) and the
+//! internal one the gateways' API ([`crate::internal`]), `/healthz`, `/readyz` and `/metrics`:
+//! a public load balancer routing to the main port cannot reach them, whatever its rules.
+//!
 //! **Readiness** (`/readyz`) is 200 only when the store answers a point read and, when a
 //! persistence stream is configured, Redis answers `PING` — each within [`PROBE_TIMEOUT`] —
 //! and the process is not shutting down. A history service that cannot reach its store
@@ -54,6 +59,7 @@ pub fn install_metrics() -> &'static PrometheusHandle {
 /// HELP text of every metric this service exports (docs/operations.md has the same table).
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    crate::keys::describe_metrics();
     describe_histogram!(
         "chat_store_batch_seconds",
         Unit::Seconds,
@@ -138,8 +144,14 @@ struct Probe<S> {
     health: Arc<Health>,
 }
 
-/// Everything the service answers: the public API, the internal API, health and metrics.
+/// Everything the service answers on one port: the public API, the internal API, health and
+/// metrics.
 pub fn app<S: Store>(api: Arc<HistoryApi<S>>, health: Arc<Health>) -> Router {
+    crate::http::router(api.clone()).merge(internal_app(api, health))
+}
+
+/// What only the cluster may reach: the internal API, health and metrics.
+pub fn internal_app<S: Store>(api: Arc<HistoryApi<S>>, health: Arc<Health>) -> Router {
     let probe = Arc::new(Probe {
         api: api.clone(),
         health,
@@ -149,9 +161,7 @@ pub fn app<S: Store>(api: Arc<HistoryApi<S>>, health: Arc<Health>) -> Router {
         .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(render_metrics))
         .with_state(probe);
-    crate::http::router(api.clone())
-        .merge(internal_router(api))
-        .merge(ops)
+    internal_router(api).merge(ops)
 }
 
 async fn render_metrics() -> Response {
@@ -209,6 +219,8 @@ pub struct RunOptions {
     pub consumer: ConsumerConfig,
     /// After the shutdown signal, in-flight requests get at most this long to finish.
     pub drain: Duration,
+    /// The internal listener, when the internal API, health and metrics get their own port.
+    pub internal: Option<TcpListener>,
 }
 
 /// Serves `api` on `listener` (and consumes the stream when `options.redis` is set) until
@@ -250,11 +262,28 @@ pub async fn run<S: Store>(
         ))
     });
 
-    let server = axum::serve(listener, app(api, health)).with_graceful_shutdown(stopped());
+    let (public, internal) = match options.internal {
+        None => (app(api, health), None),
+        Some(internal) => (
+            crate::http::router(api.clone()),
+            Some(
+                axum::serve(internal, internal_app(api, health)).with_graceful_shutdown(stopped()),
+            ),
+        ),
+    };
+    let server = axum::serve(listener, public).with_graceful_shutdown(stopped());
+    let servers = async move {
+        match internal {
+            None => server.await,
+            Some(internal) => {
+                tokio::try_join!(server.into_future(), internal.into_future()).map(drop)
+            }
+        }
+    };
     let drain = options.drain;
     let cap = stopped();
     tokio::select! {
-        r = server.into_future() => r?,
+        r = servers => r?,
         _ = async { cap.await; tokio::time::sleep(drain).await } => {
             tracing::warn!(?drain, "drain window over; closing remaining connections");
         }

@@ -45,11 +45,13 @@ fn one_line(e: &clap::Error, cmd: &clap::Command) -> String {
 }
 
 /// Binds the listening socket; the error names the address and the setting that changes it.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+pub async fn bind(
+    addr: SocketAddr,
+    setting: &str,
+    flag: &str,
+) -> Result<tokio::net::TcpListener, String> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        format!(
-            "cannot listen on {addr}: {e} (choose another address with CHAT_LISTEN or --listen)"
-        )
+        format!("cannot listen on {addr}: {e} (choose another address with {setting} or {flag})")
     })
 }
 

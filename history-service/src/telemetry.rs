@@ -10,6 +10,10 @@
 //! `CHAT_LOG=warn` quiets logs without losing traces, and the exporter's own HTTP/gRPC spans
 //! are never exported (no feedback loop).
 //!
+//! Traces are sampled by ratio (`CHAT_TRACE_SAMPLE_RATIO`) at their root and parent-based
+//! below it: a span with a sampled parent — local, or remote through a `traceparent` — is
+//! always kept, one with an unsampled parent never, so a trace is either whole or absent.
+//!
 //! Trace context crosses the persistence stream as a W3C `traceparent` string: the gateway
 //! writes [`traceparent`] of its publish span into each entry's `tp` field, the consumer turns
 //! it back into a parent with [`remote_parent`].
@@ -26,7 +30,7 @@ use opentelemetry_http::hyper::HyperClient;
 use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, LevelFilter, Targets};
@@ -79,6 +83,8 @@ pub struct TelemetryConfig<'a> {
     /// OTLP collector; `None` → no exporter.
     pub otlp_endpoint: Option<&'a str>,
     pub otlp_protocol: OtlpProtocol,
+    /// Share of root spans (new traces) recorded, 0.0-1.0; see [`sampler`].
+    pub sample_ratio: f64,
 }
 
 /// Keeps the exporter alive; [`Telemetry::shutdown`] flushes it.
@@ -221,6 +227,7 @@ fn tracer_provider(
         ));
     }
     Ok(SdkTracerProvider::builder()
+        .with_sampler(sampler(config.sample_ratio))
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build())
@@ -280,6 +287,24 @@ fn http_traces_url(endpoint: &str) -> Result<String, String> {
     })
 }
 
+/// Parent-based ratio sampling: a new trace is recorded with probability `ratio` (decided by
+/// its trace id, so every service decides the same for the same trace); a span with a parent
+/// follows the parent's decision.
+pub fn sampler(ratio: f64) -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+}
+
+/// `CHAT_TRACE_SAMPLE_RATIO` must be a ratio.
+pub fn validate_sample_ratio(ratio: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&ratio) {
+        Ok(())
+    } else {
+        Err(format!(
+            "CHAT_TRACE_SAMPLE_RATIO must be between 0.0 and 1.0 (got {ratio})"
+        ))
+    }
+}
+
 /// Checks an endpoint the way [`init`] will use it, for configuration validation.
 pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     http_traces_url(endpoint).map(drop)
@@ -337,6 +362,7 @@ mod tests {
             log_to_stderr: true,
             otlp_endpoint: None,
             otlp_protocol: OtlpProtocol::Grpc,
+            sample_ratio: 1.0,
         })
         .unwrap();
         let connect = tracing::info_span!(target: TRACES_ONLY, "connect");
@@ -396,5 +422,50 @@ mod tests {
             OtlpProtocol::HttpProtobuf
         );
         assert!("http/json".parse::<OtlpProtocol>().is_err());
+    }
+
+    #[test]
+    fn sampling_is_by_ratio_at_the_root_and_follows_the_parent() {
+        use opentelemetry::trace::{SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+        let decide = |sampler: &Sampler, parent: Option<&str>, trace_id: TraceId| {
+            let cx = parent.map(|tp| remote_parent(tp).expect("valid traceparent"));
+            sampler
+                .should_sample(
+                    cx.as_ref(),
+                    trace_id,
+                    "command",
+                    &SpanKind::Internal,
+                    &[],
+                    &[],
+                )
+                .decision
+        };
+        let sampled = |d: SamplingDecision| d == SamplingDecision::RecordAndSample;
+        // The SDK compares the trace id's low 64 bits, shifted right by one, with ratio x 2^63.
+        let low = TraceId::from(1u128);
+        let high = TraceId::from(u128::from(u64::MAX));
+        let half = sampler(0.5);
+        assert!(sampled(decide(&half, None, low)), "below the ratio");
+        assert!(!sampled(decide(&half, None, high)), "above the ratio");
+        let none = sampler(0.0);
+        let all = sampler(1.0);
+        assert!(!sampled(decide(&none, None, low)));
+        assert!(sampled(decide(&all, None, high)));
+        // With a parent its decision wins, whatever the ratio.
+        let kept = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let dropped = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        assert!(sampled(decide(&none, Some(kept), high)));
+        assert!(!sampled(decide(&all, Some(dropped), low)));
+    }
+
+    #[test]
+    fn sample_ratio_must_be_a_ratio() {
+        assert!(validate_sample_ratio(0.0).is_ok());
+        assert!(validate_sample_ratio(0.01).is_ok());
+        assert!(validate_sample_ratio(1.0).is_ok());
+        assert!(validate_sample_ratio(1.5).is_err());
+        assert!(validate_sample_ratio(-0.1).is_err());
+        assert!(validate_sample_ratio(f64::NAN).is_err());
     }
 }

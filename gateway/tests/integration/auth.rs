@@ -131,7 +131,7 @@ async fn dev_token_endpoint_exists_only_with_the_dev_key() {
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     let t = body["token"].as_str().unwrap();
-    let id = dev.node.verifier.verify(t).unwrap();
+    let id = dev.node.verifier.verify(t).await.unwrap();
     assert_eq!(id.user.name, "Ann Lee");
     let r = http()
         .post(dev.url("/api/dev/token"))

@@ -10,6 +10,8 @@ mod cluster;
 mod floods;
 mod history;
 mod hostile;
+mod keys;
+mod listeners;
 mod messaging;
 mod pins_receipts;
 mod presence;

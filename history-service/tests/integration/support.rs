@@ -281,6 +281,7 @@ impl Service {
                     redis: None,
                     consumer: ConsumerConfig::new("unused"),
                     drain: Duration::from_secs(1),
+                    internal: None,
                 },
                 async move {
                     let _ = stopped.await;

@@ -140,7 +140,7 @@ pub async fn wait_for_port(port: u16) {
 
 /// Spawns a binary of this workspace with `env` (and nothing else from the environment) and
 /// waits for its `listening on ADDR` line; its output is drained (shown with CHAT_TEST_LOGS).
-async fn spawn_service(
+pub async fn spawn_service(
     bin: &std::path::Path,
     name: &str,
     env: &[(&str, String)],
@@ -188,7 +188,7 @@ async fn spawn_service(
 
 /// The history-service binary next to this test's gateway binary (`scripts/test.sh` builds
 /// every binary first).
-fn history_bin() -> PathBuf {
+pub fn history_bin() -> PathBuf {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gateway")).with_file_name("history-service");
     assert!(
         bin.exists(),
@@ -196,6 +196,33 @@ fn history_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The history-service binary on an SQLite store in a fresh directory, schema applied, with
+/// `env` on top; in scaled mode (`CHAT_TEST_SCALED`) it also consumes a real Redis stream.
+/// Returns the process, its main address, and the Redis to keep alive with it.
+pub async fn spawn_history_with(env: &[(&str, String)]) -> (Child, SocketAddr, Option<Redis>) {
+    let data = tempdir("history-with");
+    let mut all = vec![
+        ("CHAT_LISTEN", "127.0.0.1:0".to_string()),
+        (
+            "CHAT_STORE",
+            format!("sqlite://{}/history.db", data.display()),
+        ),
+        ("CHAT_MIGRATE_ON_START", "true".to_string()),
+        ("CHAT_DRAIN_SECONDS", "1".to_string()),
+    ];
+    all.extend(env.iter().cloned());
+    let redis = if crate::support::scaled() {
+        Some(Redis::start().await)
+    } else {
+        None
+    };
+    if let Some(r) = &redis {
+        all.push(("CHAT_REDIS_URL", r.url()));
+    }
+    let (child, addr) = spawn_service(&history_bin(), "history", &all).await;
+    (child, addr, redis)
 }
 
 pub struct History {
