@@ -9,6 +9,7 @@
 //! | `GET /api/rooms/{room}/pins` | `{"pins":[PinView]}` |
 //! | `GET /api/rooms/{room}/receipts` | `{"markers":[{user,seq,at}]}` |
 //! | `GET /api/rooms/{room}/members` | `{"members":[MemberInfo]}` |
+//! | `GET /api/rooms/{room}/bans` | `{"bans":[Ban]}` in force; the room's owner and admins only |
 //! | `GET /api/rooms` | `{"rooms":[RoomSummary]}` (`online_count` 0 here) |
 //!
 //! **Paging.** `before` pages are newest first and `next_before` is the cursor of the next
@@ -37,12 +38,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use proto::auth::{Identity, Verifier};
 use proto::errors::{ErrorCode, HttpError};
-use proto::rooms::{MemberInfo, MessageView, PinView, ReadMarker, RoomSummary, Visibility};
+use proto::rooms::{MemberInfo, MessageView, PinView, ReadMarker, Role, RoomSummary, Visibility};
 use proto::{RoomId, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::singleflight::SingleFlight;
-use crate::store::{Page, RoomAccess, Store, StoreError};
+use crate::store::{Ban, Page, RoomAccess, Store, StoreError};
 
 /// Default and maximum `limit` of a messages page.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -228,21 +229,21 @@ impl<S: Store> HistoryApi<S> {
     }
 
     /// The listing of `GET /api/rooms` and `list_rooms` for `who`: public and restricted
-    /// rooms, plus private rooms `who` is a member of. `online_count` is 0 (the gateway
-    /// knows presence and fills it in).
+    /// rooms, plus private rooms `who` is a member of, each with `who`'s role in it (so a
+    /// client knows "my rooms" from the server). `online_count` is 0 (the gateway knows
+    /// presence and fills it in).
     pub async fn list_rooms(&self, who: &Identity) -> Result<Vec<RoomSummary>, ApiError> {
         let rooms = self.store.rooms().await?;
         let mut out = Vec::with_capacity(rooms.len());
         for (info, member_count) in rooms {
-            if info.visibility == Visibility::Private {
-                let member = self
-                    .store
-                    .access(&info.id, &who.user.id)
-                    .await?
-                    .is_some_and(|a| a.member.is_some());
-                if !member {
-                    continue;
-                }
+            let role = self
+                .store
+                .access(&info.id, &who.user.id)
+                .await?
+                .and_then(|a| a.member)
+                .map(|m| m.role);
+            if info.visibility == Visibility::Private && role.is_none() {
+                continue;
             }
             out.push(RoomSummary {
                 id: info.id,
@@ -252,6 +253,7 @@ impl<S: Store> HistoryApi<S> {
                 member_count,
                 online_count: 0,
                 unread: None,
+                role,
             });
         }
         Ok(out)
@@ -384,7 +386,8 @@ pub fn router_with<S: Store>(api: Arc<HistoryApi<S>>, options: RouterOptions) ->
         .route("/api/messages", get(messages_by_page::<S>))
         .route("/api/rooms/{room}/pins", get(pins::<S>))
         .route("/api/rooms/{room}/receipts", get(receipts::<S>))
-        .route("/api/rooms/{room}/members", get(members::<S>));
+        .route("/api/rooms/{room}/members", get(members::<S>))
+        .route("/api/rooms/{room}/bans", get(bans::<S>));
     if options.list_rooms {
         r = r.route("/api/rooms", get(list_rooms::<S>));
     }
@@ -524,6 +527,46 @@ async fn members<S: Store>(
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no room {room}")))?;
     Ok(Json(Members {
         members: state.members,
+    }))
+}
+
+#[derive(Serialize)]
+struct Bans {
+    bans: Vec<Ban>,
+}
+
+/// The bans in force, for the room's owner and admins (and global admins): what an unban
+/// needs to offer. Everyone else gets 403, members included.
+async fn bans<S: Store>(
+    State(api): Api<S>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Result<Json<Bans>, ApiError> {
+    let (who, room) = reader(&api, &headers, &params, &room).await?;
+    let state = api
+        .store
+        .room_state(&room)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no room {room}")))?;
+    let moderates = who.admin
+        || state
+            .members
+            .iter()
+            .any(|m| m.user.id == who.user.id && m.role >= Role::Admin);
+    if !moderates {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "only the room's owner and admins see its bans",
+        ));
+    }
+    let now = Timestamp::now();
+    Ok(Json(Bans {
+        bans: state
+            .bans
+            .into_iter()
+            .filter(|b| b.active_at(now))
+            .collect(),
     }))
 }
 
