@@ -437,6 +437,11 @@ export class ChatClient {
       const r = this.rooms.get(room);
       if (r) r.lastSeq = Math.max(r.lastSeq ?? 0, f.seq);
     }
+    // The echo of one of our messages says it is stored even if its ack is lost with the
+    // connection: it must not be sent again (a restarted server may not remember the id).
+    if (f.type === 'message' && f.client_msg_id != null && f.user?.id === this.user?.id) {
+      this.outbox.get(f.client_msg_id)?.resolve({ type: 'ack', id: f.id, seq: f.seq, ts: f.ts });
+    }
     let meta;
     switch (f.type) {
       case 'hello': this.onHello(ws, f); break;

@@ -2059,17 +2059,13 @@ function watchLongPress(node, fn) {
     if (e.touches.length !== 1 || e.target.closest('button, textarea, a')) return;
     start = { x: e.touches[0].clientX, y: e.touches[0].clientY };
     cancel();
-    timer = setTimeout(() => { timer = null; node.dataset.pressed = 'true'; fn(); }, LONG_PRESS_MS);
+    timer = setTimeout(() => { timer = null; fn(); }, LONG_PRESS_MS);
   }, { passive: true });
   node.addEventListener('touchmove', (e) => {
     const t = e.touches[0];
     if (start && t && Math.hypot(t.clientX - start.x, t.clientY - start.y) > 10) cancel();
   }, { passive: true });
-  node.addEventListener('touchend', (e) => {
-    cancel();
-    // The finger lifting after a long press must not also "click" what is under it.
-    if (node.dataset.pressed === 'true') { e.preventDefault(); delete node.dataset.pressed; }
-  });
+  node.addEventListener('touchend', cancel);
   node.addEventListener('touchcancel', cancel);
 }
 
@@ -2104,7 +2100,8 @@ function openMsgMenu(room, msg, { sheet = false } = {}) {
   });
   msg.el.append(menu);
   button?.setAttribute('aria-expanded', 'true');
-  S.openMenu = { menu, button, msg, sheet };
+  // The finger lifting after a long press may arrive as a click: it must not close the sheet.
+  S.openMenu = { menu, button, msg, sheet, swallowClick: sheet };
   if (sheet) document.body.classList.add('sheet-open');
   menu.querySelector('[role=menuitem]')?.focus({ preventScroll: true });
 }
@@ -2622,6 +2619,11 @@ function wire() {
   el.membersClose.addEventListener('click', closeOverlays);
   el.scrim.addEventListener('click', closeOverlays);
 
+  // A click without a press of its own (the release of a long press) is not a tap.
+  document.addEventListener('pointerdown', () => { if (S.openMenu) S.openMenu.swallowClick = false; }, true);
+  document.addEventListener('click', (e) => {
+    if (S.openMenu?.swallowClick) { S.openMenu.swallowClick = false; e.preventDefault(); e.stopPropagation(); }
+  }, true);
   document.addEventListener('click', (e) => {
     if (S.openMenu && !S.openMenu.menu.contains(e.target)) closeMenu();
     if (S.readers && !S.readers.node.contains(e.target) && !e.target.closest('.ticks')) closeReaders();

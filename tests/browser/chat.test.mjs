@@ -1299,8 +1299,12 @@ test('a phone: one-row header, actions by long press, "Read by" on tap, a collap
   // A long press opens the actions as a sheet.
   for (const text of texts) {
     const m = msgByText(page, text);
-    await longPress(page, m.locator('.content'), () => page.locator('.menu.sheet').waitFor());
-    const items = await page.locator('.menu.sheet [data-action]').evaluateAll((els) => els.map((e) => e.dataset.action));
+    let items = null;
+    await longPress(page, m.locator('.content'), async () => {
+      await page.locator('.menu.sheet').waitFor();
+      items = await page.locator('.menu.sheet [data-action]').evaluateAll((els) => els.map((e) => e.dataset.action));
+    });
+    await page.locator('.menu.sheet').waitFor(); // still open once the finger is lifted
     assert.deepEqual(items, ['pin', 'edit', 'delete', 'readers']);
     await page.click('.menu.sheet [data-action="pin"]');
     await page.locator(`#message-list .msg.pinned`, { hasText: text }).waitFor();

@@ -35,7 +35,7 @@ async function until(fn, { timeout = 10_000, what = 'condition' } = {}) {
  * `opened` when it opened each connection.
  */
 function gated() {
-  const gate = { down: false, swallow: false, sent: [], opened: [] };
+  const gate = { down: false, swallow: false, lose: () => false, sent: [], opened: [] };
   gate.WebSocket = class extends WebSocket {
     constructor(url) {
       super(gate.down ? 'ws://127.0.0.1:9/' : url);
@@ -49,7 +49,7 @@ function gated() {
 
     get onmessage() { return super.onmessage; }
 
-    set onmessage(fn) { super.onmessage = (ev) => { if (!gate.swallow) fn(ev); }; }
+    set onmessage(fn) { super.onmessage = (ev) => { if (!gate.swallow && !gate.lose(JSON.parse(ev.data))) fn(ev); }; }
   };
   return gate;
 }
@@ -149,12 +149,15 @@ for (const mode of MODES) {
       await bob.join(room);
       const bobs = record(bob, 'message');
 
-      gate.swallow = true; // the ack will be lost
+      // Ann hears neither the ack nor the message (not even its replay after the re-join):
+      // only sending it again can settle it.
+      gate.lose = (f) => f.type === 'ack' || f.type === 'message';
       const sent = ann.sendMessage(room, 'exactly once');
       await until(() => bobs.some((m) => m.ev.content === 'exactly once'), { what: 'the server stored it' });
+      gate.lose = (f) => f.type === 'message';
       ann.drop();
-      gate.swallow = false;
       const ack = await sent;
+      gate.lose = () => false;
       const copies = gate.sent.filter((s) => s.type === 'message' && s.content === 'exactly once');
       assert.equal(copies.length, 2, 'sent twice');
       assert.equal(copies[0].client_msg_id, copies[1].client_msg_id);
@@ -166,6 +169,23 @@ for (const mode of MODES) {
       assert.equal(once[0].ev.id, ack.id, 'the ack of the resend names the stored message');
       const page = await bob.history(room);
       assert.deepEqual(page.messages.map((m) => m.content).reverse(), ['exactly once', 'next']);
+    });
+
+    test('the echo of a sent message settles it: lost acks do not make a second copy', async () => {
+      const room = `echo-${mode}-${RUN}`;
+      const gate = gated();
+      const ann = await client('Ann', 0, { WebSocket: gate.WebSocket, backoffStartMs: 50, backoffCapMs: 200 });
+      await ann.join(room);
+      gate.lose = (f) => f.type === 'ack'; // every ack is lost; the room's `message` still comes
+      const ack = await ann.sendMessage(room, 'echoed');
+      assert.match(ack.id, /^\d+$/);
+      gate.lose = () => false;
+      const rejoined = ann.once('joined', (f, meta) => f.room.id === room && meta?.rejoin);
+      ann.drop();
+      await rejoined;
+      await ann.ping(); // anything sent again after the re-join would be on its way by now
+      assert.equal(gate.sent.filter((s) => s.type === 'message').length, 1, 'sent once');
+      assert.deepEqual(ann.pendingMessages(), []);
     });
 
     test('commands given offline wait in a bounded queue and go out after the re-join', async () => {
