@@ -59,6 +59,12 @@ step "browser tests (real gateway, headless Chromium via playwright-core)"
     GATEWAY_CMD="${CARGO_TARGET_DIR:-$ROOT/target}/debug/gateway" npm test
 )
 
+step "JavaScript client tests (clients/js against real servers: one gateway; redis + history-service + two gateways)"
+(
+    cd clients/js
+    GATEWAY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/gateway" npm test
+)
+
 step "k6 smoke runs (each loadtest/k6 script briefly against a real gateway, then loadtest/README.md's cluster commands as written; k6 from PyPI)"
 scripts/k6-smoke.sh
 

@@ -45,6 +45,8 @@ impl From<AuthError> for ApiError {
 const UI_INDEX: &str = include_str!("../ui/index.html");
 const UI_SCRIPT: &str = include_str!("../ui/app.js");
 const UI_STYLE: &str = include_str!("../ui/style.css");
+/// The JavaScript client library the UI is built on (`clients/js`), for other pages too.
+const UI_CLIENT: &str = include_str!("../../clients/js/chat-client.js");
 
 fn ui(content_type: &'static str, body: &'static str) -> Response {
     (
@@ -91,6 +93,10 @@ pub fn public_router(node: Arc<Node>) -> Router {
         .route(
             "/style.css",
             get(|| async { ui("text/css; charset=utf-8", UI_STYLE) }),
+        )
+        .route(
+            "/client.js",
+            get(|| async { ui("text/javascript; charset=utf-8", UI_CLIENT) }),
         )
         .route("/ws", get(ws_upgrade))
         .route("/ws/room/{room}", get(ws_upgrade_room))

@@ -9,6 +9,7 @@
 //! | `GET /api/rooms/{room}/pins` | `{"pins":[PinView]}` |
 //! | `GET /api/rooms/{room}/receipts` | `{"markers":[{user,seq,at}]}` |
 //! | `GET /api/rooms/{room}/members` | `{"members":[MemberInfo]}` |
+//! | `GET /api/rooms/{room}/bans` | `{"bans":[Ban]}` in force; the room's owner and admins only |
 //! | `GET /api/rooms` | `{"rooms":[RoomSummary]}` (`online_count` 0 here) |
 //!
 //! **Paging.** `before` pages are newest first and `next_before` is the cursor of the next
@@ -38,13 +39,13 @@ use axum::{Json, Router};
 use proto::auth::Identity;
 use proto::errors::{ErrorCode, HttpError};
 use proto::rooms::{MemberInfo, MessageView, PinView, ReadMarker, RoomSummary, Visibility};
-use proto::RoomId;
+use proto::{RoomId, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Access, Action, Denied};
 use crate::keys::Authenticator;
 use crate::singleflight::SingleFlight;
-use crate::store::{Page, RoomAccess, Store, StoreError};
+use crate::store::{Ban, Page, RoomAccess, Store, StoreError};
 
 /// Default and maximum `limit` of a messages page.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -220,21 +221,21 @@ impl<S: Store> HistoryApi<S> {
     }
 
     /// The listing of `GET /api/rooms` and `list_rooms` for `who`: public and restricted
-    /// rooms, plus private rooms `who` is a member of. `online_count` is 0 (the gateway
-    /// knows presence and fills it in).
+    /// rooms, plus private rooms `who` is a member of, each with `who`'s role in it (so a
+    /// client knows "my rooms" from the server). `online_count` is 0 (the gateway knows
+    /// presence and fills it in).
     pub async fn list_rooms(&self, who: &Identity) -> Result<Vec<RoomSummary>, ApiError> {
         let rooms = self.store.rooms().await?;
         let mut out = Vec::with_capacity(rooms.len());
         for (info, member_count) in rooms {
-            if info.visibility == Visibility::Private {
-                let member = self
-                    .store
-                    .access(&info.id, &who.user.id)
-                    .await?
-                    .is_some_and(|a| a.member.is_some());
-                if !member {
-                    continue;
-                }
+            let role = self
+                .store
+                .access(&info.id, &who.user.id)
+                .await?
+                .and_then(|a| a.member)
+                .map(|m| m.role);
+            if info.visibility == Visibility::Private && role.is_none() {
+                continue;
             }
             out.push(RoomSummary {
                 id: info.id,
@@ -244,6 +245,7 @@ impl<S: Store> HistoryApi<S> {
                 member_count,
                 online_count: 0,
                 unread: None,
+                role,
             });
         }
         Ok(out)
@@ -376,7 +378,8 @@ pub fn router_with<S: Store>(api: Arc<HistoryApi<S>>, options: RouterOptions) ->
         .route("/api/messages", get(messages_by_page::<S>))
         .route("/api/rooms/{room}/pins", get(pins::<S>))
         .route("/api/rooms/{room}/receipts", get(receipts::<S>))
-        .route("/api/rooms/{room}/members", get(members::<S>));
+        .route("/api/rooms/{room}/members", get(members::<S>))
+        .route("/api/rooms/{room}/bans", get(bans::<S>));
     if options.list_rooms {
         r = r.route("/api/rooms", get(list_rooms::<S>));
     }
@@ -522,6 +525,36 @@ async fn members<S: Store>(
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no room {room}")))?;
     Ok(Json(Members {
         members: state.members,
+    }))
+}
+
+#[derive(Serialize)]
+struct Bans {
+    bans: Vec<Ban>,
+}
+
+/// The bans in force, for the room's owner and admins (and global admins): what an unban
+/// needs to offer. Everyone else gets 403, members included.
+async fn bans<S: Store>(
+    State(api): Api<S>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Result<Json<Bans>, ApiError> {
+    let (who, room) = reader(&api, &headers, &params, &room).await?;
+    let state = api
+        .store
+        .room_state(&room)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no room {room}")))?;
+    Access::of_state(&state, &who).check(Action::ListBans)?;
+    let now = Timestamp::now();
+    Ok(Json(Bans {
+        bans: state
+            .bans
+            .into_iter()
+            .filter(|b| b.active_at(now))
+            .collect(),
     }))
 }
 

@@ -94,6 +94,9 @@ pub struct RoomSummary {
     /// Stored events after the caller's read marker (absent when unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unread: Option<u64>,
+    /// The caller's role in the room; `null` when not a member (a client's "my rooms").
+    #[serde(default)]
+    pub role: Option<Role>,
 }
 
 /// One row of `GET /api/rooms/{room}/members`.

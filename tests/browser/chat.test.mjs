@@ -12,6 +12,8 @@
 //   GATEWAY_CMD     gateway command (a path, optionally with flags).
 //   ARTIFACTS_DIR   screenshots and gateway.log (default ./artifacts, gitignored).
 //   CHROMIUM        browser binary (default /usr/bin/chromium). Browsers are never downloaded.
+//   SCREENSHOTS_DIR where the docs' screenshots go (../../docs/screenshots to refresh them;
+//                   default: ARTIFACTS_DIR).
 //
 // Waiting is done with Playwright's auto-waiting (locator.waitFor, waitForSelector,
 // waitForFunction) or by polling a condition (`until`), never with fixed sleeps.
@@ -19,7 +21,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, createWriteStream } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, createWriteStream, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -122,6 +124,42 @@ async function shot(page, name) {
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
 }
 
+/** A screenshot for the docs: into SCREENSHOTS_DIR when set (docs/screenshots), else artifacts. */
+async function docShot(page, name) {
+  const dir = process.env.SCREENSHOTS_DIR ? path.resolve(HERE, process.env.SCREENSHOTS_DIR) : ARTIFACTS;
+  mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, `${name}.png`);
+  await page.screenshot({ path: file });
+  return file;
+}
+
+/** A long press (touch) on the middle of `locator`: the finger stays down until `until` resolves. */
+async function longPress(page, locator, until) {
+  const box = await locator.boundingBox();
+  const cdp = await page.context().newCDPSession(page);
+  const point = { x: Math.round(box.x + box.width / 2), y: Math.round(box.y + Math.min(box.height / 2, 20)) };
+  await cdp.send('Input.dispatchTouchEvent', { type: 'touchStart', touchPoints: [point] });
+  try { await until(); } finally { await cdp.send('Input.dispatchTouchEvent', { type: 'touchEnd', touchPoints: [] }); }
+}
+
+/** Which sidebar group ("Joined" or "Browse") a room is listed under. */
+const groupOf = (page, roomId) => page.evaluate((id) => {
+  let li = document.querySelector(`#room-list [data-room="${id}"]`)?.closest('li');
+  while (li && !li.classList.contains('room-group')) li = li.previousElementSibling;
+  return li ? li.dataset.group : 'Joined'; // no headings at all: every room is the user's
+}, roomId);
+
+async function openRoomMenu(user, action) {
+  await user.page.click('#room-menu-button');
+  await user.page.click(`#room-menu [data-action="${action}"]`);
+}
+
+/** Nothing on the page scrolls sideways. */
+const noSidewaysScroll = (page) => page.evaluate(() => {
+  const list = document.getElementById('message-list');
+  return list.scrollWidth <= list.clientWidth + 1 && document.documentElement.scrollWidth <= window.innerWidth;
+});
+
 async function devToken(name, { admin = false } = {}) {
   const res = await fetch(`${BASE_URL}/api/dev/token`, {
     method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ name, admin }),
@@ -142,16 +180,17 @@ function watchErrors(page, errors) {
  * flip to cut the user's network (`user.gate.down = true` refuses new connections; `cut()`
  * closes the live one).
  */
-async function signIn(t, name, { viewport = { width: 1280, height: 800 }, admin = false, gate = false } = {}) {
-  const context = await browser.newContext({ viewport });
+async function signIn(t, name, { viewport = { width: 1280, height: 800 }, admin = false, gate = false, phone = false } = {}) {
+  // `phone`: a 390×844 touch screen, as a phone presents itself.
+  const context = await browser.newContext(phone ? { viewport: { width: 390, height: 844 }, hasTouch: true, isMobile: true } : { viewport });
   t.after(() => context.close());
   const sw = {
-    down: false, swallow: false, live: null, server: null, joined: [],
+    down: false, swallow: false, live: null, server: null, joined: [], refused: 0,
     cut() { this.server?.close(); this.live?.close({ code: 4000, reason: 'test: network cut' }); },
   };
   if (gate) {
     await context.routeWebSocket(WS_URL, (ws) => {
-      if (sw.down) { ws.close({ code: 4000, reason: 'test: network down' }); return; }
+      if (sw.down) { sw.refused++; ws.close({ code: 4000, reason: 'test: network down' }); return; }
       const server = ws.connectToServer();
       ws.onMessage((m) => server.send(m));
       server.onMessage((m) => {
@@ -202,6 +241,7 @@ async function joinRoom(user, roomId) {
 /** Creates a room through the dialog; the creator becomes its owner. */
 async function createRoom(user, roomId, { visibility = 'public', name = roomId, topic = '' } = {}) {
   const { page } = user;
+  if (!(await page.isVisible('#create-room-button'))) await page.click('#sidebar-toggle'); // a phone
   await page.click('#create-room-button');
   await page.fill('#new-room-name', name);
   await page.fill('#new-room-id', roomId);
@@ -471,9 +511,18 @@ test('edit and delete own message', { timeout: 60_000 }, async (t) => {
   await bobsCopy.locator('.edited').waitFor();
   await mine.locator('.edited').waitFor();
 
+  // Deleting asks first; "Cancel" keeps the message.
   await mine.hover();
   await mine.locator('.msg-menu').click();
   await mine.locator('[data-action="delete"]').click();
+  await ann.page.locator('#confirm-dialog[open]').waitFor();
+  await ann.page.click('#confirm-cancel');
+  await ann.page.locator('#confirm-dialog').waitFor({ state: 'hidden' });
+  assert.equal(await mine.getAttribute('data-deleted'), null, 'cancelled: not deleted');
+  await mine.hover();
+  await mine.locator('.msg-menu').click();
+  await mine.locator('[data-action="delete"]').click();
+  await ann.page.click('#confirm-ok');
   await bob.page.waitForSelector(`#message-list .msg[data-id="${id}"][data-deleted="true"]`);
   await ann.page.waitForSelector(`#message-list .msg[data-id="${id}"][data-deleted="true"]`);
   assert.equal(await bobsCopy.locator('.content').textContent(), 'This message was deleted.');
@@ -610,12 +659,22 @@ test('the dot turns red when the browser goes offline and green when it is back'
   await ann.context.setOffline(true);
   await ann.page.waitForSelector('#conn-dot[data-state="offline"]');
   assert.match(await ann.page.textContent('#conn-label'), /Offline/);
-  assert.equal(await ann.page.isDisabled('#composer'), true);
+  // A banner says so, with a way to try again at once.
+  await ann.page.locator('#offline-banner', { hasText: 'offline' }).waitFor();
+  assert.equal(await ann.page.isVisible('#retry-now'), true);
+  // What Ann writes meanwhile waits ("Sending…") and goes out when she is back.
+  const queued = `written while offline ${RUN}`;
+  await ann.page.fill('#composer', queued);
+  await ann.page.press('#composer', 'Enter');
+  await msgByText(ann.page, queued).and(ann.page.locator('[data-status="pending"]')).locator('.send-state', { hasText: 'Sending' }).waitFor();
   await send(bob, `said while ann was offline ${RUN}`);
   await ann.context.setOffline(false);
   await ann.page.waitForSelector('#conn-dot[data-state="connected"]');
+  await ann.page.locator('#offline-banner').waitFor({ state: 'hidden' });
   await ann.page.waitForSelector(mainJoined(room));
   await waitForMessage(ann, `said while ann was offline ${RUN}`);
+  await waitForMessage(bob, queued);
+  await msgByText(ann.page, queued).and(ann.page.locator('[data-status="sent"]')).waitFor();
   await noErrors(ann, bob);
 });
 
@@ -632,7 +691,7 @@ test('gateway killed and restarted: dot goes amber then green; messages sent mea
 
   await gateway.stop('SIGKILL');
   for (const u of [ann, bob]) await u.page.waitForSelector('#conn-dot[data-state="reconnecting"]', { timeout: 10_000 });
-  assert.equal(await ann.page.isDisabled('#composer'), true, 'no typing into a dead connection');
+  await ann.page.locator('#offline-banner').waitFor({ state: 'visible' });
   await shot(bob.page, 'restart-reconnecting');
   // Bob's network stays down a little longer than the gateway: Ann talks without him.
   bob.gate.down = true;
@@ -751,6 +810,7 @@ test('a global admin deletes someone else\'s message', { timeout: 60_000 }, asyn
   await theirs.locator('.msg-menu').click();
   assert.equal(await theirs.locator('[data-action="edit"]').count(), 0, 'nobody edits someone else\'s message');
   await theirs.locator('[data-action="delete"]').click();
+  await mod.page.click('#confirm-ok');
   for (const u of [ann, mod]) await u.page.waitForSelector(`#message-list .msg[data-id="${id}"][data-deleted="true"]`);
   await ann.page.locator('#message-list .system', { hasText: `${mod.name} deleted a message from ${ann.name}` }).waitFor();
   await noErrors(ann, mod);
@@ -884,15 +944,17 @@ test('the room owner bans a member, who cannot rejoin', { timeout: 60_000 }, asy
   await openRoom(bob, room);
 
   await ann.page.locator(`#online-users [data-user="${bob.id}"] [data-action="ban"]`).click();
+  await ann.page.click('#confirm-ok');
   await bob.page.waitForSelector(`#main[data-room="${room}"][data-joined="false"]`);
   await bob.page.locator('#message-list .system', { hasText: 'You were banned' }).waitFor();
   assert.match(await bob.page.getAttribute('#composer', 'placeholder'), /banned/i);
   assert.equal(await bob.page.isVisible('#join-button'), false, 'no join button while banned');
   await ann.page.locator('#message-list .system', { hasText: `${bob.name} was banned` }).waitFor();
-  // A fresh page of Bob's trying to get in by link is refused.
+  // A fresh page of Bob's trying to get in by link is refused, in words.
   await bob.page.reload();
   await bob.page.evaluate((id) => { location.hash = `room=${id}`; }, room);
-  await bob.page.locator('.toast', { hasText: 'banned' }).waitFor();
+  await bob.page.waitForSelector(`#main[data-room="${room}"][data-access="banned"]`);
+  await bob.page.locator('#message-list .history-edge', { hasText: 'You are banned from this room' }).waitFor();
   assert.equal(await bob.page.getAttribute('#main', 'data-joined'), 'false');
   await noErrors(ann, bob);
 });
@@ -922,7 +984,10 @@ test('the room owner deletes a member\'s message and then the room', { timeout: 
   const room = `delroom-${RUN}`;
   await createRoom(ann, room);
   await openRoom(bob, room);
-  assert.equal(await bob.page.isVisible('#delete-room-button'), false, 'members cannot delete the room');
+  await bob.page.click('#room-menu-button');
+  assert.equal(await bob.page.isVisible('#room-menu [data-action="delete-room"]'), false, 'members cannot delete the room');
+  assert.equal(await bob.page.isVisible('#room-menu [data-action="settings"]'), false, 'nor change its settings');
+  await bob.page.keyboard.press('Escape');
 
   const text = `off topic ${RUN}`;
   await send(bob, text);
@@ -930,14 +995,388 @@ test('the room owner deletes a member\'s message and then the room', { timeout: 
   await theirs.hover();
   await theirs.locator('.msg-menu').click();
   await theirs.locator('[data-action="delete"]').click();
+  await ann.page.click('#confirm-ok');
   await bob.page.waitForSelector(`#message-list .msg[data-deleted="true"]`);
 
-  await ann.page.click('#delete-room-button');
-  await ann.page.locator('#delete-room-button[data-armed="true"]').waitFor();
-  await ann.page.click('#delete-room-button');
+  await ann.page.click('#room-menu-button');
+  await ann.page.click('#room-menu [data-action="delete-room"]');
+  await ann.page.locator('#confirm-dialog[open]', { hasText: 'cannot be undone' }).waitFor();
+  await ann.page.click('#confirm-ok');
   for (const u of [ann, bob]) {
     await u.page.locator(`#room-list [data-room="${room}"]`).waitFor({ state: 'detached' });
     await u.page.locator('.toast', { hasText: 'was deleted' }).waitFor();
   }
   await noErrors(ann, bob);
+});
+
+// ------------------------------------------ bugs found by trying it as new users would
+
+test('unread badges count messages only: pins and unpins add nothing, here and in a new session', { timeout: 90_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `badges-${RUN}`;
+  await createRoom(ann, room);
+  await openRoom(bob, room);
+  const text = `pin me ${RUN}`;
+  await send(ann, text);
+  await waitForMessage(bob, text);
+  await openRoom(bob, `badges-elsewhere-${RUN}`); // Bob looks at another room
+
+  const mine = msgByText(ann.page, text);
+  for (let i = 0; i < 3; i++) {
+    await mine.hover();
+    await mine.locator('.msg-pin[data-action="pin"]').click();
+    await ann.page.locator('#pinned-bar').waitFor();
+    await mine.hover();
+    await mine.locator('.msg-pin[data-action="unpin"]').click();
+    await ann.page.locator('#pinned-bar').waitFor({ state: 'hidden' });
+  }
+  await send(ann, `one real message ${RUN}`);
+  const badge = (u) => u.page.locator(`#room-list [data-room="${room}"] .unread`);
+  await bob.page.locator(`#room-list [data-room="${room}"] .unread:not([hidden])`).waitFor();
+  assert.equal(await badge(bob).textContent(), '1', 'six pin events and one message: one unread');
+
+  // A new session of Bob's: the server counts stored events after his marker (7); the badge
+  // counts messages.
+  const again = await signIn(t, `Bob ${RUN}`);
+  await again.page.locator(`#room-list [data-room="${room}"] .unread:not([hidden])`).waitFor({ timeout: 15_000 });
+  assert.equal(await badge(again).textContent(), '1');
+  await noErrors(ann, bob, again);
+});
+
+test('a new browser session lists the user\'s rooms as joined (the server says which)', { timeout: 60_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const room = `mine-${RUN}`;
+  await openRoom(ann, room);
+  const other = `not-mine-${RUN}`;
+  const bob = await signIn(t, `Bob ${RUN}`);
+  await createRoom(bob, other); // listed for Ann, but not hers
+
+  const fresh = await signIn(t, `Ann ${RUN}`); // a new context: nothing in its session storage
+  await fresh.page.locator(`#room-list [data-room="${room}"]`).waitFor();
+  await fresh.page.locator(`#room-list [data-room="${other}"]`).waitFor();
+  assert.equal(await groupOf(fresh.page, room), 'Joined');
+  assert.equal(await groupOf(fresh.page, other), 'Browse');
+  // It is really joined: messages arrive without opening it.
+  await openRoom(bob, room);
+  await send(bob, `hello ann ${RUN}`);
+  await fresh.page.locator(`#room-list [data-room="${room}"] .unread:not([hidden])`, { hasText: /^1$/ }).waitFor();
+  await noErrors(ann, bob, fresh);
+});
+
+test('restricted room: a reader gets a read-only composer, no raw error; made a member, they post', { timeout: 60_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `readers-${RUN}`;
+  await createRoom(ann, room, { visibility: 'restricted' });
+  await send(ann, `only members post here ${RUN}`);
+  await openRoom(bob, room);
+  await waitForMessage(bob, `only members post here ${RUN}`);
+  assert.equal(await bob.page.isDisabled('#composer'), true, 'a reader cannot type');
+  assert.match(await bob.page.getAttribute('#composer', 'placeholder'), /Only members can post/);
+  assert.equal(await bob.page.locator('.toast').count(), 0, 'no error toast');
+
+  // The owner makes Bob a member from the people list (Reader -> Member).
+  const row = ann.page.locator(`#online-users [data-user="${bob.id}"]`);
+  await row.locator('.badge[data-role="reader"]').waitFor();
+  await row.locator('select[data-action="role"]').selectOption('member');
+  await bob.page.waitForSelector('#composer:not([disabled])');
+  await send(bob, `now I can post ${RUN}`);
+  await waitForMessage(ann, `now I can post ${RUN}`);
+  const text = await bob.page.locator('#app').innerText();
+  assert.doesNotMatch(text, /forbidden|only members may post/, 'no server wording');
+  await noErrors(ann, bob);
+});
+
+test('a private room opened by link: a clear header, no spinner, no raw toast; once added, it opens', { timeout: 60_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `secret-${RUN}`;
+  await createRoom(ann, room, { visibility: 'private' });
+  await send(ann, `the secret ${RUN}`);
+
+  await bob.page.evaluate((id) => { location.hash = `room=${id}`; }, room);
+  await bob.page.waitForSelector(`#main[data-room="${room}"][data-access="denied"]`);
+  assert.equal(await bob.page.textContent('#room-topic'), 'Private room · members only');
+  await bob.page.locator('#message-list .history-edge[data-state="access"]', { hasText: 'This room is private' }).waitFor();
+  assert.equal(await bob.page.locator('#message-list .spinner').count(), 0, 'no endless spinner');
+  assert.equal(await bob.page.locator('.toast').count(), 0, 'no toast');
+  assert.match(await bob.page.getAttribute('#composer', 'placeholder'), /Ask an admin to add you/);
+
+  // Ann adds Bob from the room menu; Bob's page goes in by itself.
+  await openRoomMenu(ann, 'add-member');
+  await ann.page.fill('#add-member-user', bob.id);
+  await ann.page.click('#add-member-submit');
+  await ann.page.locator('#add-member-dialog').waitFor({ state: 'hidden' });
+  await bob.page.waitForSelector(mainJoined(room));
+  await waitForMessage(bob, `the secret ${RUN}`);
+  assert.equal(await bob.page.locator('#message-list .spinner').count(), 0, 'the spinner is gone');
+  assert.equal(await bob.page.textContent('#room-topic'), 'Private room');
+  await noErrors(ann, bob);
+});
+
+test('no stale screens: a new role, an unban and a leave show at once', { timeout: 120_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `stale-${RUN}`;
+  const elsewhere = `stale-elsewhere-${RUN}`;
+  await createRoom(ann, room);
+  await openRoom(bob, room);
+  await send(ann, `pin this later ${RUN}`);
+  await send(bob, `bob was here ${RUN}`);
+  await waitForMessage(bob, `pin this later ${RUN}`);
+  assert.equal(await bob.page.locator('#message-list .msg-pin').count(), 0, 'a member may not pin');
+
+  // Promoted to admin while looking at another room: the pin buttons are there on return.
+  await openRoom(bob, elsewhere);
+  await ann.page.locator(`#online-users [data-user="${bob.id}"] select[data-action="role"]`).selectOption('admin');
+  await ann.page.locator('#message-list .system', { hasText: `${bob.name} is now an admin` }).waitFor();
+  await bob.page.click(`#room-list [data-room="${room}"]`);
+  await bob.page.waitForSelector(mainJoined(room));
+  await msgByText(bob.page, `pin this later ${RUN}`).locator('.msg-pin[data-action="pin"]').waitFor({ state: 'attached' });
+
+  // Banned, then unbanned from the "Banned users" list: Bob's page lets him back in by itself.
+  await ann.page.locator(`#online-users [data-user="${bob.id}"] [data-action="ban"]`).click();
+  await ann.page.click('#confirm-ok');
+  await bob.page.waitForSelector(`#main[data-room="${room}"][data-access="banned"]`);
+  await openRoomMenu(ann, 'bans');
+  const row = ann.page.locator(`#bans-list [data-user="${bob.id}"]`);
+  await row.waitFor();
+  await row.locator('[data-action="unban"]').click();
+  await row.waitFor({ state: 'detached' });
+  await ann.page.click('#bans-close');
+  await bob.page.waitForSelector(mainJoined(room), { timeout: 20_000 });
+  await bob.page.waitForSelector('#composer:not([disabled])');
+
+  // Leave: Bob's own message no longer offers edit/delete.
+  const own = msgByText(bob.page, `bob was here ${RUN}`);
+  await own.locator('.msg-menu').waitFor({ state: 'attached' });
+  await openRoomMenu(bob, 'leave');
+  await bob.page.waitForSelector(`#main[data-room="${room}"][data-joined="false"]`);
+  assert.equal(await own.locator('.msg-menu').count(), 0, 'no menu after leaving');
+  assert.equal(await bob.page.isVisible('#join-button'), true);
+  await noErrors(ann, bob);
+});
+
+test('the people list never calls connected people offline (reader, after leave, after ban)', { timeout: 90_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `people-${RUN}`;
+  await createRoom(ann, room, { visibility: 'restricted' });
+  await openRoom(bob, room); // a reader
+  const annRow = bob.page.locator(`#online-users [data-user="${ann.id}"]`);
+  await bob.page.waitForSelector(`#online-users [data-user="${ann.id}"][data-online="true"]`);
+  await bob.page.waitForSelector(`#online-users [data-user="${bob.id}"][data-online="true"]`);
+  await ann.page.waitForSelector(`#online-users [data-user="${bob.id}"][data-online="true"]`);
+
+  const noOffline = async (why) => {
+    await annRow.waitFor();
+    assert.notEqual(await annRow.getAttribute('data-online'), 'false', `${why}: Ann is not called offline`);
+    assert.doesNotMatch(await bob.page.locator('#online-users').innerText(), /\boffline\b/i, why);
+  };
+  await openRoomMenu(bob, 'leave');
+  await bob.page.waitForSelector(`#main[data-room="${room}"][data-joined="false"]`);
+  await noOffline('after leaving');
+  await bob.page.click('#join-button');
+  await bob.page.waitForSelector(mainJoined(room));
+  await ann.page.locator(`#online-users [data-user="${bob.id}"] [data-action="ban"]`).click();
+  await ann.page.click('#confirm-ok');
+  await bob.page.waitForSelector(`#main[data-room="${room}"][data-access="banned"]`);
+  await noOffline('after a ban');
+  await noErrors(ann, bob);
+});
+
+test('room settings: name, a long topic without spaces (no sideways scrolling), members may pin', { timeout: 60_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`, { viewport: { width: 390, height: 844 } });
+  const room = `settings-${RUN}`;
+  await createRoom(ann, room);
+  await openRoom(bob, room);
+  await send(ann, `hello ${RUN}`);
+  await waitForMessage(bob, `hello ${RUN}`);
+  assert.equal(await bob.page.locator('#message-list .msg-pin').count(), 0);
+
+  const topic = 'x'.repeat(480);
+  await openRoomMenu(ann, 'settings');
+  await ann.page.fill('#settings-name', `Renamed ${RUN}`);
+  await ann.page.fill('#settings-topic', topic);
+  await ann.page.check('#settings-pin');
+  await ann.page.click('#settings-submit');
+  await ann.page.locator('#settings-dialog').waitFor({ state: 'hidden' });
+  await bob.page.locator('#room-name', { hasText: `Renamed ${RUN}` }).waitFor();
+  await bob.page.locator('#room-topic', { hasText: topic }).waitFor();
+  // Members may pin now.
+  await msgByText(bob.page, `hello ${RUN}`).locator('.msg-pin').waitFor({ state: 'attached' });
+  // The topic, in the header, the history's start and a system line, never widens the page.
+  const fresh = await signIn(t, `Carol ${RUN}`, { viewport: { width: 390, height: 844 } });
+  await openRoom(fresh, room);
+  await fresh.page.locator('#message-list .edge-topic').waitFor();
+  for (const u of [ann, bob, fresh]) assert.equal(await noSidewaysScroll(u.page), true, `${u.name}: no sideways scrolling`);
+  await noErrors(ann, bob, fresh);
+});
+
+test('refusals read as words people understand, shown once', { timeout: 60_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `taken-${RUN}`;
+  await createRoom(ann, room);
+  const { page } = bob;
+  await page.click('#create-room-button');
+  await page.fill('#new-room-name', 'Mine too');
+  await page.fill('#new-room-id', room);
+  await page.click('#create-room-submit');
+  await page.locator('#create-room-error', { hasText: 'That room ID is already taken' }).waitFor();
+  assert.equal(await page.locator('.toast').count(), 0, 'said once, in the dialog');
+  const text = await page.locator('body').innerText();
+  assert.doesNotMatch(text, /conflict|is taken \(|\(conflict\)/, 'no server wording');
+  await page.click('#create-room-cancel');
+  await noErrors(ann, bob);
+});
+
+// ------------------------------------------ look and feel
+
+test('grouped messages, times without seconds, a day separator and a "New messages" divider', { timeout: 60_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `looks-${RUN}`;
+  await openRoom(ann, room);
+  await openRoom(bob, room);
+  for (const text of ['one', 'two', 'three']) await send(ann, `${text} ${RUN}`);
+  await send(bob, `four ${RUN}`);
+  await waitForMessage(ann, `four ${RUN}`);
+  const cls = async (text) => (await msgByText(ann.page, `${text} ${RUN}`).getAttribute('class')).split(' ');
+  assert.equal((await cls('one')).includes('grouped'), false, 'the first of a run shows its author');
+  assert.equal((await cls('two')).includes('grouped'), true);
+  assert.equal((await cls('three')).includes('grouped'), true);
+  assert.equal((await cls('four')).includes('grouped'), false, 'another author starts a new group');
+  const time = msgByText(ann.page, `one ${RUN}`).locator('.meta .time');
+  assert.match((await time.textContent()).trim(), /^\d{1,2}:\d{2}(\s?[AP]M)?$/, 'hours and minutes');
+  assert.match(await time.getAttribute('title'), /\d{4}/, 'the full date on hover');
+  const before = await ann.page.locator('#message-list .msg').first().evaluate((m) => {
+    const sep = document.querySelector('#message-list .day-sep');
+    return !!sep && !!(sep.compareDocumentPosition(m) & Node.DOCUMENT_POSITION_FOLLOWING);
+  });
+  assert.equal(before, true, 'a day separator before the first message');
+  assert.equal(await ann.page.locator('#message-list .day-sep').first().innerText(), 'Today');
+
+  // Bob looks elsewhere while Ann writes; back in the room, a divider marks where he stopped.
+  await openRoom(bob, `looks-elsewhere-${RUN}`);
+  await send(ann, `five ${RUN}`);
+  await send(ann, `six ${RUN}`);
+  await bob.page.locator(`#room-list [data-room="${room}"] .unread`, { hasText: /^2$/ }).waitFor();
+  await bob.page.click(`#room-list [data-room="${room}"]`);
+  await waitForMessage(bob, `six ${RUN}`);
+  const divider = bob.page.locator('#message-list .unread-divider');
+  await divider.waitFor();
+  const next = await divider.evaluate((d) => d.nextElementSibling?.querySelector('.content')?.textContent);
+  assert.equal(next, `five ${RUN}`, 'the divider sits before the first unread message');
+  await shot(bob.page, 'new-messages-divider');
+  await noErrors(ann, bob);
+});
+
+test('a phone: one-row header, actions by long press, "Read by" on tap, a collapsible pins bar', { timeout: 90_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`, { phone: true });
+  const bob = await signIn(t, `Bob ${RUN}`);
+  const room = `phone-${RUN}`;
+  await createRoom(ann, room);
+  await openRoom(bob, room);
+  const { page } = ann;
+
+  // One row: every header control shares the line of the room name.
+  const header = await page.locator('.room-header').boundingBox();
+  assert.ok(header.height <= 60, `header height ${header.height}`);
+  const mid = (b) => b.y + b.height / 2;
+  for (const sel of ['#sidebar-toggle', '#room-name', '#conn-dot', '#members-toggle', '#room-menu-button']) {
+    const b = await page.locator(sel).boundingBox();
+    assert.ok(Math.abs(mid(b) - mid(header)) < 14, `${sel} is on the header's row`);
+  }
+
+  const texts = ['first pin', 'second pin', 'third pin'].map((x) => `${x} ${RUN}`);
+  for (const text of texts) await send(ann, text);
+  const msg = msgByText(page, texts[0]);
+  assert.equal(await msg.locator('.msg-menu').isVisible(), false, 'no row of buttons on a phone');
+  assert.equal(await msg.locator('.msg-pin').isVisible(), false);
+  // A long press opens the actions as a sheet.
+  for (const text of texts) {
+    const m = msgByText(page, text);
+    let items = null;
+    await longPress(page, m.locator('.content'), async () => {
+      await page.locator('.menu.sheet').waitFor();
+      items = await page.locator('.menu.sheet [data-action]').evaluateAll((els) => els.map((e) => e.dataset.action));
+    });
+    await page.locator('.menu.sheet').waitFor(); // still open once the finger is lifted
+    assert.deepEqual(items, ['pin', 'edit', 'delete', 'readers']);
+    await page.click('.menu.sheet [data-action="pin"]');
+    await page.locator(`#message-list .msg.pinned`, { hasText: text }).waitFor();
+  }
+  // Three pins: one line, "3 pinned" and the latest; a tap shows them all.
+  await page.locator('#pinned-count', { hasText: '3 pinned' }).waitFor();
+  assert.equal(await page.locator('#pinned-bar .pin-chip').count(), 1);
+  assert.equal(await page.isVisible('#pinned-items'), false);
+  await page.click('#pinned-toggle');
+  await page.locator('#pinned-items .pin-chip').nth(2).waitFor();
+  assert.equal(await page.locator('#pinned-items .pin-chip').count(), 3);
+  await page.click('#pinned-toggle');
+
+  // Bob reads; Ann taps the ticks and sees who.
+  await waitForMessage(bob, texts[2]);
+  const ticks = msgByText(page, texts[2]).locator('.ticks');
+  await ann.page.waitForFunction((e) => e.textContent === '✓✓', await ticks.elementHandle());
+  await ticks.tap();
+  const readers = msgByText(page, texts[2]).locator('.readers');
+  await readers.waitFor();
+  assert.match(await readers.innerText(), new RegExp(`Read by 1\\s+${bob.name}`));
+  assert.equal(await noSidewaysScroll(page), true);
+  await noErrors(ann, bob);
+});
+
+test('"Retry now" reconnects at once instead of waiting for the next attempt', { timeout: 90_000 }, async (t) => {
+  const ann = await signIn(t, `Ann ${RUN}`, { gate: true });
+  await openRoom(ann, `retry-${RUN}`);
+  ann.gate.down = true;
+  ann.gate.cut();
+  await ann.page.locator('#offline-banner').waitFor();
+  // Several refused attempts: the next one is seconds away (backoff), so a quick connection
+  // after the click is the click's doing.
+  await until(() => ann.gate.refused >= 5, { timeout: 40_000, what: 'five refused attempts' });
+  ann.gate.down = false;
+  const clicked = Date.now();
+  await ann.page.locator('#retry-now').click({ timeout: 2_000 }).catch(() => { /* it already reconnected */ });
+  await ann.page.waitForSelector('#conn-dot[data-state="connected"]', { timeout: 3_000 });
+  assert.ok(Date.now() - clicked < 3_000);
+  await ann.page.locator('#offline-banner').waitFor({ state: 'hidden' });
+  await ann.page.waitForSelector(mainJoined(`retry-${RUN}`));
+  await noErrors(ann);
+});
+
+test('screenshots of the main screens, desktop and phone (docs/screenshots)', { timeout: 90_000 }, async (t) => {
+  // Plain names (unique in this server's fresh data directory) read better in the docs.
+  const ann = await signIn(t, 'Ann');
+  const bob = await signIn(t, 'Bob', { phone: true });
+  const carol = await signIn(t, 'Carol');
+  for (const r of ['general', 'random']) await openRoom(carol, r);
+  await createRoom(ann, 'design', { name: 'Design reviews', topic: 'Weekly critique: bring a screenshot and one question' });
+  await openRoom(bob, 'design');
+  await openRoom(carol, 'design');
+  await send(ann, 'Morning! The new onboarding flow is up on staging.');
+  await send(ann, 'Three screens instead of five; the sign-in step is gone.');
+  await send(carol, 'Looks much calmer. Is the progress bar still needed with three steps?');
+  await send(bob, 'I would keep it: people like to know how far they are.');
+  await send(ann, 'Fair. Pinning the staging link so nobody has to ask again.');
+  const pinned = msgByText(ann.page, 'The new onboarding flow is up on staging.');
+  await pinned.hover();
+  await pinned.locator('.msg-pin').click();
+  await ann.page.locator('#pinned-bar').waitFor();
+  await waitForMessage(bob, 'Fair. Pinning');
+  await carol.page.locator('#composer').pressSequentially('Let me check on my phone', { delay: 20 });
+  await ann.page.locator('#typing-line', { hasText: 'Carol is typing' }).waitFor();
+  await ann.page.mouse.move(0, 0);
+  const files = [await docShot(ann.page, 'desktop-chat')];
+  await bob.page.locator('#typing-line', { hasText: 'Carol is typing' }).waitFor();
+  files.push(await docShot(bob.page, 'phone-chat'));
+  await openRoomMenu(ann, 'settings');
+  files.push(await docShot(ann.page, 'desktop-room-settings'));
+  await ann.page.click('#settings-cancel');
+  for (const f of files) assert.ok(statSync(f).size > 10_000, `${f} has a picture in it`);
+  await noErrors(ann, bob, carol);
 });

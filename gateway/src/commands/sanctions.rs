@@ -1,14 +1,17 @@
 //! `ban`, `unban`, `mute`, `unmute`. A ban also ends the membership; the `banned` event takes
 //! the user's sessions out of the room on every node as it is delivered.
 
+use bytes::Bytes;
 use history_service::access::{Access, Action};
 use history_service::store::Ban as BanRow;
 use history_service::Store;
 use proto::client::{Ban, Mute, Unban, Unmute};
+use proto::envelope::NodeTarget;
 use proto::{ErrorCode, ServerEvent, Timestamp};
 
 use super::members::role_of;
 use super::{check_reason, err, guard, publish_change, until_of, user_ref, Cx, Result, Run};
+use crate::broker::Broker;
 
 impl Run for Ban {
     async fn run(self, cx: &mut Cx<'_>) -> Result {
@@ -68,7 +71,14 @@ impl Run for Unban {
             user: user_ref(&decided.state, &user),
             by: who.user.clone(),
         };
-        publish_change(cx, &ev).await
+        publish_change(cx, &ev).await?;
+        // The unbanned user is out of the room: their connections learn it this way.
+        let frame = Bytes::from(ev.to_json());
+        let target = NodeTarget::User(&user);
+        if let Err(e) = cx.node.broker.publish_node(target, frame).await {
+            tracing::debug!(error = %e, "could not tell an unbanned user");
+        }
+        Ok(())
     }
 }
 

@@ -173,6 +173,77 @@ async fn private_rooms_are_for_members_and_bans_apply() {
     assert_eq!(row["member_count"], 2);
     assert_eq!(row["visibility"], "private");
     assert_eq!(row["online_count"], 0);
+    // Each row carries the caller's role: "my rooms" come from the server.
+    let role_in = |body: &Value, room: &proto::RoomId| {
+        body["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == room.as_str())
+            .unwrap_or_else(|| panic!("{room} not listed: {body}"))["role"]
+            .clone()
+    };
+    assert_eq!(role_in(&body, &private), "member");
+    assert_eq!(
+        role_in(&body, &public),
+        Value::Null,
+        "bob is no member of {public}"
+    );
+    let (_, body) = get(&svc.url("/api/rooms"), Some(&token("ann"))).await;
+    assert_eq!(role_in(&body, &private), "owner");
+    assert_eq!(role_in(&body, &public), "owner");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn bans_are_listed_to_the_room_moderators_only() {
+    let (svc, _, _, banned) = setup().await;
+    let s = &svc.store;
+    s.put_member(&banned, &user("adam"), Role::Admin)
+        .await
+        .unwrap();
+    s.put_member(&banned, &user("mia"), Role::Member)
+        .await
+        .unwrap();
+    // A ban that ran out is not listed: there is nothing left to lift.
+    s.put_ban(
+        &banned,
+        &Ban {
+            user: user("old"),
+            by: user("ann"),
+            reason: Some("spam".into()),
+            until: Some(t(2)),
+            at: t(1),
+        },
+    )
+    .await
+    .unwrap();
+    let url = svc.url(&format!("/api/rooms/{banned}/bans"));
+    for who in [token("ann"), token("adam"), admin_token("root")] {
+        let (status, body) = get(&url, Some(&who)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let users: Vec<&str> = body["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["user"]["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, ["eve"], "{body}");
+        assert_eq!(body["bans"][0]["by"]["id"], "ann");
+    }
+    for (who, code) in [
+        ("mia", "forbidden"),
+        ("zed", "forbidden"),
+        ("eve", "banned"),
+    ] {
+        let (status, body) = get(&url, Some(&token(who))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{who}: {body}");
+        assert_eq!(error_code(&body), code, "{who}");
+    }
+    let (status, _) = get(&url, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = get(&svc.url("/api/rooms/nope/bans"), Some(&token("ann"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     svc.stop().await;
 }
 
