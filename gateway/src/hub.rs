@@ -8,7 +8,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use proto::errors::close;
@@ -113,6 +113,20 @@ pub struct Hub {
     users: Vec<Mutex<HashMap<String, Vec<SessionHandle>>>>,
     /// Held events per joining session before it is closed as too slow to join.
     max_held: usize,
+}
+
+/// One room's local sessions, read-locked while this lives: none can join or leave it.
+struct RoomMembers<'a> {
+    room: RoomId,
+    shard: RwLockReadGuard<'a, HashMap<RoomId, Room>>,
+}
+
+impl RoomMembers<'_> {
+    fn contains(&self, session: SessionId) -> bool {
+        self.shard
+            .get(&self.room)
+            .is_some_and(|r| r.members.contains_key(&session))
+    }
 }
 
 fn shard_of(key: &str) -> usize {
@@ -454,22 +468,43 @@ impl Hub {
         shard.get(user).map_or(0, Vec::len)
     }
 
-    /// Sends a frame to every local connection of `user`.
+    /// Sends a frame to every local connection of `user` (see [`Self::deliver_all`] for a
+    /// stored room event).
     pub fn deliver_user(&self, user: &str, frame: &Bytes) {
+        let members = self.members_of_event(frame);
         let shard = self.users[shard_of(user)].lock().expect("hub lock");
         for h in shard.get(user).into_iter().flatten() {
-            h.send(frame.clone());
+            if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
+                h.send(frame.clone());
+            }
         }
     }
 
     /// Sends a frame to every local connection.
+    ///
+    /// A stored room event sent this way (`room_created` to everyone, `member_added` to its
+    /// user) is also on the room's stream, and a session in the room (joined or joining) gets
+    /// it from there — once, in seq order, after the replay of its join: it is skipped here,
+    /// or it would get the seq twice. The room's shard stays read-locked until the frame is
+    /// queued, so a session that joins the room meanwhile gets it here before its join's
+    /// replay, never in the middle of the room's events.
     pub fn deliver_all(&self, frame: &Bytes) {
+        let members = self.members_of_event(frame);
         for shard in &self.users {
             let shard = shard.lock().expect("hub lock");
             for h in shard.values().flatten() {
-                h.push(Outbound::Text(frame.clone()), false); // the largest fan-out there is
+                if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
+                    h.push(Outbound::Text(frame.clone()), false); // the largest fan-out there is
+                }
             }
         }
+    }
+
+    /// For a stored room event, its room's members, read-locked (see [`Self::deliver_all`]).
+    fn members_of_event(&self, frame: &[u8]) -> Option<RoomMembers<'_>> {
+        let (room, _) = crate::bus::stored_room(frame)?;
+        let shard = self.room_shard(&room).read().expect("hub lock");
+        Some(RoomMembers { room, shard })
     }
 
     /// Every local connection (for draining).
@@ -562,6 +597,31 @@ mod tests {
         assert!(!hub.remove(&room, 1));
         assert!(hub.remove(&room, 2));
         assert_eq!(hub.deliver(&room, 1, &Bytes::from("x"), None), 0);
+    }
+
+    #[test]
+    fn an_announced_room_event_skips_the_sessions_in_its_room() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (inside, in_rx) = session(1, "a", 8);
+        let (outside, out_rx) = session(2, "a", 8);
+        hub.register(inside.clone());
+        hub.register(outside);
+        hub.add(&room, inside);
+        let created = Bytes::from(r#"{"seq":1,"type":"room_created","room":{"id":"r"}}"#);
+        let added = Bytes::from(r#"{"seq":2,"type":"member_added","room":"r","user":{"id":"a"}}"#);
+        let notice = Bytes::from(r#"{"type":"notice","content":"hi"}"#);
+        hub.deliver_all(&created);
+        hub.deliver_user("a", &added);
+        hub.deliver_all(&notice);
+        let inside_got: Vec<Bytes> = std::iter::from_fn(|| in_rx.try_pop().map(text)).collect();
+        let outside_got: Vec<Bytes> = std::iter::from_fn(|| out_rx.try_pop().map(text)).collect();
+        assert_eq!(
+            inside_got,
+            vec![notice.clone()],
+            "room events come from the room"
+        );
+        assert_eq!(outside_got, vec![created, added, notice]);
     }
 
     #[test]
