@@ -77,10 +77,7 @@ return {'1', tostring(seq)}
 const RECOVER_LUA: &str = r#"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
-local oldest = 0
-local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
-local out = {tostring(last), tostring(oldest)}
+local out = {tostring(last)}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
@@ -456,7 +453,6 @@ impl Broker for Arc<RedisBroker> {
                 .ok_or_else(|| unavailable("bad reply"))
         };
         let last_seq = num(out.first())?;
-        let oldest = num(out.get(1))?;
         let Some(since) = since else {
             return Ok(Recovery {
                 last_seq,
@@ -464,12 +460,18 @@ impl Broker for Arc<RedisBroker> {
                 complete: true,
             });
         };
-        let mut events = Vec::with_capacity(out.len().saturating_sub(2));
-        for frame in out.into_iter().skip(2) {
+        let mut events = Vec::with_capacity(out.len().saturating_sub(1));
+        for frame in out.into_iter().skip(1) {
             let seq = bus::peek(&frame).map_or(0, |p| p.seq);
             events.push((seq, Bytes::from(frame)));
         }
-        let complete = since >= last_seq || (oldest != 0 && oldest <= since + 1);
+        // Complete when the replay runs from `since` up to the last seq: the stream's ids are
+        // the seqs, so `last - since` events after `since` are exactly since+1..=last. (The
+        // stream's oldest entry does not tell: `MAXLEN ~` trims approximately, so the stream
+        // can reach further back than the `window` events one read returns, and a replay cut
+        // there would leave out the newest events while the session counts them as seen.)
+        // A `since` past the last seq comes from before Redis lost the room: not recovered.
+        let complete = since <= last_seq && events.len() as u64 == last_seq - since;
         Ok(Recovery {
             last_seq,
             events,
