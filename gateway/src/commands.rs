@@ -509,7 +509,7 @@ async fn try_join(
     let (pins, marker) = tokio::try_join!(store.pins(room), store.marker(room, &s.user().id))?;
     let marker = marker.unwrap_or(0);
 
-    node.hub.add(room, s.handle.clone());
+    let joining = node.hub.join(room, s.handle.clone());
     // Every joiner waits for the subscription, not only the room's first local session: a
     // second joiner that read the room's seq before the first one's SUBSCRIBE took effect
     // would never get the events in between.
@@ -548,6 +548,7 @@ async fn try_join(
         ));
     }
     s.rooms.insert(room.clone());
+    joining.joined();
     if newly_online {
         node.publish_ephemeral(
             room,

@@ -115,6 +115,36 @@ pub struct Hub {
     max_held: usize,
 }
 
+/// A session joining a room ([`Hub::join`]): dropped before [`Joining::joined`], it takes the
+/// session out of the room again. A join can stop anywhere: it fails, or the connection's
+/// task ends mid-way (a dead socket ends the task and drops the command it was running), and
+/// the session's own room list, which its end goes through, has the room only once the join
+/// is done. Left in the room, the session would hold the room's events for good, and its
+/// stale seq would be where a broker resumes the room after losing its subscription.
+pub struct Joining<'a> {
+    hub: &'a Hub,
+    room: RoomId,
+    session: SessionId,
+    joined: bool,
+}
+
+impl Joining<'_> {
+    /// The join is done: the session's room list takes it out of the room from now on.
+    pub fn joined(mut self) {
+        self.joined = true;
+    }
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        // No unsubscribe here (it would need an await): a node subscribed to a room without
+        // local sessions drops its events, and the room's next leave on this node ends it.
+        if !self.joined {
+            self.hub.remove(&self.room, self.session);
+        }
+    }
+}
+
 /// One room's local sessions, read-locked while this lives: none can join or leave it.
 struct RoomMembers<'a> {
     room: RoomId,
@@ -202,6 +232,18 @@ impl Hub {
 
     fn room_shard(&self, room: &RoomId) -> &RwLock<HashMap<RoomId, Room>> {
         &self.rooms[shard_of(room.as_str())]
+    }
+
+    /// Adds a joining session to a room (see [`Joining`]).
+    pub fn join(&self, room: &RoomId, handle: SessionHandle) -> Joining<'_> {
+        let session = handle.id;
+        self.add(room, handle);
+        Joining {
+            hub: self,
+            room: room.clone(),
+            session,
+            joined: false,
+        }
     }
 
     /// Adds a session to a room in the holding state.
@@ -597,6 +639,36 @@ mod tests {
         assert!(!hub.remove(&room, 1));
         assert!(hub.remove(&room, 2));
         assert_eq!(hub.deliver(&room, 1, &Bytes::from("x"), None), 0);
+    }
+
+    #[test]
+    fn a_join_dropped_before_it_is_done_leaves_the_room() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (a, _) = session(1, "a", 8);
+        let (b, _) = session(2, "b", 8);
+        drop(hub.join(&room, a));
+        assert!(!hub.contains(&room, 1), "a join that stopped mid-way");
+        hub.join(&room, b).joined();
+        assert!(hub.contains(&room, 2), "a finished join stays");
+    }
+
+    #[test]
+    fn a_join_that_would_hold_too_many_events_is_closed_not_thinned() {
+        let hub = Hub::new(2);
+        let room = RoomId::new("r").unwrap();
+        let (h, rx) = session(1, "a", 16);
+        hub.add(&room, h);
+        for seq in 1..=2u64 {
+            hub.deliver(&room, seq, &Bytes::from(seq.to_string()), None);
+        }
+        assert_eq!(rx.closing(), None, "two held events fit");
+        hub.deliver(&room, 3, &Bytes::from("3"), None);
+        assert_eq!(
+            rx.closing(),
+            Some(close::SLOW_CONSUMER),
+            "the third cannot be held: the client must rejoin rather than miss it"
+        );
     }
 
     #[test]

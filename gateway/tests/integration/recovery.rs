@@ -109,3 +109,45 @@ async fn draining_tells_clients_to_reconnect_then_closes_1012() {
     drained.await.unwrap();
     server.stop().await;
 }
+
+/// A client that vanishes while its join replays leaves nothing behind: the dead socket ends
+/// the connection's task in the middle of the join, and a session left in the room would hold
+/// the room's events forever (and, scaled out, make every resubscription start from its
+/// stale seq).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_cut_off_by_a_vanished_client_leaves_no_session_in_the_room() {
+    let server = Server::start_with(|c| {
+        c.messages_per_s = 1000;
+        c.burst = 1000;
+        c.max_connections_per_user = 1000;
+    })
+    .await;
+    let mut ann = Client::connect(&server, "ann").await;
+    let base = ann.join("cut").await["seq"].as_u64().unwrap();
+    for n in 0..200 {
+        ann.say("cut", &format!("{n} {}", "x".repeat(200))).await;
+    }
+    for _ in 0..40 {
+        let mut bob = Client::connect(&server, "bob").await;
+        bob.send(json!({"type": "join", "room": "cut", "since": base}))
+            .await;
+        // Gone at once, with a reset: the replay's writes fail.
+        match bob.ws.get_ref() {
+            tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.set_zero_linger().unwrap(),
+            _ => unreachable!("tests connect without TLS"),
+        }
+        drop(bob);
+    }
+    let room = proto::RoomId::new("cut").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Each vanished session leaves the room when its task ends; ann stays.
+    while server.node.hub.sessions_count(&room) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} sessions in the room, 1 connected",
+            server.node.hub.sessions_count(&room)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
