@@ -293,16 +293,22 @@ impl Hub {
         }
     }
 
-    /// The lowest seq any local session of the room is known to have (None when no session
-    /// has one yet): where a broker resumes a room after losing its subscription.
-    pub fn lowest_seen(&self, room: &RoomId) -> Option<u64> {
+    /// Where a broker resumes a room after losing its subscription: the lowest seq a local
+    /// session of the room is known to have (None when none has one yet).
+    ///
+    /// A session still joining that has not recorded its seq yet ([`Self::seen_up_to`]) may
+    /// have read the room's seq before the subscription was lost: the events published
+    /// until it was back would then be fetched for nobody, and the join would answer
+    /// `recovered: true` without them. It is closed (1012) instead; its client rejoins with
+    /// `since`. Under the shard lock, so that a join records its seq either before (and is
+    /// counted) or after (and is closed).
+    pub fn resume_point(&self, room: &RoomId) -> Option<u64> {
         let shard = self.room_shard(room).read().expect("hub lock");
-        shard
-            .get(room)?
-            .members
-            .values()
-            .filter_map(|m| m.seen)
-            .min()
+        let members = &shard.get(room)?.members;
+        for m in members.values().filter(|m| m.seen.is_none()) {
+            m.handle.close(close::RESTARTING);
+        }
+        members.values().filter_map(|m| m.seen).min()
     }
 
     /// Removes a session from a room: None when it was not in it (never joined, or already
@@ -654,6 +660,20 @@ mod tests {
     }
 
     #[test]
+    fn resuming_closes_joins_that_have_not_recorded_their_seq() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (early, early_rx) = session(1, "a", 8);
+        let (recorded, recorded_rx) = session(2, "b", 8);
+        hub.add(&room, early);
+        hub.add(&room, recorded);
+        hub.seen_up_to(&room, 2, 4);
+        assert_eq!(hub.resume_point(&room), Some(4));
+        assert_eq!(early_rx.closing(), Some(close::RESTARTING));
+        assert_eq!(recorded_rx.closing(), None);
+    }
+
+    #[test]
     fn a_join_that_would_hold_too_many_events_is_closed_not_thinned() {
         let hub = Hub::new(2);
         let room = RoomId::new("r").unwrap();
@@ -704,12 +724,11 @@ mod tests {
         let (b, brx) = session(2, "b", 16);
         hub.add(&room, a);
         hub.add(&room, b);
-        assert_eq!(hub.lowest_seen(&room), None, "nobody has read the seq yet");
         hub.seen_up_to(&room, 1, 3);
         hub.release(&room, 1);
         hub.seen_up_to(&room, 2, 5);
         hub.release(&room, 2);
-        assert_eq!(hub.lowest_seen(&room), Some(3));
+        assert_eq!(hub.resume_point(&room), Some(3));
         // A gap fill after a reconnect resends from the lowest seen seq.
         for seq in 4..=6u64 {
             hub.deliver(&room, seq, &Bytes::from(seq.to_string()), None);
@@ -722,6 +741,6 @@ mod tests {
             vec![Bytes::from("4"), Bytes::from("5"), Bytes::from("6")]
         );
         assert_eq!(b_got, vec![Bytes::from("6")]);
-        assert_eq!(hub.lowest_seen(&room), Some(6));
+        assert_eq!(hub.resume_point(&room), Some(6));
     }
 }

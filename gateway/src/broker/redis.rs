@@ -647,12 +647,13 @@ async fn subscriber(
         // Rooms whose SUBSCRIBE Redis confirmed on this connection.
         let mut subscribed: HashSet<RoomId> = rooms.iter().cloned().collect();
         // Events published while we were away: fetch them before any live one, from the
-        // lowest seq a local session has (the hub drops what a session already got). A room
-        // where no session has read the seq yet needs nothing: its joins read it after this.
+        // lowest seq a local session has (the hub drops what a session already got). Joins
+        // that had not recorded their seq yet are closed: they may have read it before the
+        // loss (see `Hub::resume_point`).
         last.clear();
         let Some(b) = broker.upgrade() else { return };
         for room in &rooms {
-            if let Some(seen) = hub.lowest_seen(room) {
+            if let Some(seen) = hub.resume_point(room) {
                 catch_up(&b, &hub, room, seen, &mut last).await;
             }
         }
