@@ -38,8 +38,8 @@ cargo build --workspace --bins --locked
 step "unit and integration tests (embedded mode, and real Redis + nginx + several gateways)"
 CHAT_SOAK_SECONDS=0 cargo test --workspace --locked -- --test-threads=2  # the soak runs next, on its own
 
-step "rooms, moderation (the whole authorization matrix), pins and receipts again in scaled mode (Redis + history service)"
-CHAT_TEST_SCALED=1 cargo test -p gateway --test integration --locked -- rooms:: pins_receipts:: --test-threads=2
+step "rooms, moderation (the whole authorization matrix), pins, receipts and recovery (with its stress test on two gateways) again in scaled mode (Redis + history service)"
+CHAT_TEST_SCALED=1 cargo test -p gateway --test integration --locked -- rooms:: pins_receipts:: recovery:: recovery_stress:: --test-threads=2
 
 step "soak (${CHAT_SOAK_SECONDS:=60} s of steady traffic on a real gateway: no RSS or queue growth, no errors)"
 CHAT_SOAK_SECONDS=$CHAT_SOAK_SECONDS cargo test -p gateway --test integration --locked -- \

@@ -6,13 +6,15 @@
 //! events after it); and at the end against the room's history (HTTP history API).
 //!
 //! Embedded mode: one node. Scaled mode (`CHAT_TEST_SCALED=1`): two gateway processes on a
-//! real Redis and history service. `CHAT_STRESS_SECONDS` (default 15) is how long traffic
-//! runs. The random choices (nodes, when to drop) come from a seed, printed at the start and
-//! on failure; `CHAT_TEST_SEED=<seed>` makes the same choices again (the interleaving of
+//! real Redis and history service, whose Redis pub/sub connections are also cut now and then
+//! (each node resubscribes, fills its gap from the rooms' windows, and closes with 1012 the
+//! joins it cannot vouch for: the reader rejoins). Traffic runs `CHAT_STRESS_SECONDS`
+//! (default 15), longer on a slow machine (see [`TARGET_REJOINS`]). The random choices
+//! (nodes, when to drop) come from a seed, printed at the start and on failure; `CHAT_TEST_SEED=<seed>` makes the same choices again (the interleaving of
 //! tasks still varies from run to run).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +44,11 @@ const FRESH_JOINERS: usize = 4;
 const FRESH_MESSAGES: usize = 3;
 /// How long the last connection of a reader may take to catch up with the room.
 const CATCH_UP: Duration = Duration::from_secs(30);
+/// Traffic runs `CHAT_STRESS_SECONDS`, and on a slow machine up to three times as long, until
+/// the readers of the main room have rejoined this many times.
+const TARGET_REJOINS: usize = 1500;
+/// Scaled mode: how often the gateways' Redis pub/sub connections are cut.
+const CUT_EVERY: Duration = Duration::from_millis(1500);
 
 /// The gateways under test: one in-process node, or two processes on one backend. A reader
 /// reconnects dozens of times a second and its dropped connections stay counted until their
@@ -50,7 +57,7 @@ struct Nodes {
     addrs: Vec<SocketAddr>,
     server: Option<Server>,
     _gateways: Vec<Gateway>,
-    _backend: Option<Backend>,
+    backend: Option<Backend>,
 }
 
 impl Nodes {
@@ -70,7 +77,7 @@ impl Nodes {
                 addrs: gateways.iter().map(|g| g.addr).collect(),
                 server: None,
                 _gateways: gateways,
-                _backend: Some(backend),
+                backend: Some(backend),
             }
         } else {
             let server = Server::start_with(|c| {
@@ -83,7 +90,7 @@ impl Nodes {
                 addrs: vec![server.addr],
                 server: Some(server),
                 _gateways: Vec::new(),
-                _backend: None,
+                backend: None,
             }
         }
     }
@@ -150,6 +157,9 @@ struct Reader {
     messages: Vec<(u64, String)>,
     /// Joins with `since` that were answered.
     rejoins: usize,
+    /// Connections the server closed with 1012, or whose join it answered `unavailable`: both
+    /// after a cut pub/sub connection, and the reader rejoins.
+    retried: usize,
     /// From sending `join` to its `joined`, for each answered join.
     join_times: Vec<Duration>,
     failures: Vec<String>,
@@ -164,6 +174,7 @@ impl Reader {
             start: None,
             messages: Vec::new(),
             rejoins: 0,
+            retried: 0,
             join_times: Vec::new(),
             failures: Vec::new(),
         }
@@ -210,11 +221,19 @@ impl Reader {
             };
             let f: Value = match msg {
                 Message::Text(t) => serde_json::from_str(&t).expect("server sends JSON"),
+                Message::Close(Some(c)) if u16::from(c.code) == 1012 && scaled() => {
+                    self.retried += 1;
+                    return;
+                }
                 Message::Close(c) => return self.fail(format!("closed by the server: {c:?}")),
                 _ => continue,
             };
             if f["ref"] == "j" {
                 if f["type"] != "joined" {
+                    if retry(&f) {
+                        self.retried += 1;
+                        return;
+                    }
                     return self.fail(format!("join refused: {f}"));
                 }
                 joined = true;
@@ -230,6 +249,22 @@ impl Reader {
                     before.push(f);
                 }
             }
+        }
+    }
+
+    /// Connections until the stream reaches `until` (more than one when the server tells the
+    /// reader to reconnect).
+    async fn catch_up(&mut self, addr: SocketAddr, until: u64) {
+        let deadline = Instant::now() + CATCH_UP;
+        while self.last < Some(until) && self.failures.is_empty() {
+            if Instant::now() > deadline {
+                let last = self.last;
+                return self.fail(format!(
+                    "caught up to {last:?} only, the room is at {until}"
+                ));
+            }
+            let hangup = Hangup::AfterJoined(CATCH_UP);
+            self.connection(addr, hangup, Some(until)).await;
         }
     }
 
@@ -355,22 +390,99 @@ async fn history(addr: SocketAddr, room: &str, last: u64) -> Vec<(u64, String)> 
     }
 }
 
-/// Posts to [`ROOM`] every [`SEND_EVERY`] until `stop`; returns the acked (seq, id).
-async fn sender(addr: SocketAddr, n: usize, stop: Arc<AtomicBool>) -> Vec<(u64, String)> {
-    let mut c = Client::connect_addr(addr, &format!("sender-{n}"), "/ws").await;
-    c.join(ROOM).await;
+/// Cuts the gateways' Redis pub/sub connections every [`CUT_EVERY`] until `stop`; returns
+/// how many were cut.
+async fn cut_pubsub(redis_url: String, stop: Arc<AtomicBool>) -> u64 {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut tick = tokio::time::interval(CUT_EVERY);
+    tick.tick().await; // the first tick is at once
+    let mut cuts = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let killed: Result<u64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await;
+        // A cut that timed out on a loaded machine is only one fault fewer.
+        cuts += killed.unwrap_or(0);
+    }
+    cuts
+}
+
+/// Joins `room` as `user` and posts every [`SEND_EVERY`] until `done(messages acked)`;
+/// returns the acked (seq, id). In scaled mode a cut pub/sub connection can end a connection
+/// with 1012 or answer `unavailable`: the same command is then sent again, on a new
+/// connection if need be, a message with the same `client_msg_id`, so that it is stored once.
+async fn post(
+    addr: SocketAddr,
+    user: &str,
+    room: &str,
+    done: impl Fn(usize) -> bool,
+) -> Vec<(u64, String)> {
     let mut acked = Vec::new();
     let mut tick = tokio::time::interval(SEND_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let ack = c.say(ROOM, &format!("{n}:{}", acked.len())).await;
-        acked.push((
-            ack["seq"].as_u64().unwrap(),
-            ack["id"].as_str().unwrap().into(),
-        ));
+    'connection: while !done(acked.len()) {
+        let mut c = Client::connect_addr(addr, user, "/ws").await;
+        c.send(json!({"type": "join", "room": room, "ref": "j"}))
+            .await;
+        match answer(&mut c, "j").await {
+            Some(j) if j["type"] == "joined" => {}
+            Some(e) if !retry(&e) => panic!("{user}: {e}"),
+            _ => continue 'connection,
+        }
+        while !done(acked.len()) {
+            tick.tick().await;
+            let cmid = format!("{user}:{}", acked.len());
+            let r = format!("m{}", acked.len());
+            let msg = json!({"type": "message", "room": room, "content": cmid,
+                             "client_msg_id": cmid, "ref": r});
+            c.send(msg).await;
+            match answer(&mut c, &r).await {
+                Some(a) if a["type"] == "ack" => {
+                    let id = a["id"].as_str().unwrap().to_string();
+                    acked.push((a["seq"].as_u64().unwrap(), id));
+                }
+                Some(e) if !retry(&e) => panic!("{user}: {e}"),
+                Some(_) => {}
+                None => continue 'connection,
+            }
+        }
     }
     acked
+}
+
+/// An error a client retries: `unavailable`, in scaled mode (see [`post`]).
+fn retry(error: &Value) -> bool {
+    error["code"] == "unavailable" && scaled()
+}
+
+/// The answer to the command sent with `r`; None when the server closed the connection with
+/// 1012 in scaled mode (see [`post`]).
+async fn answer(c: &mut Client, r: &str) -> Option<Value> {
+    loop {
+        let msg = tokio::time::timeout(CATCH_UP, c.ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{}: no answer to {r}", c.user));
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let f: Value = serde_json::from_str(&t).expect("server sends JSON");
+                if f["ref"] == r {
+                    return Some(f);
+                }
+            }
+            Some(Ok(Message::Close(Some(f)))) if u16::from(f.code) == 1012 && scaled() => {
+                return None;
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                panic!("{}: connection ended: {msg:?}", c.user)
+            }
+            Some(Ok(_)) => {}
+        }
+    }
 }
 
 /// One room created by concurrent joins: [`FRESH_JOINERS`] readers and a poster join at once
@@ -393,27 +505,12 @@ async fn fresh_room(
                 r.connection(*addr, *hangup, None).await;
             }
             let until = *final_seq.wait_for(Option::is_some).await.unwrap();
-            r.connection(addrs[2], Hangup::AfterJoined(CATCH_UP), until)
-                .await;
-            if r.last < until {
-                let last = r.last;
-                r.fail(format!(
-                    "caught up to {last:?} only, the room is at {until:?}"
-                ));
-            }
+            r.catch_up(addrs[2], until.expect("set")).await;
             r
         }));
     }
-    let mut poster = Client::connect_addr(nodes.pick(rng), &format!("{room}-poster"), "/ws").await;
-    poster.join(&room).await;
-    let mut acked = Vec::new();
-    for n in 0..FRESH_MESSAGES {
-        let ack = poster.say(&room, &format!("fresh {n}")).await;
-        acked.push((
-            ack["seq"].as_u64().unwrap(),
-            ack["id"].as_str().unwrap().to_string(),
-        ));
-    }
+    let poster = format!("{room}-poster");
+    let acked = post(nodes.pick(rng), &poster, &room, |n| n >= FRESH_MESSAGES).await;
     done.send_replace(acked.last().map(|(s, _)| *s));
     let mut readers = Vec::new();
     for j in joiners {
@@ -440,18 +537,26 @@ async fn rejoins_with_since_get_every_event_once_in_order_under_stress() {
     drop(opener);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
     let senders: Vec<_> = (0..SENDERS)
-        .map(|n| tokio::spawn(sender(nodes.addrs[n % nodes.addrs.len()], n, stop.clone())))
+        .map(|n| {
+            let (addr, stop) = (nodes.addrs[n % nodes.addrs.len()], stop.clone());
+            let user = format!("sender-{n}");
+            tokio::spawn(
+                async move { post(addr, &user, ROOM, |_| stop.load(Ordering::Relaxed)).await },
+            )
+        })
         .collect();
     let readers: Vec<_> = (0..READERS)
         .map(|n| {
-            let (nodes, stop) = (nodes.clone(), stop.clone());
+            let (nodes, stop, progress) = (nodes.clone(), stop.clone(), progress.clone());
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(n as u64));
             tokio::spawn(async move {
                 let mut r = Reader::new(format!("reader-{n}"), ROOM);
                 while !stop.load(Ordering::Relaxed) {
-                    let hangup = Hangup::random(&mut rng);
+                    let (hangup, before) = (Hangup::random(&mut rng), r.rejoins);
                     r.connection(nodes.pick(&mut rng), hangup, None).await;
+                    progress.fetch_add(r.rejoins - before, Ordering::Relaxed);
                 }
                 (r, nodes.pick(&mut rng))
             })
@@ -471,8 +576,25 @@ async fn rejoins_with_since_get_every_event_once_in_order_under_stress() {
         })
     };
 
-    tokio::time::sleep(Duration::from_secs(secs)).await; // the traffic's duration
+    let cutter = nodes
+        .backend
+        .as_ref()
+        .map(|b| tokio::spawn(cut_pubsub(b.redis.url(), stop.clone())));
+
+    let started = Instant::now();
+    let (min, max) = (Duration::from_secs(secs), Duration::from_secs(3 * secs));
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await; // the traffic's duration
+        let enough = progress.load(Ordering::Relaxed) >= TARGET_REJOINS;
+        if started.elapsed() >= max || (started.elapsed() >= min && enough) {
+            break;
+        }
+    }
     stop.store(true, Ordering::Relaxed);
+    let cuts = match cutter {
+        Some(c) => c.await.unwrap(),
+        None => 0,
+    };
     let mut acked: Vec<(u64, String)> = Vec::new();
     for s in senders {
         acked.extend(s.await.unwrap());
@@ -482,12 +604,7 @@ async fn rejoins_with_since_get_every_event_once_in_order_under_stress() {
     let mut all: Vec<Reader> = Vec::new();
     for r in readers {
         let (mut r, addr) = r.await.unwrap();
-        r.connection(addr, Hangup::AfterJoined(CATCH_UP), Some(last))
-            .await;
-        if r.last < Some(last) {
-            let got = r.last;
-            r.fail(format!("caught up to {got:?} only, the room is at {last}"));
-        }
+        r.catch_up(addr, last).await;
         all.push(r);
     }
     let rejoins: usize = all.iter().map(|r| r.rejoins).sum();
@@ -518,11 +635,13 @@ async fn rejoins_with_since_get_every_event_once_in_order_under_stress() {
     }
     failures.extend(all.iter().flat_map(|r| r.failures.clone()));
     let fresh_rejoins: usize = all.iter().map(|r| r.rejoins).sum::<usize>() - rejoins;
+    let retried: usize = all.iter().map(|r| r.retried).sum();
     let mut join_times: Vec<Duration> = all.iter().flat_map(|r| r.join_times.clone()).collect();
     join_times.sort();
     eprintln!(
         "recovery stress: {} messages, {rejoins} rejoins with since in {ROOM}, {fresh_count} \
          rooms created by concurrent joins ({fresh_rejoins} rejoins there), {} node(s); \
+         {cuts} pub/sub connections cut, {retried} connections told to retry; \
          join→joined median {:?}, max {:?}",
         acked.len(),
         nodes.addrs.len(),
