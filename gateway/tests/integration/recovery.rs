@@ -113,7 +113,8 @@ async fn draining_tells_clients_to_reconnect_then_closes_1012() {
 /// A client that vanishes while its join replays leaves nothing behind: the dead socket ends
 /// the connection's task in the middle of the join, and a session left in the room would hold
 /// the room's events forever (and, scaled out, make every resubscription start from its
-/// stale seq).
+/// stale seq). Scaled mode is where it bites: an embedded join does not yield once it is in
+/// the room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_cut_off_by_a_vanished_client_leaves_no_session_in_the_room() {
     let server = Server::start_with(|c| {
