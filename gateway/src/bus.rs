@@ -1,7 +1,7 @@
 //! Reading frames that arrive from the broker: enough of each frame to route it, without
 //! decoding the whole event.
 
-use proto::EventKind;
+use proto::{EventKind, RoomId};
 use serde::Deserialize;
 
 /// The parts of a room frame a node needs: its type, seq, and subject user.
@@ -28,6 +28,32 @@ pub fn peek(frame: &[u8]) -> Option<Peek> {
         p.seq = 0;
     }
     Some(p)
+}
+
+/// The room and seq of a stored room event (None for any other frame): for node-targeted
+/// copies of room events (`room_created` to everyone, `member_added` to its user).
+pub fn stored_room(frame: &[u8]) -> Option<(RoomId, u64)> {
+    /// `room` is the room's id, or its settings (with `id`) in `room_created`/`room_updated`.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Room {
+        Id(RoomId),
+        Info { id: RoomId },
+    }
+    #[derive(Deserialize)]
+    struct Stored {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        seq: u64,
+        room: Option<Room>,
+    }
+    let f: Stored = serde_json::from_slice(frame).ok()?;
+    let room = match f.room? {
+        Room::Id(id) | Room::Info { id } => id,
+    };
+    // A receipt's `seq` is a read marker, not an event's (see [`peek`]).
+    (f.seq > 0 && f.kind != "receipt").then_some((room, f.seq))
 }
 
 /// The user an ephemeral frame is about and who must not receive it: the typist of
@@ -66,6 +92,25 @@ mod tests {
         assert_eq!(kind_of(br#"{"type":"warp","room":"a"}"#), None);
         assert_eq!(kind_of(br#"{"room":"a"}"#), None);
         assert_eq!(kind_of(b""), None);
+    }
+
+    #[test]
+    fn stored_room_reads_the_room_as_an_id_or_as_settings() {
+        let room = RoomId::new("a").unwrap();
+        assert_eq!(
+            stored_room(br#"{"seq":1,"type":"room_created","room":{"id":"a","name":"A"}}"#),
+            Some((room.clone(), 1))
+        );
+        assert_eq!(
+            stored_room(br#"{"seq":7,"type":"member_added","room":"a","user":{"id":"u"}}"#),
+            Some((room, 7))
+        );
+        assert_eq!(stored_room(br#"{"type":"notice","content":"hi"}"#), None);
+        assert_eq!(stored_room(br#"{"type":"typing","room":"a"}"#), None);
+        assert_eq!(
+            stored_room(br#"{"type":"receipt","room":"a","seq":3}"#),
+            None
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use proto::errors::close;
@@ -116,6 +116,50 @@ pub struct Hub {
     max_held: usize,
 }
 
+/// A session joining a room ([`Hub::join`]): dropped before [`Joining::joined`], it takes the
+/// session out of the room again. A join can stop anywhere: it fails, or the connection's
+/// task ends mid-way (a dead socket ends the task and drops the command it was running), and
+/// the session's own room list, which its end goes through, has the room only once the join
+/// is done. Left in the room, the session would hold the room's events for good, and its
+/// stale seq would be where a broker resumes the room after losing its subscription.
+pub struct Joining<'a> {
+    hub: &'a Hub,
+    room: RoomId,
+    session: SessionId,
+    joined: bool,
+}
+
+impl Joining<'_> {
+    /// The join is done: the session's room list takes it out of the room from now on.
+    pub fn joined(mut self) {
+        self.joined = true;
+    }
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        // No unsubscribe here (it would need an await): a node subscribed to a room without
+        // local sessions drops its events, and the room's next leave on this node ends it.
+        if !self.joined {
+            self.hub.remove(&self.room, self.session);
+        }
+    }
+}
+
+/// One room's local sessions, read-locked while this lives: none can join or leave it.
+struct RoomMembers<'a> {
+    room: RoomId,
+    shard: RwLockReadGuard<'a, HashMap<RoomId, Room>>,
+}
+
+impl RoomMembers<'_> {
+    fn contains(&self, session: SessionId) -> bool {
+        self.shard
+            .get(&self.room)
+            .is_some_and(|r| r.members.contains_key(&session))
+    }
+}
+
 fn shard_of(key: &str) -> usize {
     let mut h = DefaultHasher::new();
     key.hash(&mut h);
@@ -183,6 +227,18 @@ impl Hub {
         &self.rooms[shard_of(room.as_str())]
     }
 
+    /// Adds a joining session to a room (see [`Joining`]).
+    pub fn join(&self, room: &RoomId, handle: SessionHandle) -> Joining<'_> {
+        let session = handle.id;
+        self.add(room, handle);
+        Joining {
+            hub: self,
+            room: room.clone(),
+            session,
+            joined: false,
+        }
+    }
+
     /// Adds a session to a room in the holding state.
     pub fn add(&self, room: &RoomId, handle: SessionHandle) {
         let mut shard = self.room_shard(room).write().expect("hub lock");
@@ -230,16 +286,22 @@ impl Hub {
         }
     }
 
-    /// The lowest seq any local session of the room is known to have (None when no session
-    /// has one yet): where a broker resumes a room after losing its subscription.
-    pub fn lowest_seen(&self, room: &RoomId) -> Option<u64> {
+    /// Where a broker resumes a room after losing its subscription: the lowest seq a local
+    /// session of the room is known to have (None when none has one yet).
+    ///
+    /// A session still joining that has not recorded its seq yet ([`Self::seen_up_to`]) may
+    /// have read the room's seq before the subscription was lost: the events published
+    /// until it was back would then be fetched for nobody, and the join would answer
+    /// `recovered: true` without them. It is closed (1012) instead; its client rejoins with
+    /// `since`. Under the shard lock, so that a join records its seq either before (and is
+    /// counted) or after (and is closed).
+    pub fn resume_point(&self, room: &RoomId) -> Option<u64> {
         let shard = self.room_shard(room).read().expect("hub lock");
-        shard
-            .get(room)?
-            .members
-            .values()
-            .filter_map(|m| m.seen)
-            .min()
+        let members = &shard.get(room)?.members;
+        for m in members.values().filter(|m| m.seen.is_none()) {
+            m.handle.close(close::RESTARTING);
+        }
+        members.values().filter_map(|m| m.seen).min()
     }
 
     /// Removes a session from a room: None when it was not in it (never joined, or already
@@ -447,22 +509,43 @@ impl Hub {
         shard.get(user).map_or(0, Vec::len)
     }
 
-    /// Sends a frame to every local connection of `user`.
+    /// Sends a frame to every local connection of `user` (see [`Self::deliver_all`] for a
+    /// stored room event).
     pub fn deliver_user(&self, user: &str, frame: &Bytes) {
+        let members = self.members_of_event(frame);
         let shard = self.users[shard_of(user)].lock().expect("hub lock");
         for h in shard.get(user).into_iter().flatten() {
-            h.send(frame.clone());
+            if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
+                h.send(frame.clone());
+            }
         }
     }
 
     /// Sends a frame to every local connection.
+    ///
+    /// A stored room event sent this way (`room_created` to everyone, `member_added` to its
+    /// user) is also on the room's stream, and a session in the room (joined or joining) gets
+    /// it from there — once, in seq order, after the replay of its join: it is skipped here,
+    /// or it would get the seq twice. The room's shard stays read-locked until the frame is
+    /// queued, so a session that joins the room meanwhile gets it here before its join's
+    /// replay, never in the middle of the room's events.
     pub fn deliver_all(&self, frame: &Bytes) {
+        let members = self.members_of_event(frame);
         for shard in &self.users {
             let shard = shard.lock().expect("hub lock");
             for h in shard.values().flatten() {
-                h.push(Outbound::Text(frame.clone()), false); // the largest fan-out there is
+                if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
+                    h.push(Outbound::Text(frame.clone()), false); // the largest fan-out there is
+                }
             }
         }
+    }
+
+    /// For a stored room event, its room's members, read-locked (see [`Self::deliver_all`]).
+    fn members_of_event(&self, frame: &[u8]) -> Option<RoomMembers<'_>> {
+        let (room, _) = crate::bus::stored_room(frame)?;
+        let shard = self.room_shard(&room).read().expect("hub lock");
+        Some(RoomMembers { room, shard })
     }
 
     /// Every local connection (for draining).
@@ -558,6 +641,75 @@ mod tests {
     }
 
     #[test]
+    fn a_join_dropped_before_it_is_done_leaves_the_room() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (a, _) = session(1, "a", 8);
+        let (b, _) = session(2, "b", 8);
+        drop(hub.join(&room, a));
+        assert!(!hub.contains(&room, 1), "a join that stopped mid-way");
+        hub.join(&room, b).joined();
+        assert!(hub.contains(&room, 2), "a finished join stays");
+    }
+
+    #[test]
+    fn resuming_closes_joins_that_have_not_recorded_their_seq() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (early, early_rx) = session(1, "a", 8);
+        let (recorded, recorded_rx) = session(2, "b", 8);
+        hub.add(&room, early);
+        hub.add(&room, recorded);
+        hub.seen_up_to(&room, 2, 4);
+        assert_eq!(hub.resume_point(&room), Some(4));
+        assert_eq!(early_rx.closing(), Some(close::RESTARTING));
+        assert_eq!(recorded_rx.closing(), None);
+    }
+
+    #[test]
+    fn a_join_that_would_hold_too_many_events_is_closed_not_thinned() {
+        let hub = Hub::new(2);
+        let room = RoomId::new("r").unwrap();
+        let (h, rx) = session(1, "a", 16);
+        hub.add(&room, h);
+        for seq in 1..=2u64 {
+            hub.deliver(&room, seq, &Bytes::from(seq.to_string()), None);
+        }
+        assert_eq!(rx.closing(), None, "two held events fit");
+        hub.deliver(&room, 3, &Bytes::from("3"), None);
+        assert_eq!(
+            rx.closing(),
+            Some(close::SLOW_CONSUMER),
+            "the third cannot be held: the client must rejoin rather than miss it"
+        );
+    }
+
+    #[test]
+    fn an_announced_room_event_skips_the_sessions_in_its_room() {
+        let hub = Hub::new(100);
+        let room = RoomId::new("r").unwrap();
+        let (inside, in_rx) = session(1, "a", 8);
+        let (outside, out_rx) = session(2, "a", 8);
+        hub.register(inside.clone());
+        hub.register(outside);
+        hub.add(&room, inside);
+        let created = Bytes::from(r#"{"seq":1,"type":"room_created","room":{"id":"r"}}"#);
+        let added = Bytes::from(r#"{"seq":2,"type":"member_added","room":"r","user":{"id":"a"}}"#);
+        let notice = Bytes::from(r#"{"type":"notice","content":"hi"}"#);
+        hub.deliver_all(&created);
+        hub.deliver_user("a", &added);
+        hub.deliver_all(&notice);
+        let inside_got: Vec<Bytes> = std::iter::from_fn(|| in_rx.try_pop().map(text)).collect();
+        let outside_got: Vec<Bytes> = std::iter::from_fn(|| out_rx.try_pop().map(text)).collect();
+        assert_eq!(
+            inside_got,
+            vec![notice.clone()],
+            "room events come from the room"
+        );
+        assert_eq!(outside_got, vec![created, added, notice]);
+    }
+
+    #[test]
     fn a_redelivered_range_reaches_each_session_once() {
         let hub = Hub::new(100);
         let room = RoomId::new("r").unwrap();
@@ -565,12 +717,11 @@ mod tests {
         let (b, brx) = session(2, "b", 16);
         hub.add(&room, a);
         hub.add(&room, b);
-        assert_eq!(hub.lowest_seen(&room), None, "nobody has read the seq yet");
         hub.seen_up_to(&room, 1, 3);
         hub.release(&room, 1);
         hub.seen_up_to(&room, 2, 5);
         hub.release(&room, 2);
-        assert_eq!(hub.lowest_seen(&room), Some(3));
+        assert_eq!(hub.resume_point(&room), Some(3));
         // A gap fill after a reconnect resends from the lowest seen seq.
         for seq in 4..=6u64 {
             hub.deliver(&room, seq, &Bytes::from(seq.to_string()), None);
@@ -583,6 +734,6 @@ mod tests {
             vec![Bytes::from("4"), Bytes::from("5"), Bytes::from("6")]
         );
         assert_eq!(b_got, vec![Bytes::from("6")]);
-        assert_eq!(hub.lowest_seen(&room), Some(6));
+        assert_eq!(hub.resume_point(&room), Some(6));
     }
 }

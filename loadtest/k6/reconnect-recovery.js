@@ -2,7 +2,8 @@
 // clients follow the room, drop their connection every DROP_EVERY seconds (± jitter), stay
 // away OFFLINE seconds, and rejoin with `since` = the last seq they saw. The server must
 // replay exactly what they missed (`joined.recovered: true`, no seq gap). Counters:
-// `recovery_gaps` (missing seqs over all readers: must be 0), `duplicates`; Rates
+// `recovery_gaps` (missing seqs over all readers) and `duplicates` (a seq received twice or
+// out of order), both must be 0; Rates
 // `recovered` (joined after a drop said recovered: true) and `rejoin_ok`.
 //
 //   k6 run -e WS_URL=ws://127.0.0.1:18080 -e JWT_SECRET=... -e READERS=50 \
@@ -50,6 +51,7 @@ export const options = {
   },
   thresholds: {
     recovery_gaps: ['count==0'],
+    duplicates: ['count==0'],
     recovered: ['rate>=0.99'],
     rejoin_ok: ['rate>=0.99'],
     messages_received: ['count>0'],

@@ -97,15 +97,12 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 "#;
 
-/// KEYS: seq, log, state version. Returns {last seq, oldest seq in the window, state version,
-/// frames after ARGV[1]...}.
+/// KEYS: seq, log, state version. Returns {last seq, state version, up to ARGV[2] frames after
+/// ARGV[1]...}.
 const RECOVER_LUA: &str = r#"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
-local oldest = 0
-local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
-local out = {tostring(last), tostring(oldest), redis.call('GET', KEYS[3]) or '0'}
+local out = {tostring(last), redis.call('GET', KEYS[3]) or '0'}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
@@ -538,8 +535,7 @@ impl Broker for Arc<RedisBroker> {
                 .ok_or_else(|| unavailable("bad reply"))
         };
         let last_seq = num(out.first())?;
-        let oldest = num(out.get(1))?;
-        let version = num(out.get(2))?;
+        let version = num(out.get(1))?;
         let Some(since) = since else {
             return Ok(Recovery {
                 last_seq,
@@ -548,12 +544,18 @@ impl Broker for Arc<RedisBroker> {
                 complete: true,
             });
         };
-        let mut events = Vec::with_capacity(out.len().saturating_sub(3));
-        for frame in out.into_iter().skip(3) {
+        let mut events = Vec::with_capacity(out.len().saturating_sub(2));
+        for frame in out.into_iter().skip(2) {
             let seq = bus::peek(&frame).map_or(0, |p| p.seq);
             events.push((seq, Bytes::from(frame)));
         }
-        let complete = since >= last_seq || (oldest != 0 && oldest <= since + 1);
+        // Complete when the replay runs from `since` up to the last seq: the stream's ids are
+        // the seqs, so `last - since` events after `since` are exactly since+1..=last. (The
+        // stream's oldest entry does not tell: `MAXLEN ~` trims approximately, so the stream
+        // can reach further back than the `window` events one read returns, and a replay cut
+        // there would leave out the newest events while the session counts them as seen.)
+        // A `since` past the last seq comes from before Redis lost the room: not recovered.
+        let complete = since <= last_seq && events.len() as u64 == last_seq - since;
         Ok(Recovery {
             last_seq,
             version,
@@ -715,12 +717,13 @@ async fn subscriber(
         // Rooms whose SUBSCRIBE Redis confirmed on this connection.
         let mut subscribed: HashSet<RoomId> = rooms.iter().cloned().collect();
         // Events published while we were away: fetch them before any live one, from the
-        // lowest seq a local session has (the hub drops what a session already got). A room
-        // where no session has read the seq yet needs nothing: its joins read it after this.
+        // lowest seq a local session has (the hub drops what a session already got). Joins
+        // that had not recorded their seq yet are closed: they may have read it before the
+        // loss (see `Hub::resume_point`).
         last.clear();
         let Some(b) = broker.upgrade() else { return };
         for room in &rooms {
-            if let Some(seen) = hub.lowest_seen(room) {
+            if let Some(seen) = hub.resume_point(room) {
                 catch_up(&b, &hub, room, seen, &mut last).await;
             }
         }

@@ -76,7 +76,9 @@ async fn try_join(
     let caller_ref = &*caller;
     let mut decided = guard::decide(node, room, |st| may_join(st, caller_ref)).await?;
 
-    node.hub.add(room, caller.handle.clone());
+    // Dropped (the join fails, or the connection's task ends mid-way), this takes the session
+    // out of the room again.
+    let joining = node.hub.join(room, caller.handle.clone());
     // Every joiner waits for the subscription, not only the room's first local session: a
     // second joiner that read the room's seq before the first one's SUBSCRIBE took effect
     // would never get the events in between.
@@ -146,6 +148,7 @@ async fn try_join(
         ));
     }
     caller.rooms.insert(room.clone());
+    joining.joined();
     if newly_online {
         let join = ServerEvent::Join {
             room: room.clone(),

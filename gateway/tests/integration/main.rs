@@ -16,6 +16,7 @@ mod messaging;
 mod pins_receipts;
 mod presence;
 mod recovery;
+mod recovery_stress;
 mod rooms;
 mod slow_and_floods;
 mod startup;

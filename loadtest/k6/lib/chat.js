@@ -66,10 +66,21 @@ export function parse(data) {
 const NOT_ROOM_EVENTS = new Set(['joined', 'ack', 'receipt', 'error']);
 
 /**
+ * The id of the room a frame is about: `room` is the id in most events, but the room's
+ * settings object (with `id`) in `room_created`, `room_updated` and `joined`.
+ */
+export function roomId(f) {
+  return f.room !== null && typeof f.room === 'object' ? f.room.id : f.room;
+}
+
+/**
  * The room seq a frame holds when it is a stored room event of `room` (a message, an edit, a
  * pin, `room_created`, a moderation event…), else null. Gap checks must follow every stored
- * event, not only messages: the seq counts them all.
+ * event, not only messages: the seq counts them all. (Reading `room` as a plain id missed
+ * `room_created`: a reader whose first join read the room's seq before the creator published
+ * it got `joined.seq` 0, then `room_created` with seq 1, and counted the first message as a
+ * gap.)
  */
 export function roomSeq(f, room) {
-  return f.room === room && typeof f.seq === 'number' && !NOT_ROOM_EVENTS.has(f.type) ? f.seq : null;
+  return roomId(f) === room && typeof f.seq === 'number' && !NOT_ROOM_EVENTS.has(f.type) ? f.seq : null;
 }
