@@ -62,7 +62,15 @@ impl SessionHandle {
     /// the caller: for fan-outs too large for one thread to write (see [`DIRECT_FANOUT`]).
     /// Returns the items waiting in the session's queue.
     fn push(&self, out: Outbound, direct: bool) -> usize {
-        match self.outbox.push(out, direct) {
+        let pushed = match direct {
+            // In a corked batch, written once per session when the batch ends.
+            true => match crate::cork::defer(&self.outbox, out) {
+                Ok(deferred) => deferred,
+                Err(out) => self.outbox.push(out, true),
+            },
+            false => self.outbox.push(out, false),
+        };
+        match pushed {
             Ok(waiting) => waiting,
             Err(Full) => {
                 if self.outbox.closing().is_none() {

@@ -26,6 +26,7 @@ pub mod broker;
 pub mod bus;
 pub mod commands;
 pub mod config;
+pub mod cork;
 pub mod http;
 pub mod hub;
 pub mod node;

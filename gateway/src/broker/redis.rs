@@ -32,14 +32,14 @@
 //! in order. Rooms whose gap is no longer in the window get their sessions closed with 1012,
 //! and the clients recover from history.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use proto::envelope::{NodeMessage, NodeTarget};
 use proto::{MessageId, RoomId, Timestamp, UserRef};
 use tokio::sync::{mpsc, oneshot};
@@ -97,12 +97,20 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 "#;
 
-/// KEYS: seq, log, state version. Returns {last seq, state version, up to ARGV[2] frames after
-/// ARGV[1]...}.
+/// KEYS: seq, log, state version, pin set. Returns {last seq, state version, pinned ids
+/// ('-': no pin set; else comma-separated), up to ARGV[2] frames after ARGV[1]...}.
 const RECOVER_LUA: &str = r#"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
-local out = {tostring(last), redis.call('GET', KEYS[3]) or '0'}
+local pins = '-'
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  local ids = {}
+  for _, k in ipairs(redis.call('HKEYS', KEYS[4])) do
+    if k ~= '_' then ids[#ids + 1] = k end
+  end
+  pins = table.concat(ids, ',')
+end
+local out = {tostring(last), redis.call('GET', KEYS[3]) or '0', pins}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
@@ -525,6 +533,7 @@ impl Broker for Arc<RedisBroker> {
         inv.key(key(room, "seq"))
             .key(key(room, "log"))
             .key(key(room, "state"))
+            .key(key(room, "pins"))
             .arg(since.map_or(-1, |s| s as i64))
             .arg(self.window);
         let out: Vec<Vec<u8>> = self.invoke(inv).await?;
@@ -536,16 +545,29 @@ impl Broker for Arc<RedisBroker> {
         };
         let last_seq = num(out.first())?;
         let version = num(out.get(1))?;
+        let pins = match out.get(2).map(Vec::as_slice) {
+            Some(b"-") => None,
+            Some(list) => Some(
+                std::str::from_utf8(list)
+                    .map_err(unavailable)?
+                    .split(',')
+                    .filter(|id| !id.is_empty())
+                    .map(|id| id.parse().map(MessageId).map_err(unavailable))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => return Err(unavailable("short reply")),
+        };
         let Some(since) = since else {
             return Ok(Recovery {
                 last_seq,
                 version,
+                pins,
                 events: vec![],
                 complete: true,
             });
         };
-        let mut events = Vec::with_capacity(out.len().saturating_sub(2));
-        for frame in out.into_iter().skip(2) {
+        let mut events = Vec::with_capacity(out.len().saturating_sub(3));
+        for frame in out.into_iter().skip(3) {
             let seq = bus::peek(&frame).map_or(0, |p| p.seq);
             events.push((seq, Bytes::from(frame)));
         }
@@ -559,6 +581,7 @@ impl Broker for Arc<RedisBroker> {
         Ok(Recovery {
             last_seq,
             version,
+            pins,
             events,
             complete,
         })
@@ -771,52 +794,111 @@ async fn subscriber(
                 },
                 msg = stream.next() => {
                     let Some(msg) = msg else { break };
-                    let payload = msg.get_payload_bytes();
-                    if msg.get_channel_name() == NODE_CHANNEL {
-                        match NodeMessage::decode(payload) {
-                            Some(NodeMessage { target: NodeTarget::All, frame }) => hub.deliver_all(&Bytes::copy_from_slice(frame)),
-                            Some(NodeMessage { target: NodeTarget::User(u), frame }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
-                            Some(NodeMessage { target: NodeTarget::RoomState(r), frame }) => {
-                                // The frame names the announcing node; it updated its own cache.
-                                let Some(b) = broker.upgrade() else { return };
-                                let own = frame == b.worker.to_string().as_bytes();
-                                if let (false, Ok(room), Some(events)) = (own, RoomId::new(r), b.events.get()) {
-                                    events.room_state_changed(&room);
+                    // Everything the connection already read, as one batch: delivered corked,
+                    // each session's frames of the batch go out in one write.
+                    let mut batch = VecDeque::from([msg]);
+                    while batch.len() < READ_BATCH {
+                        match stream.next().now_or_never() {
+                            Some(Some(m)) => batch.push_back(m),
+                            _ => break,
+                        }
+                    }
+                    let Some(b) = broker.upgrade() else { return };
+                    while !batch.is_empty() {
+                        // A gap needs an await (the window read): the cork ends before it.
+                        let gap = crate::cork::corked(|| {
+                            while let Some(msg) = batch.pop_front() {
+                                if let Some(gap) = route(&b, &hub, &mut last, &msg) {
+                                    return Some(gap);
                                 }
                             }
-                            None => tracing::warn!("undecodable node message"),
-                        }
-                        continue;
-                    }
-                    let Some(room) = room_of_channel(msg.get_channel_name()) else { continue };
-                    let Some(peek) = bus::peek(payload) else {
-                        tracing::warn!(%room, "undecodable room frame");
-                        continue;
-                    };
-                    let frame = Bytes::copy_from_slice(payload);
-                    if peek.seq == 0 {
-                        hub.deliver(&room, 0, &frame, bus::excluded_user(&peek));
-                        continue;
-                    }
-                    match last.get(&room).copied() {
-                        Some(seen) if peek.seq <= seen => continue, // already delivered by a catch-up
-                        Some(seen) if peek.seq > seen + 1 => {
-                            let Some(b) = broker.upgrade() else { return };
+                            None
+                        });
+                        if let Some(Gap { room, seen, seq, frame }) = gap {
                             catch_up(&b, &hub, &room, seen, &mut last).await;
-                            if last.get(&room).is_some_and(|s| peek.seq <= *s) {
-                                continue;
+                            if last.get(&room).is_none_or(|s| seq > *s) {
+                                last.insert(room.clone(), seq);
+                                hub.deliver(&room, seq, &frame, None);
                             }
                         }
-                        _ => {}
                     }
-                    last.insert(room.clone(), peek.seq);
-                    hub.deliver(&room, peek.seq, &frame, None);
                 }
             }
         }
         healthy.store(false, Ordering::Relaxed);
         tracing::warn!("redis pub/sub connection lost; reconnecting");
     }
+}
+
+/// Pub/sub messages delivered as one batch at most (see the subscriber).
+const READ_BATCH: usize = 256;
+
+/// A room event that arrived after a gap in its room's seqs: the gap is filled from the
+/// window first.
+struct Gap {
+    room: RoomId,
+    seen: u64,
+    seq: u64,
+    frame: Bytes,
+}
+
+/// Delivers one pub/sub message into this node, or returns the gap that must be filled first.
+fn route(
+    b: &Arc<RedisBroker>,
+    hub: &Hub,
+    last: &mut HashMap<RoomId, u64>,
+    msg: &redis::Msg,
+) -> Option<Gap> {
+    let payload = msg.get_payload_bytes();
+    if msg.get_channel_name() == NODE_CHANNEL {
+        match NodeMessage::decode(payload) {
+            Some(NodeMessage {
+                target: NodeTarget::All,
+                frame,
+            }) => hub.deliver_all(&Bytes::copy_from_slice(frame)),
+            Some(NodeMessage {
+                target: NodeTarget::User(u),
+                frame,
+            }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
+            Some(NodeMessage {
+                target: NodeTarget::RoomState(r),
+                frame,
+            }) => {
+                // The frame names the announcing node; it updated its own cache.
+                let own = frame == b.worker.to_string().as_bytes();
+                if let (false, Ok(room), Some(events)) = (own, RoomId::new(r), b.events.get()) {
+                    events.room_state_changed(&room);
+                }
+            }
+            None => tracing::warn!("undecodable node message"),
+        }
+        return None;
+    }
+    let room = room_of_channel(msg.get_channel_name())?;
+    let Some(peek) = bus::peek(payload) else {
+        tracing::warn!(%room, "undecodable room frame");
+        return None;
+    };
+    let frame = Bytes::copy_from_slice(payload);
+    if peek.seq == 0 {
+        hub.deliver(&room, 0, &frame, bus::excluded_user(&peek));
+        return None;
+    }
+    match last.get(&room).copied() {
+        Some(seen) if peek.seq <= seen => return None, // already delivered by a catch-up
+        Some(seen) if peek.seq > seen + 1 => {
+            return Some(Gap {
+                room,
+                seen,
+                seq: peek.seq,
+                frame,
+            })
+        }
+        _ => {}
+    }
+    last.insert(room.clone(), peek.seq);
+    hub.deliver(&room, peek.seq, &frame, None);
+    None
 }
 
 /// Delivers a room's events after `seen` from its window; when the window no longer reaches

@@ -14,7 +14,7 @@ use proto::client::{Join, Leave};
 use proto::rooms::{Role, RoomInfo, Visibility};
 use proto::{ErrorCode, Ref, RoomId, ServerEvent, Timestamp};
 
-use super::{err, guard, in_room, rooms, Caller, CommandError, Cx, Result, Run};
+use super::{err, guard, in_room, pins, rooms, Caller, CommandError, Cx, Result, Run};
 use crate::broker::Broker;
 use crate::node::Node;
 use crate::room_state::MemberChange;
@@ -124,12 +124,16 @@ async fn try_join(
             return Err(e.into());
         }
     };
+    let pins = pins::pins_now(node, room, pins, recovery.pins.clone()).await;
 
     let recovered = since.is_some() && recovery.complete;
     if recovered {
-        for (_, frame) in &recovery.events {
-            caller.handle.send(frame.clone());
-        }
+        // One write for the whole replay.
+        crate::cork::corked(|| {
+            for (_, frame) in &recovery.events {
+                caller.handle.send(frame.clone());
+            }
+        });
     }
     node.hub
         .seen_up_to(room, caller.handle.id, recovery.last_seq);
@@ -158,7 +162,7 @@ async fn try_join(
         node.online_changed(room).await;
     }
     let online = node.broker.presence(room).await.unwrap_or_default();
-    caller.send(&ServerEvent::Joined {
+    let joined = ServerEvent::Joined {
         r#ref,
         room: info,
         seq: recovery.last_seq,
@@ -167,8 +171,12 @@ async fn try_join(
         recovered,
         role,
         unread: Some(recovery.last_seq.saturating_sub(marker.unwrap_or(0))),
+    };
+    // `joined` and the events held while joining, in one write.
+    crate::cork::corked(|| {
+        caller.send(&joined);
+        node.hub.release(room, caller.handle.id);
     });
-    node.hub.release(room, caller.handle.id);
     Ok(())
 }
 

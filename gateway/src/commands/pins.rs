@@ -5,6 +5,7 @@
 use history_service::access::{Access, Action};
 use history_service::Store;
 use proto::client::{Pin, Unpin};
+use proto::rooms::PinView;
 use proto::{ErrorCode, MessageId, RoomId, ServerEvent, Timestamp};
 
 use super::find::find_message;
@@ -105,6 +106,57 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
             Err(e.into())
         }
     }
+}
+
+/// The room's pins as of now: the store's, brought up to date by the broker's pin set (`ids`,
+/// see [`crate::broker::Recovery::pins`]) — the store learns of pins from the persistence log,
+/// so in scaled mode a pin acknowledged a moment ago may not be there yet, nor an unpin. Pins
+/// the store does not have yet are read from their `pinned` events in the room's window.
+/// Most recently pinned first.
+pub async fn pins_now(
+    node: &Node,
+    room: &RoomId,
+    stored: Vec<PinView>,
+    ids: Option<Vec<MessageId>>,
+) -> Vec<PinView> {
+    let Some(ids) = ids else {
+        return stored;
+    };
+    let mut pins: Vec<PinView> = stored
+        .into_iter()
+        .filter(|p| ids.contains(&p.message.id))
+        .collect();
+    let missing: Vec<MessageId> = ids
+        .into_iter()
+        .filter(|id| !pins.iter().any(|p| p.message.id == *id))
+        .collect();
+    if !missing.is_empty() {
+        match node.broker.recover(room, Some(0)).await {
+            Ok(window) => {
+                for (_, frame) in window.events.iter().rev() {
+                    if let Ok(ServerEvent::Pinned {
+                        message,
+                        by,
+                        pinned_at,
+                        ..
+                    }) = serde_json::from_slice(frame)
+                    {
+                        let fresh = !pins.iter().any(|p| p.message.id == message.id);
+                        if missing.contains(&message.id) && fresh {
+                            pins.push(PinView {
+                                message,
+                                by,
+                                pinned_at,
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %room, "pins not yet stored are left out"),
+        }
+    }
+    pins.sort_by(|a, b| b.pinned_at.cmp(&a.pinned_at));
+    pins
 }
 
 /// A deleted message leaves the room's pin set (the store unpins it as it stores the delete).
