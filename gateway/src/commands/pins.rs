@@ -155,7 +155,7 @@ pub async fn pins_now(
             Err(e) => tracing::warn!(error = %e, %room, "pins not yet stored are left out"),
         }
     }
-    pins.sort_by(|a, b| b.pinned_at.cmp(&a.pinned_at));
+    pins.sort_by_key(|p| std::cmp::Reverse(p.pinned_at));
     pins
 }
 
