@@ -10,8 +10,9 @@
 //!   decision goes through [`commands::guard`] (rules: `history_service::access`) on the
 //!   node's cached [`room_state`], confirmed by the broker's state version.
 //! - [`node`]: per-process state shared by sessions (hub, broker, room state, ids, drain
-//!   state, typing, [`online`] announcements, [`receipts`] coalescing), and the policy around
-//!   what the hub and the broker report.
+//!   state, typing, [`online`] announcements, [`receipts`] coalescing, [`pin_views`] for
+//!   joins, store calls of join storms in [`batch`]es), and the policy around what the hub and
+//!   the broker report.
 //! - [`hub`]: sharded local registry room → sessions and user → sessions; local fan-out.
 //! - [`broker`]: the cluster seam — seq assignment, recovery window, presence, pub/sub —
 //!   in memory (one node) or on Redis (many); [`bus`] reads frames that arrive from it.
@@ -22,6 +23,7 @@
 //! [`broker`] assigns seq, appends to the persistence log, publishes → on every node the
 //! [`hub`] enqueues the same bytes to each local member's queue → [`writer`] writes them.
 
+pub mod batch;
 pub mod broker;
 pub mod bus;
 pub mod commands;
@@ -33,6 +35,7 @@ pub mod node;
 pub mod online;
 pub mod outbox;
 pub mod persist;
+pub mod pin_views;
 pub mod reassembly;
 pub mod receipts;
 pub mod room_state;

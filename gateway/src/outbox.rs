@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
@@ -82,6 +82,8 @@ pub struct Outbox<W = SocketWrite> {
     ready: Notify,
     /// The close code asked for; 0 while none is.
     close: AtomicU16,
+    /// When the client should come back after the close, in ms, plus one; 0: no hint.
+    retry: AtomicU32,
     capacity: usize,
     frames_out: Counter,
 }
@@ -96,6 +98,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             }),
             ready: Notify::new(),
             close: AtomicU16::new(0),
+            retry: AtomicU32::new(0),
             capacity,
             frames_out: metrics::counter!("chat_frames_out_total"),
         }
@@ -224,6 +227,24 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         {
             self.ready.notify_one();
         }
+    }
+
+    /// [`Self::close`], telling the client to come back in `retry_ms` (the close frame's
+    /// reason carries it).
+    pub fn close_with_retry(&self, code: u16, retry_ms: u32) {
+        // Set before the code, which the writer reads first.
+        let _ = self.retry.compare_exchange(
+            0,
+            retry_ms.saturating_add(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.close(code);
+    }
+
+    /// The retry hint given with the close, if any.
+    pub fn retry_hint(&self) -> Option<u32> {
+        self.retry.load(Ordering::Acquire).checked_sub(1)
     }
 
     /// The close code asked for, if any.

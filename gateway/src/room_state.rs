@@ -13,18 +13,21 @@
 //!
 //! The cache is also kept current by cheaper means, which only save reloads: the room's own
 //! state events drop the copy as they pass through the hub, public joins and leaves patch it in
-//! place ([`RoomStates::apply_member`]) or drop it on the other nodes, a broker reconnect drops
-//! everything, and a copy older than [`MAX_AGE`] is reloaded whatever happened.
+//! place on every node ([`RoomStates::apply_member`], the other nodes from the joining node's
+//! [`MemberNote`]), a broker reconnect drops everything, and a copy older than [`MAX_AGE`] is
+//! reloaded whatever happened.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use history_service::store::RoomState;
 use history_service::{AnyStore, Store, StoreError};
 use proto::rooms::{MemberInfo, Role};
 use proto::{RoomId, Timestamp, UserRef};
+use serde::{Deserialize, Serialize};
 
 use crate::broker::{AnyBroker, Broker, BrokerError, StateVersion};
 
@@ -35,12 +38,40 @@ const MAX_CACHED: usize = 10_000;
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 
 /// A membership change that has no room event of its own (a public join or leave).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MemberChange {
     /// Added, or its name or role changed.
     Put(UserRef, Role),
     /// Removed (the user id).
     Removed(String),
+}
+
+/// The note a node publishes to the others with membership changes
+/// (`NodeTarget::RoomState`): its worker id, then a newline and the changes as JSON. A note
+/// without readable changes (an older node's, which is the id alone) makes the others drop
+/// their copy of the room instead.
+pub struct MemberNote<'a> {
+    pub origin: u16,
+    pub changes: &'a [MemberChange],
+}
+
+impl MemberNote<'_> {
+    pub fn encode(&self) -> Bytes {
+        let mut out = self.origin.to_string().into_bytes();
+        out.push(b'\n');
+        serde_json::to_writer(&mut out, self.changes).expect("changes serialize");
+        Bytes::from(out)
+    }
+
+    /// The origin, and the changes when they can be read.
+    pub fn decode(note: &[u8]) -> Option<(u16, Option<Vec<MemberChange>>)> {
+        let (origin, changes) = match note.iter().position(|b| *b == b'\n') {
+            Some(i) => (&note[..i], serde_json::from_slice(&note[i + 1..]).ok()),
+            None => (note, None),
+        };
+        Some((std::str::from_utf8(origin).ok()?.parse().ok()?, changes))
+    }
 }
 
 /// Why a room's state could not be read.
@@ -187,5 +218,34 @@ impl RoomStates {
         let mut cache = self.cache.lock().expect("rooms lock");
         self.generation.fetch_add(1, Ordering::AcqRel);
         cache.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_note_carries_its_changes_and_an_old_one_only_its_origin() {
+        let ann = UserRef {
+            id: "ann".into(),
+            name: "Ann".into(),
+        };
+        let changes = vec![
+            MemberChange::Put(ann, Role::Member),
+            MemberChange::Removed("bob".into()),
+        ];
+        let note = MemberNote {
+            origin: 7,
+            changes: &changes,
+        }
+        .encode();
+        assert_eq!(MemberNote::decode(&note), Some((7, Some(changes))));
+        assert_eq!(
+            MemberNote::decode(b"7"),
+            Some((7, None)),
+            "an older node's note"
+        );
+        assert_eq!(MemberNote::decode(b"x\n[]"), None);
     }
 }

@@ -105,16 +105,16 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         identity.admin,
         outbox.clone(),
     );
-    node.hub.register(handle.clone());
-    metrics::gauge!("chat_connections").increment(1.0);
-
     let quota = Quota::per_second(NonZeroU32::new(node.config.messages_per_s).expect("validated"))
         .allow_burst(NonZeroU32::new(node.config.burst).expect("validated"));
-    let caller = Caller::new(handle, identity);
+    let caller = Caller::new(handle.clone(), identity);
     let admission = Admission {
         limiter: RateLimiter::direct(quota),
         strikes: 0,
     };
+    // `hello` is queued before the session is registered: once registered, site-wide
+    // announcements (`room_created`, `notice`) reach it from other threads, and one of them
+    // must never come first.
     caller.send(&ServerEvent::Hello {
         session_id: format!("{}-{}", node.name, id),
         user: caller.identity.user.clone(),
@@ -122,10 +122,11 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         heartbeat_s: node.config.heartbeat_seconds as u32,
         limits: node.limits(),
     });
+    node.hub.register(handle);
+    metrics::gauge!("chat_connections").increment(1.0);
     // Registered before this check, so a drain either sees this session or is seen here.
     if node.is_draining() {
-        caller.send(&ServerEvent::Reconnect { after_ms: 0 });
-        caller.handle.close(close::RESTARTING);
+        crate::shutdown::turn_away(&caller.handle);
     }
 
     // fastwebsockets reads frames; the writer encodes its own (see `writer`), so the write half

@@ -248,6 +248,27 @@ for (const mode of MODES) {
       assert.ok(next[0] >= moveAt - 5, `no attempt before the hint (${next[0] - moveAt} ms)`);
     });
 
+    test('a drain close\'s retry hint is honoured by a client that never saw `reconnect`', { timeout: 60_000 }, async () => {
+      const gw = await servers.newGateway();
+      const room = `hint-${mode}-${RUN}`;
+      const gate = gated();
+      // Without the hint the next attempt would wait random() × 60 s = 59.4 s.
+      const ann = await client('Ann', 0, { url: gw.url, WebSocket: gate.WebSocket, backoffStartMs: 60_000, backoffCapMs: 60_000, random: () => 0.99 });
+      await ann.join(room);
+      gate.lose = (f) => f.type === 'reconnect';
+      const gone = ann.once('disconnected');
+      const scheduled = ann.once('state', (s) => s.state === 'reconnecting' && s.delayMs != null);
+      const stopped = gw.stop('SIGTERM');
+      const d = await gone;
+      assert.equal(d.code, 1012);
+      assert.match(d.reason, /retry_after_ms=0\b/);
+      assert.equal(d.retryAfterMs, 0);
+      assert.equal((await scheduled).delayMs, 0, 'back at once, as the close said');
+      ann.close();
+      await stopped;
+      await gw.restart();
+    });
+
     test('a refused token stops the reconnecting until refresh() gives a new one', async () => {
       const url = urlFor(0);
       const good = await devToken(url, `Ann ${RUN}`);

@@ -45,8 +45,8 @@ use proto::{MessageId, RoomId, Timestamp, UserRef};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Broker, BrokerError, Dedupe, Events, PinChange, PinOutcome, Published, Recovery, StateCheck,
-    StateVersion,
+    Broker, BrokerError, Dedupe, Events, Online, PinChange, PinOutcome, Published, Recovery,
+    StateCheck, StateVersion,
 };
 use crate::bus;
 use crate::hub::Hub;
@@ -139,24 +139,71 @@ if redis.call('HDEL', KEYS[1], ARGV[2]) == 1 then return 'done' end
 return 'absent'
 "#;
 
-const PRESENCE_ADD_LUA: &str = r#"
-local added = redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\n' .. ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-if added == 1 then
-  return redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 and 1 or 0
+/// Lua: `online(out, names, max)` appends the room's online count to `out`, then up to `max`
+/// (id, name) pairs from its names hash: all of them when they fit (HGETALL), else the first
+/// `max` an HSCAN finds — a big room is listed in part rather than read whole on every join.
+macro_rules! online_lua {
+    () => {
+        r#"
+local function online(out, names, max)
+  local count = redis.call('HLEN', names)
+  out[#out + 1] = tostring(count)
+  if max <= 0 then return out end
+  if count <= max then
+    for _, v in ipairs(redis.call('HGETALL', names)) do out[#out + 1] = v end
+    return out
+  end
+  local cursor, n = '0', 0
+  repeat
+    local r = redis.call('HSCAN', names, cursor, 'COUNT', max)
+    cursor = r[1]
+    for i = 1, #r[2], 2 do
+      if n < max then
+        out[#out + 1] = r[2][i]
+        out[#out + 1] = r[2][i + 1]
+        n = n + 1
+      end
+    end
+  until cursor == '0' or n >= max
+  return out
 end
-return 0
-"#;
+"#
+    };
+}
 
+/// KEYS: presence, users, names. ARGV: user, node, expiry, name, list size. Returns
+/// {'1' newly online / '0', count, id, name, ...}.
+const PRESENCE_ADD_LUA: &str = concat!(
+    online_lua!(),
+    r#"
+local first = '0'
+if redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\n' .. ARGV[2]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 then first = '1' end
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+return online({first}, KEYS[3], tonumber(ARGV[5]))
+"#
+);
+
+/// KEYS: names. ARGV: list size. Returns {count, id, name, ...}.
+const PRESENCE_LIST_LUA: &str = concat!(
+    online_lua!(),
+    r#"
+return online({}, KEYS[1], tonumber(ARGV[1]))
+"#
+);
+
+/// Returns {'1', online count} when the user is now offline, else {'0', count}.
 const PRESENCE_REMOVE_LUA: &str = r#"
+local gone = '0'
 if redis.call('ZREM', KEYS[1], ARGV[1] .. '\n' .. ARGV[2]) == 1 then
   if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
     redis.call('HDEL', KEYS[2], ARGV[1])
     redis.call('HDEL', KEYS[3], ARGV[1])
-    return 1
+    gone = '1'
   end
 end
-return 0
+return {gone, tostring(redis.call('HLEN', KEYS[3]))}
 "#;
 
 /// Removes presence entries whose node stopped refreshing them; returns users now offline.
@@ -208,6 +255,8 @@ pub struct RedisBroker {
     scripts: Scripts,
     /// The node's receiver of what this broker learns.
     events: std::sync::OnceLock<Arc<dyn Events>>,
+    /// Rooms this node has put in `chat:presence-rooms` since it (re)connected.
+    swept_rooms: std::sync::Mutex<HashSet<RoomId>>,
 }
 
 struct Scripts {
@@ -215,6 +264,7 @@ struct Scripts {
     publish_checked: redis::Script,
     recover: redis::Script,
     presence_add: redis::Script,
+    presence_list: redis::Script,
     presence_remove: redis::Script,
     presence_sweep: redis::Script,
     pin: redis::Script,
@@ -268,11 +318,13 @@ impl RedisBroker {
                 publish_checked: redis::Script::new(PUBLISH_CHECKED_LUA),
                 recover: redis::Script::new(RECOVER_LUA),
                 presence_add: redis::Script::new(PRESENCE_ADD_LUA),
+                presence_list: redis::Script::new(PRESENCE_LIST_LUA),
                 presence_remove: redis::Script::new(PRESENCE_REMOVE_LUA),
                 presence_sweep: redis::Script::new(PRESENCE_SWEEP_LUA),
                 pin: redis::Script::new(PIN_LUA),
             },
             events: std::sync::OnceLock::new(),
+            swept_rooms: Default::default(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(subscriber(
@@ -587,7 +639,12 @@ impl Broker for Arc<RedisBroker> {
         })
     }
 
-    async fn presence_add(&self, room: &RoomId, user: &UserRef) -> Result<bool, BrokerError> {
+    async fn presence_add(
+        &self,
+        room: &RoomId,
+        user: &UserRef,
+        list: usize,
+    ) -> Result<(bool, Online), BrokerError> {
         let mut inv = self.scripts.presence_add.prepare_invoke();
         inv.key(key(room, "presence"))
             .key(key(room, "users"))
@@ -595,21 +652,32 @@ impl Broker for Arc<RedisBroker> {
             .arg(&user.id)
             .arg(&self.node)
             .arg(self.presence_expiry())
-            .arg(&user.name);
-        let first: i64 = self.invoke(inv).await?;
-        let mut conn = self.conn().await?;
-        let _: Result<i64, _> = redis::cmd("SADD")
-            .arg(PRESENCE_ROOMS)
-            .arg(room.as_str())
-            .query_async(&mut *conn)
-            .await;
-        Ok(first == 1)
+            .arg(&user.name)
+            .arg(list);
+        let out: Vec<String> = self.invoke(inv).await?;
+        let first = out.first().is_some_and(|f| f == "1");
+        let online = parse_online(out.get(1..).unwrap_or_default())?;
+        // The sweep's list of rooms: once per room per connection to Redis, not per join.
+        let listed = self
+            .swept_rooms
+            .lock()
+            .expect("swept rooms lock")
+            .insert(room.clone());
+        if listed {
+            let mut conn = self.conn().await?;
+            let _: Result<i64, _> = redis::cmd("SADD")
+                .arg(PRESENCE_ROOMS)
+                .arg(room.as_str())
+                .query_async(&mut *conn)
+                .await;
+        }
+        Ok((first, online))
     }
 
-    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<bool, BrokerError> {
+    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<Option<u64>, BrokerError> {
         // Another local connection of the same user keeps the node's entry.
         if !self.hub.sessions_in(room, user).is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let mut inv = self.scripts.presence_remove.prepare_invoke();
         inv.key(key(room, "presence"))
@@ -617,27 +685,15 @@ impl Broker for Arc<RedisBroker> {
             .key(key(room, "names"))
             .arg(user)
             .arg(&self.node);
-        let gone: i64 = self.invoke(inv).await?;
-        Ok(gone == 1)
+        let (gone, count): (String, u64) = self.invoke(inv).await?;
+        Ok((gone == "1").then_some(count))
     }
 
-    async fn presence(&self, room: &RoomId) -> Result<Vec<UserRef>, BrokerError> {
-        let mut conn = self.conn().await?;
-        let names: HashMap<String, String> = tokio::time::timeout(
-            CALL_TIMEOUT,
-            redis::cmd("HGETALL")
-                .arg(key(room, "names"))
-                .query_async(&mut *conn),
-        )
-        .await
-        .map_err(|_| unavailable("redis call timed out"))?
-        .map_err(unavailable)?;
-        let mut users: Vec<UserRef> = names
-            .into_iter()
-            .map(|(id, name)| UserRef { id, name })
-            .collect();
-        users.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(users)
+    async fn presence(&self, room: &RoomId, list: usize) -> Result<Online, BrokerError> {
+        let mut inv = self.scripts.presence_list.prepare_invoke();
+        inv.key(key(room, "names")).arg(list);
+        let out: Vec<String> = self.invoke(inv).await?;
+        parse_online(&out)
     }
 
     async fn pin_set(
@@ -679,6 +735,25 @@ impl Broker for Arc<RedisBroker> {
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+}
+
+/// Reads a presence script's `count, id, name, ...` reply.
+fn parse_online(out: &[String]) -> Result<Online, BrokerError> {
+    let (count, pairs) = out
+        .split_first()
+        .ok_or_else(|| unavailable("short reply"))?;
+    let mut users: Vec<UserRef> = pairs
+        .chunks_exact(2)
+        .map(|p| UserRef {
+            id: p[0].clone(),
+            name: p[1].clone(),
+        })
+        .collect();
+    users.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Online {
+        count: count.parse().map_err(unavailable)?,
+        users,
+    })
 }
 
 /// Refreshes presence every third of its TTL; announces users whose node died.
@@ -750,6 +825,8 @@ async fn subscriber(
                 catch_up(&b, &hub, room, seen, &mut last).await;
             }
         }
+        // Redis may have lost the sweep's list of rooms with the rest of its data.
+        b.swept_rooms.lock().expect("swept rooms lock").clear();
         // Room-state changes announced while the connection was down were missed.
         if let Some(events) = b.events.get() {
             events.reconnected();
@@ -864,10 +941,8 @@ fn route(
                 target: NodeTarget::RoomState(r),
                 frame,
             }) => {
-                // The frame names the announcing node; it updated its own cache.
-                let own = frame == b.worker.to_string().as_bytes();
-                if let (false, Ok(room), Some(events)) = (own, RoomId::new(r), b.events.get()) {
-                    events.room_state_changed(&room);
+                if let (Ok(room), Some(events)) = (RoomId::new(r), b.events.get()) {
+                    events.room_state_changed(&room, frame);
                 }
             }
             None => tracing::warn!("undecodable node message"),

@@ -20,4 +20,5 @@ mod recovery_stress;
 mod rooms;
 mod slow_and_floods;
 mod startup;
+mod storms;
 mod telemetry;
