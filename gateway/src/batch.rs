@@ -55,7 +55,7 @@ where
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (keys, replies): (Vec<K>, Vec<Reply<V>>) = batch.drain(..).unzip();
         let n = keys.len();
-        metrics::histogram!("chat_store_batch_size").record(n as f64);
+        metrics::histogram!("chat_store_call_batch_size").record(n as f64);
         match run(keys).await {
             Ok(values) if values.len() == n => {
                 for (reply, v) in replies.into_iter().zip(values) {

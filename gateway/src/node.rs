@@ -55,6 +55,8 @@ pub struct Node {
     pub markers: Batcher<(RoomId, String), Option<u64>>,
     pub ids: MessageIdGen,
     pub connections: Arc<Semaphore>,
+    /// The clock of every session's rate limiter (see `session`).
+    pub clock: governor::clock::DefaultClock,
     next_session: AtomicU64,
     draining: AtomicBool,
     /// (room, user) → generation of the user's latest `typing`; expiry compares generations.
@@ -109,6 +111,7 @@ impl Node {
                 markers,
                 ids,
                 connections,
+                clock: Default::default(),
                 next_session: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
                 typing: Mutex::default(),
@@ -156,9 +159,7 @@ impl Node {
     /// stale member list until the room's next state event (or [`crate::room_state::MAX_AGE`]),
     /// and moderation reads fresh state anyway.
     pub async fn membership_changed(&self, room: &RoomId, changes: &[MemberChange]) {
-        for change in changes {
-            self.rooms.apply_member(room, change);
-        }
+        self.rooms.apply_members(room, changes);
         let target = proto::envelope::NodeTarget::RoomState(room.as_str());
         let note = crate::room_state::MemberNote {
             origin: self.broker.worker_id(),
@@ -376,11 +377,7 @@ impl Events for Observer {
         match crate::room_state::MemberNote::decode(note) {
             // Its own announcement: the node updated its copy as it made the changes.
             Some((origin, _)) if origin == node.broker.worker_id() => {}
-            Some((_, Some(changes))) => {
-                for change in &changes {
-                    node.rooms.apply_member(room, change);
-                }
-            }
+            Some((_, Some(changes))) => node.rooms.apply_members(room, &changes),
             _ => node.rooms.invalidate(room),
         }
     }

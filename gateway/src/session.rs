@@ -109,7 +109,9 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         .allow_burst(NonZeroU32::new(node.config.burst).expect("validated"));
     let caller = Caller::new(handle.clone(), identity);
     let admission = Admission {
-        limiter: RateLimiter::direct(quota),
+        // The node's clock: a clock of its own per session would be calibrated (CPUID, which
+        // traps to the hypervisor on a VM) on every connect.
+        limiter: RateLimiter::direct_with_clock(quota, node.clock.clone()),
         strikes: 0,
     };
     // `hello` is queued before the session is registered: once registered, site-wide
@@ -313,8 +315,8 @@ fn admit(admission: &mut Admission, caller: &Caller, r#ref: Option<proto::Ref>) 
             true
         }
         Err(not_until) => {
-            use governor::clock::{Clock, DefaultClock};
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(admission.limiter.clock().now());
             admission.strikes += 1;
             metrics::counter!("chat_rate_limited_total").increment(1);
             if admission.strikes > MAX_STRIKES {

@@ -11,6 +11,8 @@
 //! - `idle`: opening many connections with bounded concurrency; `connect` (rate, latency) and
 //!   `idle` (server RSS per held connection, from `/proc/<pid>/status`).
 //! - `history`: append rate and paginated history read latency.
+//! - `storm`: `fill` (one room filled by every connection, then fan-out in it) and `rollout`
+//!   (a gateway drained and restarted under load; clients reconnect as the web UI's does).
 //! - `stats`: sharded HDR histograms and `/proc` samples.
 //!
 //! Everything is bounded: connection counts ([`MAX_CONNECTIONS`]), durations
@@ -21,6 +23,7 @@ mod fanout;
 mod history;
 mod idle;
 mod stats;
+mod storm;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -118,6 +121,11 @@ enum Mode {
     Connect(idle::ConnectArgs),
     /// Append messages (closed loop) and read history pages; report rates and latencies.
     History(history::HistoryArgs),
+    /// Every connection joins one room: time to fill, frames per join, CPU; then fan-out in it.
+    Fill(storm::FillArgs),
+    /// Drain one gateway under load and restart it: time until every client is back and
+    /// joined, missed events after recovery, peak CPU.
+    Rollout(storm::RolloutArgs),
 }
 
 fn main() -> Result<()> {
@@ -138,6 +146,8 @@ fn main() -> Result<()> {
             Mode::Idle(a) => idle::idle(c, a).await,
             Mode::Connect(a) => idle::connect(c, a).await,
             Mode::History(a) => history::history(c, a).await,
+            Mode::Fill(a) => storm::fill(c, a).await,
+            Mode::Rollout(a) => storm::rollout(c, a).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&out)?);
