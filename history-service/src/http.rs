@@ -1,4 +1,4 @@
-//! The public HTTP API of PROTOCOL.md that the history service owns: history, pins, receipts,
+//! The public HTTP API (docs/protocol.md) that the history service owns: history, pins, receipts,
 //! members and the room listing. The history service serves it, and the gateway mounts the
 //! same router in embedded mode ([`router`] / [`router_with`]).
 //!
