@@ -39,10 +39,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
-use redis::aio::MultiplexedConnection;
 use futures_util::{FutureExt, StreamExt};
 use proto::envelope::{NodeMessage, NodeTarget};
 use proto::{MessageId, RoomId, Timestamp, UserRef};
+use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
