@@ -78,7 +78,7 @@ pub async fn floor(a: &FloorArgs) -> Result<Value> {
         "coalesced": {
             "frames_per_write": a.coalesce,
             "cpu_us_per_write": batched.cpu_us_per_write(),
-            "cpu_us_per_frame": batched.cpu_us_per_write() / a.coalesce as f64,
+            "cpu_us_per_frame": (batched.cpu_us_per_write() / a.coalesce as f64 * 1000.0).round() / 1000.0,
             "wall_us_per_write": batched.wall_us_per_write(),
         },
         "bytes": written,
