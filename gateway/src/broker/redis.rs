@@ -776,6 +776,7 @@ async fn subscriber(
                         match NodeMessage::decode(payload) {
                             Some(NodeMessage { target: NodeTarget::All, frame }) => hub.deliver_all(&Bytes::copy_from_slice(frame)),
                             Some(NodeMessage { target: NodeTarget::User(u), frame }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
+                            Some(NodeMessage { target: NodeTarget::Disconnect(u), frame }) => hub.disconnect_user(u, &String::from_utf8_lossy(frame)),
                             Some(NodeMessage { target: NodeTarget::RoomState(r), frame }) => {
                                 // The frame names the announcing node; it updated its own cache.
                                 let Some(b) = broker.upgrade() else { return };
