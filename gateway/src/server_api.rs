@@ -89,9 +89,17 @@ where
     }
 }
 
+/// The body field naming the user a call's events name (as author, owner or `by`).
+#[derive(Clone, Copy)]
+enum Acting {
+    /// The system sender when absent.
+    Optional(&'static str),
+    Required(&'static str),
+}
+
 /// A route that runs client command `C` ([`command`]): the body is the command's fields
-/// (those the path gives excepted), plus `acting`, the field naming the user its events name.
-fn runs<C>(method: Method, path: &'static str, acting: &'static str, status: StatusCode) -> Route
+/// (those the path gives excepted), plus the `acting` field.
+fn runs<C>(method: Method, path: &'static str, acting: Acting, status: StatusCode) -> Route
 where
     C: Run + DeserializeOwned + Send + 'static,
 {
@@ -107,24 +115,22 @@ where
 pub fn routes() -> Vec<Route> {
     use Method as M;
     const OK: StatusCode = StatusCode::OK;
+    let by = Acting::Optional("by");
+    let owner = Acting::Required("owner");
+    let author = Acting::Optional("user");
     vec![
-        runs::<CreateRoom>(M::POST, "/server/v1/rooms", "owner", StatusCode::CREATED),
-        runs::<UpdateRoom>(M::PATCH, "/server/v1/rooms/{room}", "by", OK),
-        runs::<DeleteRoom>(M::DELETE, "/server/v1/rooms/{room}", "by", OK),
-        runs::<SendMessage>(M::POST, "/server/v1/rooms/{room}/messages", "user", OK),
+        runs::<CreateRoom>(M::POST, "/server/v1/rooms", owner, StatusCode::CREATED),
+        runs::<UpdateRoom>(M::PATCH, "/server/v1/rooms/{room}", by, OK),
+        runs::<DeleteRoom>(M::DELETE, "/server/v1/rooms/{room}", by, OK),
+        runs::<SendMessage>(M::POST, "/server/v1/rooms/{room}/messages", author, OK),
         at(M::GET, "/server/v1/rooms/{room}/messages", history),
-        runs::<AddMember>(M::POST, "/server/v1/rooms/{room}/members", "by", OK),
-        runs::<SetRole>(M::PATCH, "/server/v1/rooms/{room}/members/{user}", "by", OK),
-        runs::<RemoveMember>(
-            M::DELETE,
-            "/server/v1/rooms/{room}/members/{user}",
-            "by",
-            OK,
-        ),
-        runs::<Ban>(M::POST, "/server/v1/rooms/{room}/bans", "by", OK),
-        runs::<Unban>(M::DELETE, "/server/v1/rooms/{room}/bans/{user}", "by", OK),
-        runs::<Mute>(M::POST, "/server/v1/rooms/{room}/mutes", "by", OK),
-        runs::<Unmute>(M::DELETE, "/server/v1/rooms/{room}/mutes/{user}", "by", OK),
+        runs::<AddMember>(M::POST, "/server/v1/rooms/{room}/members", by, OK),
+        runs::<SetRole>(M::PATCH, "/server/v1/rooms/{room}/members/{user}", by, OK),
+        runs::<RemoveMember>(M::DELETE, "/server/v1/rooms/{room}/members/{user}", by, OK),
+        runs::<Ban>(M::POST, "/server/v1/rooms/{room}/bans", by, OK),
+        runs::<Unban>(M::DELETE, "/server/v1/rooms/{room}/bans/{user}", by, OK),
+        runs::<Mute>(M::POST, "/server/v1/rooms/{room}/mutes", by, OK),
+        runs::<Unmute>(M::DELETE, "/server/v1/rooms/{room}/mutes/{user}", by, OK),
         at(M::GET, "/server/v1/rooms/{room}/presence", presence),
         at(M::GET, "/server/v1/rooms/{room}/pins", pins),
         at(M::GET, "/server/v1/rooms/{room}/receipts", receipts),
@@ -222,11 +228,19 @@ fn user_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The user named by body field `field`, validated as a token's `sub` and `name` would be;
-/// the system sender when the field is absent.
-fn acting_user(field: &str, value: Option<serde_json::Value>) -> Result<UserRef, ApiError> {
-    let Some(value) = value else {
-        return Ok(system_sender());
+/// The user the `acting` field of `body` names (taken out of it), validated as a token's
+/// `sub` and `name` would be; the system sender when an optional field is absent.
+fn acting_user(
+    acting: Acting,
+    body: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<UserRef, ApiError> {
+    let (Acting::Optional(field) | Acting::Required(field)) = acting;
+    let value = match (body.remove(field), acting) {
+        (Some(value), _) => value,
+        (None, Acting::Optional(_)) => return Ok(system_sender()),
+        (None, Acting::Required(_)) => {
+            return Err(invalid(format!("invalid body: missing field `{field}`")))
+        }
     };
     let UserParam { id, name } = serde_json::from_value(value)
         .map_err(|e| invalid(format!("`{field}` must be {{\"id\", \"name\"?}}: {e}")))?;
@@ -251,10 +265,10 @@ async fn command<C: Run + DeserializeOwned>(
     api: &Api,
     params: HashMap<String, String>,
     Body(mut body): Body,
-    acting: &str,
+    acting: Acting,
     status: StatusCode,
 ) -> Answer {
-    let as_user = acting_user(acting, body.remove(acting))?;
+    let as_user = acting_user(acting, &mut body)?;
     if let Some(user) = params.get("user") {
         user_id(user)?;
     }

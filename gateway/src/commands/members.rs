@@ -64,8 +64,9 @@ impl Run for AddMember {
             by: cx.by().clone(),
         };
         let ack = publish_change(cx.node, &ev).await?;
-        // The new member learns it even when not in the room (a private room they can now see).
-        let frame = Bytes::from(ev.to_json());
+        // The new member learns it even when not in the room (a private room they can now see);
+        // with its seq, as the room has it (a connection in the room skips this copy).
+        let frame = Bytes::from(proto::envelope::with_seq(&ev.to_json(), ack.seq));
         let _ = cx
             .node
             .broker

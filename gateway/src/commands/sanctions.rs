@@ -72,8 +72,9 @@ impl Run for Unban {
             by: cx.by().clone(),
         };
         let ack = publish_change(cx.node, &ev).await?;
-        // The unbanned user is out of the room: their connections learn it this way.
-        let frame = Bytes::from(ev.to_json());
+        // The unbanned user is out of the room: their connections learn it this way (with its
+        // seq, as the room has it).
+        let frame = Bytes::from(proto::envelope::with_seq(&ev.to_json(), ack.seq));
         let target = NodeTarget::User(&user);
         if let Err(e) = cx.node.broker.publish_node(target, frame).await {
             tracing::debug!(error = %e, "could not tell an unbanned user");
