@@ -196,6 +196,7 @@ production_secrets() {
         openssl rand -hex 32 > internal-token
         openssl rand -hex 32 > redis-password
         printf 'redis://:%s@redis:6379' "$(cat redis-password)" > redis-url
+        openssl rand -hex 32 > api-key-app
     )
 }
 render() { "$KUBECTL" kustomize "$1" >"$2"; }
@@ -218,7 +219,7 @@ done
 # The base has no Secret generator (the overlays have): declared --external.
 # Production's TLS Secret comes from cert-manager or by hand: --external.
 [[ -s $WORK/base.yaml ]] && check "k8s/base: schemas ($KUBE_VERSIONS), references, policy" \
-    validate "$WORK/base.yaml" --name k8s/base --external Secret/chat-secrets
+    validate "$WORK/base.yaml" --name k8s/base --external Secret/chat-secrets --external Secret/chat-api-keys
 [[ -s $WORK/dev.yaml ]] && check "k8s/overlays/dev: schemas ($KUBE_VERSIONS), references, policy" \
     validate "$WORK/dev.yaml" --name k8s/overlays/dev
 for prod in production production-keda production-gateway-api; do

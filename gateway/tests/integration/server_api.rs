@@ -681,3 +681,58 @@ async fn the_openapi_description_documents_exactly_the_real_routes() {
         }
     }
 }
+
+/// The lines of docs/server-api.md's example (the block marked to be run by this file).
+fn documented_example() -> String {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/server-api.md");
+    let doc = std::fs::read_to_string(file).unwrap();
+    let marker = "<!-- run as written by gateway/tests/integration/server_api.rs -->\n```\n";
+    let start = doc.find(marker).expect("a marked example") + marker.len();
+    let end = start + doc[start..].find("```").expect("the example's end");
+    doc[start..end].to_string()
+}
+
+/// Runs the documented example with bash against `addr`, in `dir`; its JSON answers.
+async fn run_example(addr: SocketAddr, dir: &std::path::Path) -> Vec<Value> {
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &documented_example()])
+        .current_dir(dir)
+        .env("GATEWAY", format!("http://{addr}"))
+        .output()
+        .await
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .map(|v| v.expect("JSON answers"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_documented_example_runs_as_written() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::write(dir.join("keys/app"), format!("{KEY}\n")).unwrap();
+    let keys = dir.join("keys");
+    let server = Server::start_with(|c| c.api_keys_dir = Some(keys)).await;
+    let first = run_example(server.addr, &dir).await;
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[0], json!({"seq": 1}));
+    assert_eq!(first[1]["seq"], 2);
+    // Again: the room exists (conflict), the message is not published twice.
+    let again = run_example(server.addr, &dir).await;
+    assert_eq!(again[0]["error"]["code"], "conflict");
+    assert_eq!(again[1], first[1]);
+    let stored = await_read(
+        server.addr,
+        "/server/v1/rooms/announcements/messages",
+        |b| !seqs(b).is_empty(),
+    )
+    .await;
+    assert_eq!(seqs(&stored), [2]);
+}
