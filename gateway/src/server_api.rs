@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -44,8 +44,6 @@ use crate::http::ApiError;
 use crate::node::Node;
 use crate::outbox::MAX_CLOSE_REASON;
 
-/// Where every path of the server API starts.
-pub const PREFIX: &str = "/server/v1";
 /// A user id (path or body) at most, in bytes: as long as a token's `sub` may be.
 const MAX_USER_ID_BYTES: usize = 128;
 /// A display name given for a user at most, in characters (as a token's `name` is cut).
@@ -146,8 +144,15 @@ pub fn router(node: Arc<Node>) -> Option<Router> {
     for route in routes() {
         router = router.route(route.path, route.handler);
     }
+    // Bodies are commands: none needs more than a client's largest frame.
+    let limit = DefaultBodyLimit::max(api.node.config.max_frame_bytes);
     let authenticated = axum::middleware::from_fn_with_state(api.clone(), authenticate);
-    Some(router.route_layer(authenticated).with_state(api))
+    Some(
+        router
+            .layer(limit)
+            .route_layer(authenticated)
+            .with_state(api),
+    )
 }
 
 /// Lets a call through with a configured key, else 401 (before the call is looked at).
@@ -221,9 +226,13 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::Invalid, message)
 }
 
+/// A user id as a token's `sub` would be: 1-128 bytes, and no control characters (the node
+/// channel's addressing is line-based).
 fn user_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_USER_ID_BYTES {
-        return Err(invalid(format!("a user id is 1-{MAX_USER_ID_BYTES} bytes")));
+    if id.is_empty() || id.len() > MAX_USER_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "a user id is 1-{MAX_USER_ID_BYTES} bytes without control characters"
+        )));
     }
     Ok(())
 }

@@ -310,6 +310,26 @@ async fn bad_input_gets_the_same_errors_as_the_clients_commands() {
         code == "invalid" && message.contains("content"),
         "{message}"
     );
+    // A user id the node channel could not address, a body over a client's largest frame.
+    let (code, message) = api_error(
+        addr,
+        Method::POST,
+        "/server/v1/users/bob%0Aeve/disconnect",
+        json!({}),
+    )
+    .await;
+    assert!(
+        code == "invalid" && message.contains("control"),
+        "{message}"
+    );
+    let (code, _) = api_error(
+        addr,
+        Method::POST,
+        "/server/v1/rooms/api-val/messages",
+        json!({"content": "x".repeat(70_000)}),
+    )
+    .await;
+    assert_eq!(code, "too_large");
     owner
         .assert_none_before_pong(|f| f["type"] == "message")
         .await;
