@@ -86,6 +86,11 @@ impl SessionHandle {
     pub fn close(&self, code: u16) {
         self.outbox.close(code);
     }
+
+    /// [`Self::close`] with the close frame's reason (see [`Outbox::close_with`]).
+    pub fn close_with(&self, code: u16, reason: &str) {
+        self.outbox.close_with(code, reason);
+    }
 }
 
 struct Member {
@@ -526,6 +531,14 @@ impl Hub {
             if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
                 h.send(frame.clone());
             }
+        }
+    }
+
+    /// Closes every local connection of `user` with 1008 and `reason`.
+    pub fn disconnect_user(&self, user: &str, reason: &str) {
+        let shard = self.users[shard_of(user)].lock().expect("hub lock");
+        for h in shard.get(user).into_iter().flatten() {
+            h.close_with(close::POLICY, reason);
         }
     }
 

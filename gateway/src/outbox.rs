@@ -48,6 +48,9 @@ impl Outbound {
     }
 }
 
+/// The longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
+pub const MAX_CLOSE_REASON: usize = 123;
+
 /// The queue was full; the item was not queued.
 #[derive(Debug)]
 pub struct Full;
@@ -70,6 +73,8 @@ struct State<W> {
     queue: VecDeque<Outbound>,
     /// The socket, while the writer is not using it (see [`Outbox::push`]).
     io: Option<W>,
+    /// The close frame's reason, when the close request gave one ([`Outbox::close_with`]).
+    close_reason: Option<Box<str>>,
 }
 
 /// `W` is the socket's write half; generic so tests can watch what is written.
@@ -93,6 +98,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 io: None,
+                close_reason: None,
             }),
             ready: Notify::new(),
             close: AtomicU16::new(0),
@@ -172,7 +178,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
     /// anything past [`FLUSH_MAX`] items, is left to the writer, which is woken for it.
     pub fn flush(&self) {
         let mut guard = self.lock();
-        let State { queue, io } = &mut *guard;
+        let State { queue, io, .. } = &mut *guard;
         if queue.is_empty() {
             return;
         }
@@ -224,6 +230,30 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         {
             self.ready.notify_one();
         }
+    }
+
+    /// [`Self::close`] with the close frame's reason (at most [`MAX_CLOSE_REASON`] bytes; cut
+    /// at a character boundary). The reason is in place before the writer can see the code.
+    pub fn close_with(&self, code: u16, reason: &str) {
+        let mut s = self.lock();
+        if self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let mut end = reason.len().min(MAX_CLOSE_REASON);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.close_reason = Some(reason[..end].into());
+            drop(s);
+            self.ready.notify_one();
+        }
+    }
+
+    /// The reason given with the close request, if any.
+    pub fn close_reason(&self) -> Option<Box<str>> {
+        self.lock().close_reason.take()
     }
 
     /// The close code asked for, if any.
@@ -637,5 +667,29 @@ mod tests {
         let small = Outbox::<Socket>::new(1);
         small.defer(text("x")).unwrap();
         assert!(small.defer(text("y")).is_err(), "bounded like push");
+    }
+
+    #[test]
+    fn a_close_reason_goes_with_the_winning_code_and_fits_a_close_frame() {
+        let o = with_socket(8, usize::MAX);
+        o.close_with(1008, &"é".repeat(100));
+        o.close_with(1000, "too late");
+        assert_eq!(o.closing(), Some(1008));
+        let reason = o.close_reason().unwrap();
+        assert_eq!(
+            reason.len(),
+            122,
+            "cut at a character boundary under 123 bytes"
+        );
+        assert!(reason.chars().all(|c| c == 'é'));
+
+        let plain = with_socket(8, usize::MAX);
+        plain.close(1013);
+        plain.close_with(1008, "a later reason");
+        assert_eq!(
+            (plain.closing(), plain.close_reason()),
+            (Some(1013), None),
+            "a losing request leaves no reason"
+        );
     }
 }

@@ -99,6 +99,14 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time to write one batch to the embedded store (each attempt)."
     );
+    describe_counter!(
+        "chat_token_expired_closes_total",
+        "Sessions closed with 1008 because their token expired without a refresh."
+    );
+    describe_counter!(
+        "chat_server_api_requests_total",
+        "Server API calls by HTTP status (401: no or an unknown key)."
+    );
 }
 
 pub fn render_metrics() -> String {

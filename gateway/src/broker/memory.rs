@@ -280,6 +280,9 @@ impl Broker for MemoryBroker {
         match target {
             NodeTarget::All => self.hub.deliver_all(&frame),
             NodeTarget::User(u) => self.hub.deliver_user(u, &frame),
+            NodeTarget::Disconnect(u) => self
+                .hub
+                .disconnect_user(u, &String::from_utf8_lossy(&frame)),
             // One node: the announcing node is this one, and it updated its own cache.
             NodeTarget::RoomState(_) => {}
         }

@@ -864,6 +864,10 @@ fn route(
                 frame,
             }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
             Some(NodeMessage {
+                target: NodeTarget::Disconnect(u),
+                frame,
+            }) => hub.disconnect_user(u, &String::from_utf8_lossy(frame)),
+            Some(NodeMessage {
                 target: NodeTarget::RoomState(r),
                 frame,
             }) => {
