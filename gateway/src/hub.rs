@@ -396,10 +396,10 @@ impl Hub {
         };
         let emptied = !shard.contains_key(room);
         drop(shard);
-        metrics::histogram!("chat_fanout_seconds").record(started.elapsed());
+        crate::telemetry::hot().fanout_seconds.record(started.elapsed());
         // The deepest recipient queue after this fan-out: a growing value means clients fall
         // behind (the soak test watches it).
-        metrics::gauge!("chat_outbound_queue_depth_max").set(deepest as f64);
+        crate::telemetry::hot().queue_depth_max.set(deepest as f64);
         if let Some(o) = self.observer.get() {
             if !evicted.is_empty() {
                 o.evicted(room, evicted, emptied);

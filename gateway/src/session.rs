@@ -252,7 +252,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
         };
         let command = match frame.opcode {
             OpCode::Text | OpCode::Binary => {
-                metrics::counter!("chat_frames_in_total").increment(1);
+                crate::telemetry::hot().frames_in.increment(1);
                 let decoded = proto::client::decode(&frame.payload);
                 drop(frame); // the command owns what it needs: neither is kept while it runs
                 let r#ref = match &decoded {

@@ -8,7 +8,7 @@
 //! 1. `XGROUP CREATE chat:persist history 0 MKSTREAM` at start (`BUSYGROUP` = already there).
 //! 2. First our own pending entries (`XREADGROUP .. 0`: read before a restart, never acked),
 //!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 BLOCK 1000 STREAMS chat:persist >`;
-//!    after a read that was not a full batch, a short linger (`linger`, 10 ms) lets the next
+//!    after a read that was not a full batch, a short linger (`linger`, 25 ms) lets the next
 //!    batch gather, so a busy stream costs one read, one store transaction and one
 //!    acknowledgement per batch rather than per entry.
 //! 3. Decode each frame; an undecodable one is logged, counted
@@ -93,7 +93,7 @@ impl ConsumerConfig {
             consumer: consumer.into(),
             batch: 256,
             block: Duration::from_millis(1000),
-            linger: Duration::from_millis(10),
+            linger: Duration::from_millis(25),
             claim_idle: Duration::from_secs(30),
             claim_every: Duration::from_secs(10),
             lag_every: Duration::from_secs(5),

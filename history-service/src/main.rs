@@ -156,7 +156,7 @@ struct Config {
     #[arg(
         long,
         env = "CHAT_CONSUMER_LINGER_MS",
-        default_value_t = 10,
+        default_value_t = 25,
         value_parser = clap::value_parser!(u64).range(0..=1000),
         global = true
     )]

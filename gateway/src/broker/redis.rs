@@ -443,7 +443,7 @@ impl Broker for Arc<RedisBroker> {
             .arg(mode)
             .arg(version);
         let (fresh, value): (String, String) = self.invoke(inv).await?;
-        metrics::histogram!("chat_broker_publish_seconds").record(started.elapsed());
+        crate::telemetry::hot().publish_seconds.record(started.elapsed());
         match fresh.as_str() {
             "1" => {
                 return Ok(Published::Fresh {
