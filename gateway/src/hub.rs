@@ -89,7 +89,13 @@ impl SessionHandle {
 
     /// Asks the session to close with `code`, its client to come back in `retry_ms`.
     pub fn close_with_retry(&self, code: u16, retry_ms: u32) {
-        self.outbox.close_with_retry(code, retry_ms);
+        self.outbox
+            .close_with(code, &crate::writer::close_reason(code, Some(retry_ms)));
+    }
+
+    /// [`Self::close`] with the close frame's reason (see [`Outbox::close_with`]).
+    pub fn close_with(&self, code: u16, reason: &str) {
+        self.outbox.close_with(code, reason);
     }
 }
 
@@ -400,10 +406,12 @@ impl Hub {
         };
         let emptied = !shard.contains_key(room);
         drop(shard);
-        metrics::histogram!("chat_fanout_seconds").record(started.elapsed());
+        crate::telemetry::hot()
+            .fanout_seconds
+            .record(started.elapsed());
         // The deepest recipient queue after this fan-out: a growing value means clients fall
         // behind (the soak test watches it).
-        metrics::gauge!("chat_outbound_queue_depth_max").set(deepest as f64);
+        crate::telemetry::hot().queue_depth_max.set(deepest as f64);
         if let Some(o) = self.observer.get() {
             if !evicted.is_empty() {
                 o.evicted(room, evicted, emptied);
@@ -535,6 +543,14 @@ impl Hub {
             if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
                 h.send(frame.clone());
             }
+        }
+    }
+
+    /// Closes every local connection of `user` with 1008 and `reason`.
+    pub fn disconnect_user(&self, user: &str, reason: &str) {
+        let shard = self.users[shard_of(user)].lock().expect("hub lock");
+        for h in shard.get(user).into_iter().flatten() {
+            h.close_with(close::POLICY, reason);
         }
     }
 

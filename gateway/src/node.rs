@@ -23,6 +23,7 @@ use history_service::{AnyStore, HistoryApi, Store, StoreError};
 use crate::batch::Batcher;
 use crate::broker::{AnyBroker, Broker, BrokerError, Events, StateVersion};
 use crate::config::Config;
+use crate::expiry::Expiry;
 use crate::hub::{Hub, StateObserver};
 use crate::online::Change;
 use crate::pin_views::PinViews;
@@ -44,6 +45,8 @@ pub struct Node {
     /// The history API over the same store (mounted on this node's HTTP router).
     pub history: Arc<HistoryApi<AnyStore>>,
     pub receipts: Receipts,
+    /// Warns and closes connections whose token expires.
+    pub expiry: Arc<Expiry>,
     /// Coalesces `online_users` announcements per room.
     pub online: crate::online::Online,
     /// Rooms' pinned messages for `joined.pins`, read once per room.
@@ -105,6 +108,7 @@ impl Node {
                 rooms: RoomStates::new(store),
                 history,
                 receipts: Receipts::default(),
+                expiry: Expiry::start(config.token_expiring()),
                 online: Default::default(),
                 pins: PinViews::default(),
                 members,

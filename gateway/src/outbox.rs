@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
@@ -48,6 +48,9 @@ impl Outbound {
     }
 }
 
+/// The longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
+pub const MAX_CLOSE_REASON: usize = 123;
+
 /// The queue was full; the item was not queued.
 #[derive(Debug)]
 pub struct Full;
@@ -70,6 +73,8 @@ struct State<W> {
     queue: VecDeque<Outbound>,
     /// The socket, while the writer is not using it (see [`Outbox::push`]).
     io: Option<W>,
+    /// The close frame's reason, when the close request gave one ([`Outbox::close_with`]).
+    close_reason: Option<Box<str>>,
 }
 
 /// `W` is the socket's write half; generic so tests can watch what is written.
@@ -82,8 +87,6 @@ pub struct Outbox<W = SocketWrite> {
     ready: Notify,
     /// The close code asked for; 0 while none is.
     close: AtomicU16,
-    /// When the client should come back after the close, in ms, plus one; 0: no hint.
-    retry: AtomicU32,
     capacity: usize,
     frames_out: Counter,
 }
@@ -95,10 +98,10 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 io: None,
+                close_reason: None,
             }),
             ready: Notify::new(),
             close: AtomicU16::new(0),
-            retry: AtomicU32::new(0),
             capacity,
             frames_out: metrics::counter!("chat_frames_out_total"),
         }
@@ -175,7 +178,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
     /// anything past [`FLUSH_MAX`] items, is left to the writer, which is woken for it.
     pub fn flush(&self) {
         let mut guard = self.lock();
-        let State { queue, io } = &mut *guard;
+        let State { queue, io, .. } = &mut *guard;
         if queue.is_empty() {
             return;
         }
@@ -229,22 +232,28 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         }
     }
 
-    /// [`Self::close`], telling the client to come back in `retry_ms` (the close frame's
-    /// reason carries it).
-    pub fn close_with_retry(&self, code: u16, retry_ms: u32) {
-        // Set before the code, which the writer reads first.
-        let _ = self.retry.compare_exchange(
-            0,
-            retry_ms.saturating_add(1),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-        self.close(code);
+    /// [`Self::close`] with the close frame's reason (at most [`MAX_CLOSE_REASON`] bytes; cut
+    /// at a character boundary). The reason is in place before the writer can see the code.
+    pub fn close_with(&self, code: u16, reason: &str) {
+        let mut s = self.lock();
+        if self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let mut end = reason.len().min(MAX_CLOSE_REASON);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.close_reason = Some(reason[..end].into());
+            drop(s);
+            self.ready.notify_one();
+        }
     }
 
-    /// The retry hint given with the close, if any.
-    pub fn retry_hint(&self) -> Option<u32> {
-        self.retry.load(Ordering::Acquire).checked_sub(1)
+    /// The reason given with the close request, if any.
+    pub fn close_reason(&self) -> Option<Box<str>> {
+        self.lock().close_reason.take()
     }
 
     /// The close code asked for, if any.
@@ -658,5 +667,29 @@ mod tests {
         let small = Outbox::<Socket>::new(1);
         small.defer(text("x")).unwrap();
         assert!(small.defer(text("y")).is_err(), "bounded like push");
+    }
+
+    #[test]
+    fn a_close_reason_goes_with_the_winning_code_and_fits_a_close_frame() {
+        let o = with_socket(8, usize::MAX);
+        o.close_with(1008, &"é".repeat(100));
+        o.close_with(1000, "too late");
+        assert_eq!(o.closing(), Some(1008));
+        let reason = o.close_reason().unwrap();
+        assert_eq!(
+            reason.len(),
+            122,
+            "cut at a character boundary under 123 bytes"
+        );
+        assert!(reason.chars().all(|c| c == 'é'));
+
+        let plain = with_socket(8, usize::MAX);
+        plain.close(1013);
+        plain.close_with(1008, "a later reason");
+        assert_eq!(
+            (plain.closing(), plain.close_reason()),
+            (Some(1013), None),
+            "a losing request leaves no reason"
+        );
     }
 }

@@ -124,6 +124,7 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         heartbeat_s: node.config.heartbeat_seconds as u32,
         limits: node.limits(),
     });
+    node.expiry.watch(&handle, caller.identity.exp);
     node.hub.register(handle);
     metrics::gauge!("chat_connections").increment(1.0);
     // Registered before this check, so a drain either sees this session or is seen here.
@@ -187,6 +188,7 @@ async fn run_session(mut session: Box<Session>) {
     Box::pin(leave_all(node, caller, connect)).await;
     node.hub
         .unregister(&caller.identity.user.id, caller.handle.id);
+    node.expiry.unwatch(caller.handle.id, caller.identity.exp);
     metrics::gauge!("chat_connections").decrement(1.0);
 }
 
@@ -253,7 +255,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
         };
         let command = match frame.opcode {
             OpCode::Text | OpCode::Binary => {
-                metrics::counter!("chat_frames_in_total").increment(1);
+                crate::telemetry::hot().frames_in.increment(1);
                 let decoded = proto::client::decode(&frame.payload);
                 drop(frame); // the command owns what it needs: neither is kept while it runs
                 let r#ref = match &decoded {

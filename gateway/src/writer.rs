@@ -65,7 +65,8 @@ impl Writer {
                     if let Some(code) = next {
                         // The socket is not given back: nothing is written after the close frame.
                         let (mut io, _) = self.outbox.take(&mut buf, 0)?;
-                        let reason = close_reason(code, self.outbox.retry_hint());
+                        let given = self.outbox.close_reason();
+                        let reason = given.map_or_else(|| close_reason(code, None), String::from);
                         encode(&mut buf, Frame::close(code, reason.as_bytes()));
                         let _ = write_out(&mut io, &buf, &self.outbox).await;
                         return Some(code);
@@ -122,7 +123,7 @@ async fn write_out(io: &mut SocketWrite, buf: &[u8], outbox: &Outbox) -> std::io
 /// The close frame's reason. Closes a client should come back from tell it when:
 /// `; retry_after_ms=<n>` — the hint given with the close, else a jittered default, so that
 /// the clients of a room or a node closed together do not all come back at once.
-fn close_reason(code: u16, retry: Option<u32>) -> String {
+pub fn close_reason(code: u16, retry: Option<u32>) -> String {
     use proto::errors::close::*;
     let (text, spread_ms) = match code {
         POLICY => ("policy violation", None),

@@ -7,7 +7,10 @@
 //!
 //! 1. `XGROUP CREATE chat:persist history 0 MKSTREAM` at start (`BUSYGROUP` = already there).
 //! 2. First our own pending entries (`XREADGROUP .. 0`: read before a restart, never acked),
-//!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 BLOCK 1000 STREAMS chat:persist >`.
+//!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 BLOCK 1000 STREAMS chat:persist >`;
+//!    after a read that was not a full batch, a short linger (`linger`, 25 ms) lets the next
+//!    batch gather, so a busy stream costs one read, one store transaction and one
+//!    acknowledgement per batch rather than per entry.
 //! 3. Decode each frame; an undecodable one is logged, counted
 //!    (`chat_stream_undecodable_total`) and acknowledged — retrying cannot fix it.
 //! 4. `store.apply(batch)`; `XACK` only after it succeeded. On a store error nothing is acked:
@@ -66,6 +69,11 @@ pub struct ConsumerConfig {
     pub batch: usize,
     /// How long one read blocks (`BLOCK`).
     pub block: Duration,
+    /// After a read that returned less than a full batch, how long to wait before the next
+    /// one, so entries gather into larger batches: every batch costs a read, a store
+    /// transaction and an acknowledgement, whatever its size. Delays when history has an
+    /// entry, never an acknowledgement to a client (the entry is durable in the stream).
+    pub linger: Duration,
     /// Entries idle longer than this are taken over from their (presumably dead) consumer.
     pub claim_idle: Duration,
     /// How often to look for such entries.
@@ -85,6 +93,7 @@ impl ConsumerConfig {
             consumer: consumer.into(),
             batch: 256,
             block: Duration::from_millis(1000),
+            linger: Duration::from_millis(25),
             claim_idle: Duration::from_secs(30),
             claim_every: Duration::from_secs(10),
             lag_every: Duration::from_secs(5),
@@ -232,7 +241,11 @@ impl<S: Store> Consumer<S> {
                     // Continue the backlog after the last entry seen.
                     cursor = ids.last().map(|e| e.id.clone()).unwrap_or_default();
                 }
+                let full = ids.len() >= c.batch;
                 self.process(conn, ids).await;
+                if !full && !c.linger.is_zero() {
+                    tokio::time::sleep(c.linger).await;
+                }
             }
         }
     }

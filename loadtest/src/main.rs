@@ -20,8 +20,10 @@
 
 mod client;
 mod fanout;
+mod floor;
 mod history;
 mod idle;
+mod servers;
 mod stats;
 mod storm;
 
@@ -70,9 +72,19 @@ pub struct Common {
         hide_env_values = true
     )]
     pub jwt_secret: Option<String>,
-    /// Server process(es) to sample for CPU and RSS, comma-separated pids.
+    /// Server process(es) to sample for CPU and RSS, comma-separated `NAME=PID` (or bare pids).
+    /// CPU is reported per process and per role: the name without trailing digits, so `gw1`
+    /// and `gw2` add up to `gw`.
     #[arg(long, global = true, value_delimiter = ',')]
-    pub server_pid: Vec<u32>,
+    pub server_pid: Vec<servers::ServerProc>,
+    /// Redis of the servers under test (`redis://127.0.0.1:PORT`, loopback): its
+    /// `INFO commandstats` delta over each step is reported (calls and µs, per message).
+    #[arg(long, global = true)]
+    pub redis_url: Option<String>,
+    /// Prometheus endpoints of the servers under test, comma-separated `NAME=URL` (loopback):
+    /// the delta of every `*_total`/`*_count`/`*_sum` series over each step is reported.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub metrics_url: Vec<servers::MetricsUrl>,
     /// Handshakes in flight while opening connections.
     #[arg(long, global = true, default_value_t = 64)]
     pub concurrency: usize,
@@ -126,6 +138,8 @@ enum Mode {
     /// Drain one gateway under load and restart it: time until every client is back and
     /// joined, missed events after recovery, peak CPU.
     Rollout(storm::RolloutArgs),
+    /// The machine's floor: CPU per write() of a small WebSocket frame to loopback sockets.
+    Floor(floor::FloorArgs),
 }
 
 fn main() -> Result<()> {
@@ -148,6 +162,7 @@ fn main() -> Result<()> {
             Mode::History(a) => history::history(c, a).await,
             Mode::Fill(a) => storm::fill(c, a).await,
             Mode::Rollout(a) => storm::rollout(c, a).await,
+            Mode::Floor(a) => floor::floor(a).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&out)?);

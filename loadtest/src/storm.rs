@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Endpoint, Target, Tokens, Ws};
-use crate::stats::{self, Hist, ProcSample};
+use crate::servers::{self, ProcSample, ServerProc};
+use crate::stats::{self, Hist};
 use crate::Common;
 
 /// One token per connection (`PREFIX<i>`), signed up front: the timed part is the storm.
@@ -114,7 +115,7 @@ pub async fn fill(common: &Common, a: &FillArgs) -> Result<Value> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let target = common.target;
 
-    let before = stats::sample_all(&common.server_pid);
+    let before = servers::sample_all(&common.server_pid);
     let started = Instant::now();
     let jobs = tokens.iter().enumerate().map(|(i, token)| {
         let (ep, token, room) = (eps[i % eps.len()].clone(), token.clone(), a.room.clone());
@@ -148,7 +149,8 @@ pub async fn fill(common: &Common, a: &FillArgs) -> Result<Value> {
     }
     let fill_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(a.settle)).await;
-    let after_fill = stats::sample_all(&common.server_pid);
+    let after_fill = servers::sample_all(&common.server_pid);
+    let fill_window = started.elapsed();
     let joined = tasks.len() as u64;
     let (frames, bytes) = (
         shared.frames.load(Ordering::Relaxed),
@@ -158,14 +160,15 @@ pub async fn fill(common: &Common, a: &FillArgs) -> Result<Value> {
     let steady = if a.senders > 0 && a.duration > 0 && joined > 0 {
         let period = 1e9 / (a.rate / a.senders as f64);
         shared.period_ns.store(period as u64, Ordering::Relaxed);
-        let before = stats::sample_all(&common.server_pid);
+        let before = servers::sample_all(&common.server_pid);
         shared.sending.store(true, Ordering::Relaxed);
         let t = Instant::now();
         tokio::time::sleep(Duration::from_secs(a.duration)).await;
         shared.sending.store(false, Ordering::Relaxed);
         let send_secs = t.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = stats::sample_all(&common.server_pid);
+        let after = servers::sample_all(&common.server_pid);
+        let window = t.elapsed();
         let sent = shared.sent.load(Ordering::Relaxed);
         let delivered = shared.delivered.load(Ordering::Relaxed);
         let expected = sent * joined;
@@ -178,7 +181,7 @@ pub async fn fill(common: &Common, a: &FillArgs) -> Result<Value> {
             "delivered_ratio": if expected > 0 { (delivered as f64 / expected as f64 * 1e6).round() / 1e6 } else { 0.0 },
             "deliveries_per_s": round(delivered as f64 / send_secs),
             "latency_ms": stats::summary_ms(&shared.latency.merged()),
-            "server_cpu": stats::cpu_report(&before, &after, delivered),
+            "server_cpu": servers::cpu_report(&common.server_pid, &before, &after, window, &[("delivery", delivered)]),
         })
     } else {
         Value::Null
@@ -201,8 +204,8 @@ pub async fn fill(common: &Common, a: &FillArgs) -> Result<Value> {
         "settle_s": a.settle,
         "frames_received": frames,
         "frames_per_join": if joined > 0 { Some(round(frames as f64 / joined as f64)) } else { None },
-        "bytes_per_join": if joined > 0 { Some(bytes / joined) } else { None },
-        "server_cpu_fill": stats::cpu_report(&before, &after_fill, joined),
+        "bytes_per_join": bytes.checked_div(joined),
+        "server_cpu_fill": servers::cpu_report(&common.server_pid, &before, &after_fill, fill_window, &[("join", joined)]),
         "steady": steady,
     }))
 }
@@ -393,7 +396,7 @@ pub async fn rollout(common: &Common, a: &RolloutArgs) -> Result<Value> {
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     cpu.lock().expect("cpu").reset();
     let pids_before = watched.lock().expect("pids").clone();
-    let before = stats::sample_all(&pids_before);
+    let before = servers::sample_all(&pids_before);
     let drain_at = Instant::now();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &a.drain_pid.to_string()])
@@ -411,7 +414,8 @@ pub async fn rollout(common: &Common, a: &RolloutArgs) -> Result<Value> {
             exited = Some(drain_at.elapsed().as_secs_f64());
             if let Some(cmd) = &a.restart_cmd {
                 let pid = restart(cmd)?;
-                watched.lock().expect("pids").push(pid);
+                let name = format!("restarted-{pid}");
+                watched.lock().expect("pids").push(ServerProc { name, pid });
                 restarted = Some((pid, drain_at.elapsed().as_secs_f64()));
             }
         }
@@ -426,7 +430,10 @@ pub async fn rollout(common: &Common, a: &RolloutArgs) -> Result<Value> {
     fleet.sending.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pids_after = watched.lock().expect("pids").clone();
-    let after = stats::sample_all(&pids_after);
+    let after = servers::sample_all(&pids_after);
+    // A restarted process counts from its start.
+    let mut since_drain = before.clone();
+    since_drain.resize(pids_after.len(), Some(ProcSample::default()));
     sampling.abort();
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -468,7 +475,7 @@ pub async fn rollout(common: &Common, a: &RolloutArgs) -> Result<Value> {
         "events_left_to_history": count(&fleet.from_history),
         "duplicates": count(&fleet.duplicates),
         "peak_cpu_cores": peaks,
-        "server_cpu_drain_to_end": stats::cpu_report(&before, &after, 0),
+        "server_cpu_drain_to_end": servers::cpu_report(&pids_after, &since_drain, &after, drain_at.elapsed(), &[]),
     }))
 }
 
@@ -520,16 +527,16 @@ impl CpuPeaks {
     }
 }
 
-async fn sample_cpu(peaks: Arc<Mutex<CpuPeaks>>, pids: Arc<Mutex<Vec<u32>>>) {
+async fn sample_cpu(peaks: Arc<Mutex<CpuPeaks>>, procs: Arc<Mutex<Vec<ServerProc>>>) {
     let mut prev: HashMap<u32, (Instant, ProcSample)> = HashMap::new();
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = Instant::now();
-        let list = pids.lock().expect("pids").clone();
+        let list: Vec<u32> = procs.lock().expect("pids").iter().map(|p| p.pid).collect();
         let mut total = 0.0;
         let mut p = peaks.lock().expect("cpu");
         for pid in list {
-            let Some(s) = stats::sample(&pid.to_string()) else {
+            let Some(s) = servers::sample(&pid.to_string()) else {
                 prev.remove(&pid);
                 continue;
             };

@@ -291,6 +291,9 @@ impl Broker for MemoryBroker {
         match target {
             NodeTarget::All => self.hub.deliver_all(&frame),
             NodeTarget::User(u) => self.hub.deliver_user(u, &frame),
+            NodeTarget::Disconnect(u) => self
+                .hub
+                .disconnect_user(u, &String::from_utf8_lossy(&frame)),
             // One node: the announcing node is this one, and it updated its own cache.
             NodeTarget::RoomState(_) => {}
         }
@@ -440,5 +443,69 @@ impl Broker for MemoryBroker {
 
     fn healthy(&self) -> bool {
         self.persist.as_ref().is_none_or(|p| p.healthy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::hub::SessionHandle;
+    use crate::outbox::{Outbound, Outbox};
+
+    /// Concurrent publishers into one room: whoever delivers (flat combining), a member gets
+    /// every event once, in seq order, and each publisher's seq is its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishes_reach_a_member_once_each_in_seq_order() {
+        const PUBLISHERS: u64 = 8;
+        const EACH: u64 = 200;
+        let hub = Arc::new(Hub::new(100_000));
+        let broker = Arc::new(MemoryBroker::new(hub.clone(), 10, None, None));
+        let room = RoomId::new("r").unwrap();
+        let outbox: Arc<Outbox> = Arc::new(Outbox::new(100_000));
+        let user = Arc::new(UserRef {
+            id: "m".into(),
+            name: "m".into(),
+        });
+        let joining = hub.join(&room, SessionHandle::new(1, user, false, outbox.clone()));
+        hub.seen_up_to(&room, 1, 0);
+        hub.release(&room, 1);
+        joining.joined();
+        let tasks: Vec<_> = (0..PUBLISHERS)
+            .map(|_| {
+                let (broker, room) = (broker.clone(), room.clone());
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for _ in 0..EACH {
+                        let p = broker
+                            .publish_stored(
+                                &room,
+                                br#"{"type":"message"}"#,
+                                None,
+                                StateCheck::Unchecked,
+                            )
+                            .await
+                            .unwrap();
+                        seqs.push(p.seq());
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for t in tasks {
+            acked.extend(t.await.unwrap());
+        }
+        acked.sort_unstable();
+        let all: Vec<u64> = (1..=PUBLISHERS * EACH).collect();
+        assert_eq!(acked, all, "every publisher got its own seq");
+        let mut got = Vec::new();
+        while let Some(out) = outbox.try_pop() {
+            if let Outbound::Text(frame) = out {
+                got.push(crate::bus::peek(&frame).unwrap().seq);
+            }
+        }
+        assert_eq!(got, all, "delivered once each, in seq order");
     }
 }

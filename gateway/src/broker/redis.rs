@@ -42,6 +42,7 @@ use deadpool_redis::{Pool, Runtime};
 use futures_util::{FutureExt, StreamExt};
 use proto::envelope::{NodeMessage, NodeTarget};
 use proto::{MessageId, RoomId, Timestamp, UserRef};
+use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -254,6 +255,8 @@ pub struct RedisBroker {
     presence_ttl: Duration,
     sub_tx: mpsc::Sender<SubCmd>,
     healthy: Arc<AtomicBool>,
+    /// See [`RedisBroker::conn`].
+    shared: std::sync::Mutex<Option<MultiplexedConnection>>,
     scripts: Scripts,
     /// The node's receiver of what this broker learns.
     events: std::sync::OnceLock<Arc<dyn Events>>,
@@ -315,6 +318,7 @@ impl RedisBroker {
             presence_ttl,
             sub_tx,
             healthy: healthy.clone(),
+            shared: std::sync::Mutex::new(None),
             scripts: Scripts {
                 publish: redis::Script::new(PUBLISH_LUA),
                 publish_checked: redis::Script::new(PUBLISH_CHECKED_LUA),
@@ -345,12 +349,40 @@ impl RedisBroker {
         Ok(broker)
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.pool.get()).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("redis pool timed out")),
+    /// The connection every call goes through: one multiplexed connection, which pipelines
+    /// the calls of all sessions (a clone shares it). It comes from the pool, which checks it
+    /// (a PING) when handing it out — once, not per call: per call, that check doubled the
+    /// round trips and Redis's work per command. A call that finds it broken drops it
+    /// ([`Self::outcome`]) and the next call takes a checked one from the pool.
+    async fn conn(&self) -> Result<MultiplexedConnection, BrokerError> {
+        if let Some(c) = self.shared.lock().expect("redis conn lock").clone() {
+            return Ok(c);
         }
+        let pooled = match tokio::time::timeout(CALL_TIMEOUT, self.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => return Err(unavailable("redis pool timed out")),
+        };
+        let conn: MultiplexedConnection = (*pooled).clone();
+        *self.shared.lock().expect("redis conn lock") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A call's result; a failed or timed-out call drops the shared connection.
+    fn outcome<T>(
+        &self,
+        r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, BrokerError> {
+        let e = match r {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if !(e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) => {
+                return Err(unavailable(e))
+            }
+            Ok(Err(e)) => unavailable(e),
+            Err(_) => unavailable("redis call timed out"),
+        };
+        *self.shared.lock().expect("redis conn lock") = None;
+        Err(e)
     }
 
     /// Runs a script with a timeout.
@@ -359,10 +391,22 @@ impl RedisBroker {
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, BrokerError> {
         let mut conn = self.conn().await?;
-        tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut *conn))
-            .await
-            .map_err(|_| unavailable("redis call timed out"))?
-            .map_err(unavailable)
+        self.outcome(tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await)
+    }
+
+    /// Runs a command with a timeout.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
+        let mut conn = self.conn().await?;
+        self.outcome(tokio::time::timeout(CALL_TIMEOUT, cmd.query_async(&mut conn)).await)
+    }
+
+    /// Runs a pipeline with a timeout.
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, BrokerError> {
+        let mut conn = self.conn().await?;
+        self.outcome(tokio::time::timeout(CALL_TIMEOUT, pipe.query_async(&mut conn)).await)
     }
 
     fn presence_expiry(&self) -> i64 {
@@ -374,7 +418,6 @@ impl RedisBroker {
     async fn presence_tick(&self) -> Result<Vec<(RoomId, Vec<String>)>, BrokerError> {
         let expiry = self.presence_expiry();
         let local = self.hub.local_rooms();
-        let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         for (room, _) in &local {
             for user in self.hub.local_users(room) {
@@ -389,12 +432,7 @@ impl RedisBroker {
             }
         }
         pipe.cmd("SMEMBERS").arg(PRESENCE_ROOMS);
-        let (rooms,): (Vec<String>,) =
-            tokio::time::timeout(CALL_TIMEOUT, pipe.query_async(&mut *conn))
-                .await
-                .map_err(|_| unavailable("redis call timed out"))?
-                .map_err(unavailable)?;
-        drop(conn);
+        let (rooms,): (Vec<String>,) = self.query_pipe(&pipe).await?;
         let now = Timestamp::now().0;
         let mut changed = Vec::new();
         for room in rooms.into_iter().filter_map(|r| RoomId::new(r).ok()) {
@@ -459,7 +497,9 @@ impl Broker for Arc<RedisBroker> {
             .arg(mode)
             .arg(version);
         let (fresh, value): (String, String) = self.invoke(inv).await?;
-        metrics::histogram!("chat_broker_publish_seconds").record(started.elapsed());
+        crate::telemetry::hot()
+            .publish_seconds
+            .record(started.elapsed());
         match fresh.as_str() {
             "1" => {
                 return Ok(Published::Fresh {
@@ -504,17 +544,11 @@ impl Broker for Arc<RedisBroker> {
                 Err(BrokerError::Stale)
             };
         }
-        let mut conn = self.conn().await?;
-        let r: Result<i64, _> = tokio::time::timeout(
-            CALL_TIMEOUT,
-            redis::cmd("PUBLISH")
-                .arg(channel(room))
-                .arg(&frame[..])
-                .query_async(&mut *conn),
-        )
-        .await
-        .map_err(|_| unavailable("redis call timed out"))?;
-        r.map(|_| ()).map_err(unavailable)
+        let publish = redis::cmd("PUBLISH")
+            .arg(channel(room))
+            .arg(&frame[..])
+            .clone();
+        self.query::<i64>(&publish).await.map(drop)
     }
 
     async fn publish_node(&self, target: NodeTarget<'_>, frame: Bytes) -> Result<(), BrokerError> {
@@ -523,30 +557,17 @@ impl Broker for Arc<RedisBroker> {
             frame: &frame,
         }
         .encode();
-        let mut conn = self.conn().await?;
-        let r: Result<i64, _> = tokio::time::timeout(
-            CALL_TIMEOUT,
-            redis::cmd("PUBLISH")
-                .arg(NODE_CHANNEL)
-                .arg(payload)
-                .query_async(&mut *conn),
-        )
-        .await
-        .map_err(|_| unavailable("redis call timed out"))?;
-        r.map(|_| ()).map_err(unavailable)
+        let publish = redis::cmd("PUBLISH").arg(NODE_CHANNEL).arg(payload).clone();
+        self.query::<i64>(&publish).await.map(drop)
     }
 
     async fn persist(&self, frame: Bytes) -> Result<(), BrokerError> {
-        let mut conn = self.conn().await?;
         let mut xadd = redis::cmd("XADD");
         xadd.arg(PERSIST_STREAM).arg("*").arg("f").arg(&frame[..]);
         if let Some(tp) = crate::telemetry::current_traceparent() {
             xadd.arg("tp").arg(tp);
         }
-        let r: Result<String, _> = tokio::time::timeout(CALL_TIMEOUT, xadd.query_async(&mut *conn))
-            .await
-            .map_err(|_| unavailable("redis call timed out"))?;
-        r.map(|_| ()).map_err(unavailable)
+        self.query::<String>(&xadd).await.map(drop)
     }
 
     async fn subscribe(&self, room: &RoomId) -> Result<(), BrokerError> {
@@ -569,16 +590,8 @@ impl Broker for Arc<RedisBroker> {
     }
 
     async fn state_version(&self, room: &RoomId) -> Result<StateVersion, BrokerError> {
-        let mut conn = self.conn().await?;
-        let v: Option<StateVersion> = tokio::time::timeout(
-            CALL_TIMEOUT,
-            redis::cmd("GET")
-                .arg(key(room, "state"))
-                .query_async(&mut *conn),
-        )
-        .await
-        .map_err(|_| unavailable("redis call timed out"))?
-        .map_err(unavailable)?;
+        let get = redis::cmd("GET").arg(key(room, "state")).clone();
+        let v: Option<StateVersion> = self.query(&get).await?;
         Ok(v.unwrap_or(0))
     }
 
@@ -666,12 +679,12 @@ impl Broker for Arc<RedisBroker> {
             .expect("swept rooms lock")
             .insert(room.clone());
         if listed {
-            let mut conn = self.conn().await?;
-            let _: Result<i64, _> = redis::cmd("SADD")
+            // A miss only delays the sweep of a dead node's users.
+            let sadd = redis::cmd("SADD")
                 .arg(PRESENCE_ROOMS)
                 .arg(room.as_str())
-                .query_async(&mut *conn)
-                .await;
+                .clone();
+            let _ = self.query::<i64>(&sadd).await;
         }
         Ok((first, online))
     }
@@ -943,6 +956,10 @@ fn route(
                 target: NodeTarget::User(u),
                 frame,
             }) => hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
+            Some(NodeMessage {
+                target: NodeTarget::Disconnect(u),
+                frame,
+            }) => hub.disconnect_user(u, &String::from_utf8_lossy(frame)),
             Some(NodeMessage {
                 target: NodeTarget::RoomState(r),
                 frame,

@@ -2,14 +2,14 @@
 //! pin set in the broker ([`Broker::pin_set`]), atomically across nodes, before the event is
 //! published: the store learns of pins only as the persistence log reaches it.
 
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use history_service::Store;
 use proto::client::{Pin, Unpin};
 use proto::rooms::PinView;
 use proto::{ErrorCode, MessageId, RoomId, ServerEvent, Timestamp};
 
 use super::find::find_message;
-use super::{err, guard, Cx, Result, Run};
+use super::{err, guard, Ack, Cx, Result, Run};
 use crate::broker::{Broker, PinChange, PinOutcome, StateCheck};
 use crate::node::Node;
 
@@ -17,20 +17,20 @@ use crate::node::Node;
 pub const MAX_PINS: usize = 50;
 
 impl Run for Pin {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         pin(cx, self.room, self.id, PinChange::Pin).await
     }
 }
 
 impl Run for Unpin {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         pin(cx, self.room, self.id, PinChange::Unpin).await
     }
 }
 
-async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) -> Result {
-    let who = cx.who();
-    let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Pin)?);
+async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) -> Result<Ack> {
+    let actor = cx.actor();
+    let rule = |st: &_| guard::permits(actor, st, Action::Pin);
     let decided = guard::decide(cx.node, &room, rule).await?;
     let node = cx.node;
     let stored: Vec<MessageId> = node
@@ -46,14 +46,14 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
             seq: 0,
             room: room.clone(),
             message: find_message(node, &room, id).await?,
-            by: who.user.clone(),
+            by: cx.by().clone(),
             pinned_at: Timestamp::now(),
         },
         PinChange::Unpin => ServerEvent::Unpinned {
             seq: 0,
             room: room.clone(),
             id,
-            by: who.user.clone(),
+            by: cx.by().clone(),
         },
     };
     let outcome = guard::act(node, &room, rule, decided, |v| {
@@ -83,10 +83,7 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
         .publish_stored(&room, &ev.to_json(), None, StateCheck::Unchecked)
         .await;
     match published {
-        Ok(p) => {
-            cx.ack(p.seq(), None, None);
-            Ok(())
-        }
+        Ok(p) => Ok(Ack::seq(p.seq())),
         Err(e) => {
             // Not published: give the change back so the pin set matches what the room saw.
             let undo = node
