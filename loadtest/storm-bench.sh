@@ -169,7 +169,7 @@ start_nginx() { # upstream ports...: sets NGINX_PORT NGINX_PIDS (master and work
     sleep 0.5
     local master
     master=$(<"$OUT/nginx/nginx.pid")
-    NGINX_PIDS="$master$(pgrep -P "$master" | sed 's/^/,/' | tr -d '\n')"
+    NGINX_PIDS="nginx0=$master$(pgrep -P "$master" | awk '{printf ",nginx%d=%s", NR, $1}')"
 }
 
 stop_nginx() {
@@ -191,21 +191,23 @@ stop_all() { # stops every process started so far, and waits until they are gone
     return 0
 }
 
-common() { # target url pids
-    echo --target "$1" --url "$2" --server-pid "$3" --jwt-secret "$SECRET" --concurrency "$CONC"
+common() { # target url pids: sets COMMON, the generator's flags for these servers
+    COMMON=(--target "$1" --url "$2" --server-pid "$3" --jwt-secret "$SECRET" --concurrency "$CONC")
 }
 
 bench_connect() {
     local n=${CONNECT_N:-5000} rooms=${CONNECT_ROOMS:-10} g1 g2 s1 s2
     g1=$(free_port)
     start_gateway gw1 "$g1"
-    lg single-chat-connect $(common chat "ws://127.0.0.1:$g1" "$GW_PID") --user-prefix c1- \
+    common chat "ws://127.0.0.1:$g1" "gw=$GW_PID"
+    lg single-chat-connect "${COMMON[@]}" --user-prefix c1- \
         connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
     stop_all
     if [[ $SIO == 1 ]]; then
         s1=$(free_port)
         start_sio "$s1"
-        lg single-sio-connect $(common socketio "ws://127.0.0.1:$s1" "$SIO_PID") \
+        common socketio "ws://127.0.0.1:$s1" "sio=$SIO_PID"
+        lg single-sio-connect "${COMMON[@]}" \
             connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
         stop_all
     fi
@@ -217,7 +219,8 @@ bench_connect() {
     g2=$(free_port)
     start_gateway gw2 "$g2" scaled
     start_nginx "$g1" "$g2"
-    lg cluster-chat-connect $(common chat "ws://127.0.0.1:$NGINX_PORT" "$p1,$GW_PID,$HISTORY_PID,$(<"$OUT/redis.pid"),$NGINX_PIDS") \
+    common chat "ws://127.0.0.1:$NGINX_PORT" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid"),$NGINX_PIDS"
+    lg cluster-chat-connect "${COMMON[@]}" \
         --user-prefix c2- connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
     stop_all
     if [[ $SIO == 1 ]]; then
@@ -228,7 +231,8 @@ bench_connect() {
         s2=$(free_port)
         start_sio "$s2" "$REDIS_URL"
         start_nginx "$s1" "$s2"
-        lg cluster-sio-connect $(common socketio "ws://127.0.0.1:$NGINX_PORT" "$p1,$SIO_PID,$(<"$OUT/redis.pid"),$NGINX_PIDS") \
+        common socketio "ws://127.0.0.1:$NGINX_PORT" "sio1=$p1,sio2=$SIO_PID,redis=$(<"$OUT/redis.pid"),$NGINX_PIDS"
+        lg cluster-sio-connect "${COMMON[@]}" \
             connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
         stop_all
     fi
@@ -239,12 +243,14 @@ bench_fill() {
     local shape=(fill --connections "$n" --senders "${FILL_SENDERS:-10}" --rate "${FILL_RATE:-5}" --duration "${FILL_SECS:-10}")
     g1=$(free_port)
     start_gateway gw1 "$g1"
-    lg single-chat-fill $(common chat "ws://127.0.0.1:$g1" "$GW_PID") --user-prefix f1- "${shape[@]}" --room "f$RANDOM"
+    common chat "ws://127.0.0.1:$g1" "gw=$GW_PID"
+    lg single-chat-fill "${COMMON[@]}" --user-prefix f1- "${shape[@]}" --room "f$RANDOM"
     stop_all
     if [[ $SIO == 1 ]]; then
         s1=$(free_port)
         start_sio "$s1"
-        lg single-sio-fill $(common socketio "ws://127.0.0.1:$s1" "$SIO_PID") "${shape[@]}" --room "f$RANDOM"
+        common socketio "ws://127.0.0.1:$s1" "sio=$SIO_PID"
+        lg single-sio-fill "${COMMON[@]}" "${shape[@]}" --room "f$RANDOM"
         stop_all
     fi
     start_redis
@@ -254,7 +260,8 @@ bench_fill() {
     p1=$GW_PID
     g2=$(free_port)
     start_gateway gw2 "$g2" scaled
-    lg cluster-chat-fill $(common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "$p1,$GW_PID,$HISTORY_PID,$(<"$OUT/redis.pid")") \
+    common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid")"
+    lg cluster-chat-fill "${COMMON[@]}" \
         --user-prefix f2- "${shape[@]}" --room "f$RANDOM"
     stop_all
     if [[ $SIO == 1 ]]; then
@@ -264,7 +271,8 @@ bench_fill() {
         p1=$SIO_PID
         s2=$(free_port)
         start_sio "$s2" "$REDIS_URL"
-        lg cluster-sio-fill $(common socketio "ws://127.0.0.1:$s1,ws://127.0.0.1:$s2" "$p1,$SIO_PID,$(<"$OUT/redis.pid")") \
+        common socketio "ws://127.0.0.1:$s1,ws://127.0.0.1:$s2" "sio1=$p1,sio2=$SIO_PID,redis=$(<"$OUT/redis.pid")"
+        lg cluster-sio-fill "${COMMON[@]}" \
             "${shape[@]}" --room "f$RANDOM"
         stop_all
     fi
@@ -280,7 +288,8 @@ bench_rollout() {
     p1=$GW_PID
     g2=$(free_port)
     start_gateway gw2 "$g2" scaled
-    lg cluster-chat-rollout $(common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "$p1,$GW_PID,$HISTORY_PID,$(<"$OUT/redis.pid")") \
+    common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid")"
+    lg cluster-chat-rollout "${COMMON[@]}" \
         --user-prefix r- rollout --connections "${ROLLOUT_N:-20000}" --rooms "${ROLLOUT_ROOMS:-200}" \
         --senders "${ROLLOUT_SENDERS:-20}" --rate "${ROLLOUT_RATE:-20}" --room-prefix "r$RANDOM-" \
         --drain-pid "$p1" --restart-cmd "$(gateway_cmd gw1 "$g1" scaled)" \
