@@ -19,7 +19,8 @@
 #
 # Environment (defaults): BENCH_BIN (${CARGO_TARGET_DIR:-target}/release), BENCH_OUT
 # (target/bench/storm-<time>), CONCURRENCY (64), CONNECT_N (5000), CONNECT_ROOMS (10),
-# FILL_N (10000), FILL_SENDERS (10), FILL_RATE (5), FILL_SECS (10), ROLLOUT_N (20000),
+# FILL_N (10000), FILL_SENDERS (10), FILL_RATE (5), FILL_SECS (10), ROLLOUT_N (19000: the generator holds one
+# descriptor per connection, and the hard limit on open files here is 20000),
 # ROLLOUT_ROOMS (200), ROLLOUT_SENDERS (20), ROLLOUT_RATE (20), ROLLOUT_DRAIN_S (20),
 # SIO (1; 0 leaves the Socket.IO peer out), and any CHAT_* setting for the gateways.
 set -euo pipefail
@@ -290,7 +291,7 @@ bench_rollout() {
     start_gateway gw2 "$g2" scaled
     common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid")"
     lg cluster-chat-rollout "${COMMON[@]}" \
-        --user-prefix r- rollout --connections "${ROLLOUT_N:-20000}" --rooms "${ROLLOUT_ROOMS:-200}" \
+        --user-prefix r- rollout --connections "${ROLLOUT_N:-19000}" --rooms "${ROLLOUT_ROOMS:-200}" \
         --senders "${ROLLOUT_SENDERS:-20}" --rate "${ROLLOUT_RATE:-20}" --room-prefix "r$RANDOM-" \
         --drain-pid "$p1" --restart-cmd "$(gateway_cmd gw1 "$g1" scaled)" \
         --timeout $((CHAT_DRAIN_SECONDS + 120))

@@ -325,6 +325,10 @@ struct Fleet {
     sent: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
+    /// The first error frame a join got, and the first reason a connection failed: what to
+    /// say when clients do not come back.
+    first_join_error: Mutex<Option<String>>,
+    first_open_error: Mutex<Option<String>>,
     sending: AtomicBool,
     period_ns: AtomicU64,
     /// Time from losing a connection to being joined again, µs.
@@ -386,7 +390,14 @@ pub async fn rollout(common: &Common, a: &RolloutArgs) -> Result<Value> {
             tokio::time::sleep(Duration::from_millis(10)).await;
             if started.elapsed() > Duration::from_secs(a.timeout) {
                 let joined = fleet.joined.load(Ordering::Relaxed);
-                bail!("only {joined} of {} joined within --timeout", tasks.len());
+                let join_error = fleet.first_join_error.lock().expect("error").clone();
+                let open_error = fleet.first_open_error.lock().expect("error").clone();
+                bail!(
+                    "only {joined} of {} joined within --timeout (attempts {}, first join \
+                     error {join_error:?}, first connect error {open_error:?})",
+                    tasks.len(),
+                    fleet.attempts.load(Ordering::Relaxed)
+                );
             }
         }
     }
@@ -600,7 +611,13 @@ impl RolloutClient {
                     self.session(ws, &mut at, &mut stop).await
                 }
                 Err(e) => {
-                    if format!("{e:#}").contains("503") {
+                    let e = format!("{e:#}");
+                    self.fleet
+                        .first_open_error
+                        .lock()
+                        .expect("error")
+                        .get_or_insert(e.clone());
+                    if e.contains("503") {
                         self.fleet.refused.fetch_add(1, Ordering::Relaxed);
                     }
                     Ended::Lost
@@ -670,6 +687,8 @@ impl RolloutClient {
                             "error" => {
                                 self.fleet.errors.fetch_add(1, Ordering::Relaxed);
                                 if f["ref"] == "j" {
+                                    let mut first = self.fleet.first_join_error.lock().expect("error");
+                                    first.get_or_insert_with(|| f.to_string());
                                     break Ended::Lost;
                                 }
                             }
@@ -692,6 +711,10 @@ impl RolloutClient {
                     }
                     Some(Ok(Message::Close(c))) => {
                         let hint = c.as_ref().and_then(|c| retry_hint(c.reason.as_str()));
+                        if !joined {
+                            let why = c.as_ref().map(|c| format!("close {} {}", u16::from(c.code), c.reason));
+                            self.fleet.first_open_error.lock().expect("error").get_or_insert(why.unwrap_or_default());
+                        }
                         break match (move_at, hint) {
                             (Some(m), _) => Ended::Hinted(m.saturating_duration_since(Instant::now())),
                             (None, Some(ms)) => Ended::Hinted(Duration::from_millis(ms)),
