@@ -102,6 +102,9 @@ pub struct MemoryBroker {
     window: usize,
     persist: Option<PersistQueue>,
     seed: Option<SeedFn>,
+    /// This process's epoch: a restart loses the windows (and seqs delivered but not yet
+    /// committed), so positions from before it are of another epoch.
+    epoch: String,
 }
 
 impl MemoryBroker {
@@ -117,6 +120,7 @@ impl MemoryBroker {
             window,
             persist,
             seed,
+            epoch: format!("{:016x}", rand::random::<u64>()),
         }
     }
 
@@ -254,7 +258,12 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
+    async fn recover(
+        &self,
+        room: &RoomId,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Result<Recovery, BrokerError> {
         self.ensure_log(room).await?;
         let shard = self.shard(room);
         let version = shard.version(room);
@@ -262,16 +271,18 @@ impl Broker for MemoryBroker {
             return Ok(Recovery {
                 last_seq: 0,
                 version,
+                epoch: self.epoch.clone(),
                 events: vec![],
                 complete: true,
             });
         };
-        let Some(since) = since else {
+        let Some(since) = since.filter(|_| epoch.is_none_or(|e| e == self.epoch)) else {
             return Ok(Recovery {
                 last_seq: log.last_seq,
                 version,
+                epoch: self.epoch.clone(),
                 events: vec![],
-                complete: true,
+                complete: since.is_none(),
             });
         };
         let oldest = log.recent.front().map_or(log.last_seq + 1, |(s, _)| *s);
@@ -287,6 +298,7 @@ impl Broker for MemoryBroker {
         Ok(Recovery {
             last_seq: log.last_seq,
             version,
+            epoch: self.epoch.clone(),
             events,
             complete,
         })

@@ -206,7 +206,11 @@ async fn a_rotated_in_kid_is_accepted_after_one_refresh_and_refreshes_are_rate_l
     // such token refreshes the JWKS once; old tokens keep working.
     idp.publish(&new);
     assert_eq!(upgrade_status(&server, &new.token("bob"), "bob").await, 101);
-    assert_eq!(idp.hits(), 1 + nodes(&server), "one refresh for the new kid");
+    assert_eq!(
+        idp.hits(),
+        1 + nodes(&server),
+        "one refresh for the new kid"
+    );
     assert_eq!(upgrade_status(&server, &old.token("ann"), "ann").await, 101);
     assert_eq!(upgrade_status(&server, &new.token("cyd"), "cyd").await, 101);
     assert_eq!(idp.hits(), 1 + nodes(&server), "known kids never fetch");
@@ -220,7 +224,11 @@ async fn a_rotated_in_kid_is_accepted_after_one_refresh_and_refreshes_are_rate_l
     });
     let statuses = futures_util::future::join_all(attempts).await;
     assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
-    assert_eq!(idp.hits(), 1 + nodes(&server), "unknown kids are rate limited");
+    assert_eq!(
+        idp.hits(),
+        1 + nodes(&server),
+        "unknown kids are rate limited"
+    );
     // Within the same interval even a real new key waits for the periodic refresh.
     idp.publish(&newer);
     assert_eq!(

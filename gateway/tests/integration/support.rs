@@ -102,7 +102,7 @@ impl Server {
         config.data_dir = data_dir.clone();
         let backend = if scaled() {
             let b = crate::cluster::procs::Backend::start().await;
-            config.redis_url = Some(b.redis.url());
+            config.redis.url = Some(b.redis.url());
             config.history_url = Some(b.history.url());
             config.internal_token = Some(crate::cluster::procs::INTERNAL_TOKEN.to_string());
             Some(b)

@@ -1,0 +1,253 @@
+//! The broker's Lua scripts. Each touches the keys of one room and of its partition only (one
+//! hash slot), so it runs atomically on a single primary and on a Redis Cluster alike.
+//!
+//! The partition's epoch (`chat:{pN}:epoch`, a hash: `id`, and `until`, the time before which
+//! no room of the partition may be seeded) comes first in every script that reads or numbers
+//! a room's events: no epoch means Redis lost the partition's data (`'3'`); a room whose
+//! counter was not seeded in the current epoch (`…:ep` ≠ the epoch's id) must be seeded
+//! first (`'4'`) — see `super::epochs`.
+
+/// KEYS: epoch, seq, ep, log, persist, dedupe key, state version. ARGV: frame, window size,
+/// channel, dedupe? ('1'), dedupe value, dedupe TTL, traceparent, state check ('e' expect,
+/// 'c' change, '' none), version. Returns {'1', seq, epoch, persistence entry id}
+/// (published), {'0', first publication} (a repeat of the dedupe key), {'2', version now}
+/// (stale: nothing done), {'3'} (no epoch) or {'4', epoch} (room not seeded).
+pub const PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'id')
+if not epoch then return {'3'} end
+if redis.call('GET', KEYS[3]) ~= epoch then return {'4', epoch} end
+if ARGV[4] == '1' then
+  local prev = redis.call('GET', KEYS[6])
+  if prev then return {'0', prev} end
+end
+if ARGV[8] == 'e' then
+  local now = redis.call('GET', KEYS[7]) or '0'
+  if now ~= ARGV[9] then return {'2', now} end
+elseif ARGV[8] == 'c' then
+  redis.call('SET', KEYS[7], ARGV[9])
+end
+local seq = redis.call('INCR', KEYS[2])
+local rest = string.sub(ARGV[1], 2)
+local frame
+if rest == '}' then frame = '{"seq":' .. seq .. '}' else frame = '{"seq":' .. seq .. ',' .. rest end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], seq .. '-1', 'f', frame)
+local id
+if ARGV[7] ~= '' then
+  id = redis.call('XADD', KEYS[5], '*', 'f', frame, 'tp', ARGV[7])
+else
+  id = redis.call('XADD', KEYS[5], '*', 'f', frame)
+end
+redis.call('SPUBLISH', ARGV[3], frame)
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[6], seq .. ':' .. ARGV[5], 'EX', ARGV[6])
+end
+return {'1', tostring(seq), epoch, id}
+"#;
+
+/// An ephemeral frame published only while the room's state version (KEYS[1]) is ARGV[1].
+pub const PUBLISH_CHECKED: &str = r#"
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+redis.call('SPUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// KEYS: epoch, seq, ep, log, state version. ARGV: since (-1: none), window size. Returns
+/// {'1', epoch, last seq, state version, up to ARGV[2] frames after ARGV[1]...}, or '3'/'4'
+/// as PUBLISH.
+pub const RECOVER: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'id')
+if not epoch then return {'3'} end
+if redis.call('GET', KEYS[3]) ~= epoch then return {'4', epoch} end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local since = tonumber(ARGV[1])
+local out = {'1', epoch, tostring(last), redis.call('GET', KEYS[5]) or '0'}
+if since >= 0 and since < last then
+  local evs = redis.call('XRANGE', KEYS[4], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
+  for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
+end
+return out
+"#;
+
+/// Creates or replaces the partition's epoch. KEYS: epoch. ARGV: the id expected now ('' for
+/// none), the new id, the grace in ms (no room is seeded before it passed). Returns the id
+/// in force afterwards: the new one, or whatever another process put there first.
+pub const NEW_EPOCH: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'id') or ''
+if cur ~= ARGV[1] then return cur end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'until', tostring(now + tonumber(ARGV[3])))
+return ARGV[2]
+"#;
+
+/// Seeds a room's counter in the epoch ARGV[1]: above ARGV[2] (what the store and the old key
+/// layout hold), the room's floor (what live nodes reported) and what the counter holds now.
+/// Its window and pin set start over (the store decides pins from now on). KEYS: epoch, seq,
+/// ep, floor, log, pins. Returns {'1'} (seeded, by this call or another), {'0'} (the epoch
+/// moved on) or {'2', ms} (the epoch's grace has ms left: nothing done).
+pub const SEED: &str = r#"
+local e = redis.call('HMGET', KEYS[1], 'id', 'until')
+if e[1] ~= ARGV[1] then return {'0'} end
+if redis.call('GET', KEYS[3]) == ARGV[1] then return {'1'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local left = tonumber(e[2] or '0') - now
+if left > 0 then return {'2', tostring(left)} end
+local base = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[4]) or '0'),
+  tonumber(redis.call('GET', KEYS[2]) or '0'))
+redis.call('SET', KEYS[2], string.format('%d', base))
+redis.call('SET', KEYS[4], string.format('%d', base))
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[5], KEYS[6])
+return {'1'}
+"#;
+
+/// After a reset, what a node knows of a room's numbering before it: ARGV[2] (the highest seq
+/// it published or delivered) raises the room's floor while the room is not seeded in epoch
+/// ARGV[1]; the frames (ARGV[3..]: seq, frame, seq, frame…) are appended to the persistence
+/// stream again with their seq when no event of the new epoch can hold it (seq ≤ floor).
+/// KEYS: epoch, ep, floor, persist. Returns {'1', seqs too late to keep…} or {'0'} (the
+/// epoch moved on).
+pub const REAPPEND: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return {'0'} end
+local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
+if redis.call('GET', KEYS[2]) ~= ARGV[1] and tonumber(ARGV[2]) > floor then
+  floor = tonumber(ARGV[2])
+  redis.call('SET', KEYS[3], ARGV[2])
+end
+local late = {'1'}
+for i = 3, #ARGV, 2 do
+  if tonumber(ARGV[i]) <= floor then
+    redis.call('XADD', KEYS[4], '*', 'f', ARGV[i + 1])
+  else
+    late[#late + 1] = ARGV[i]
+  end
+end
+return late
+"#;
+
+/// What the persistence stream of a partition still holds: KEYS: epoch, persist. Returns
+/// {epoch id or '', id of the stream's oldest entry or ''}. Consumers delete what they
+/// stored, so entries older than the oldest one left are stored.
+pub const CONFIRM: &str = r#"
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local f = ''
+if first[1] then f = first[1][1] end
+return {redis.call('HGET', KEYS[1], 'id') or '', f}
+"#;
+
+/// Which of a room's events (ARGV[2..]: seq, frame, seq, frame…), published in epoch
+/// ARGV[1], Redis no longer has: the window holds another frame at its seq, or none while
+/// reaching back past it. KEYS: epoch, log. Returns {'1', missing seqs…} or {'0'} (the epoch
+/// moved on).
+pub const VERIFY: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return {'0'} end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local oldest = math.huge
+if first[1] then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+local missing = {'1'}
+for i = 2, #ARGV, 2 do
+  local e = redis.call('XRANGE', KEYS[2], ARGV[i] .. '-1', ARGV[i] .. '-1')
+  if e[1] then
+    if e[1][2][2] ~= ARGV[i + 1] then missing[#missing + 1] = ARGV[i] end
+  elseif tonumber(ARGV[i]) >= oldest or not first[1] then
+    missing[#missing + 1] = ARGV[i]
+  end
+end
+return missing
+"#;
+
+/// The room's pin set: a hash of pinned message ids plus a `_` field, so that a set with no
+/// pins still exists. When the hash does not exist, ARGV[4] = '1' seeds it with ARGV[6..] (the
+/// store's pins); '0' leaves it absent. ARGV[5]: the state version the pin was decided on
+/// (KEYS[2]; '' unchecked).
+pub const PIN: &str = r#"
+if ARGV[5] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[5] then return 'stale' end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] ~= '1' then return 'absent' end
+  redis.call('HSET', KEYS[1], '_', '1')
+  for i = 6, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], '1') end
+end
+if ARGV[1] == 'pin' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return 'pinned' end
+  if redis.call('HLEN', KEYS[1]) - 1 >= tonumber(ARGV[3]) then return 'full' end
+  redis.call('HSET', KEYS[1], ARGV[2], '1')
+  return 'done'
+end
+if redis.call('HDEL', KEYS[1], ARGV[2]) == 1 then return 'done' end
+return 'absent'
+"#;
+
+/// KEYS: presence, users, names, the partition's presence rooms. ARGV: user, node, expiry,
+/// name, room.
+pub const PRESENCE_ADD: &str = r#"
+local added = redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\n' .. ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[5])
+if added == 1 then
+  return redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 and 1 or 0
+end
+return 0
+"#;
+
+pub const PRESENCE_REMOVE: &str = r#"
+if redis.call('ZREM', KEYS[1], ARGV[1] .. '\n' .. ARGV[2]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    return 1
+  end
+end
+return 0
+"#;
+
+/// Removes presence entries whose node stopped refreshing them; returns users now offline.
+pub const PRESENCE_SWEEP: &str = r#"
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local gone = {}
+for _, m in ipairs(dead) do
+  redis.call('ZREM', KEYS[1], m)
+  local user = string.match(m, '^(.*)\n')
+  if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
+    redis.call('HDEL', KEYS[3], user)
+    gone[#gone + 1] = user
+  end
+end
+return gone
+"#;
+
+/// Every script, loaded once per process.
+pub struct Scripts {
+    pub publish: redis::Script,
+    pub publish_checked: redis::Script,
+    pub recover: redis::Script,
+    pub new_epoch: redis::Script,
+    pub seed: redis::Script,
+    pub reappend: redis::Script,
+    pub confirm: redis::Script,
+    pub verify: redis::Script,
+    pub presence_add: redis::Script,
+    pub presence_remove: redis::Script,
+    pub presence_sweep: redis::Script,
+    pub pin: redis::Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Self {
+            publish: redis::Script::new(PUBLISH),
+            publish_checked: redis::Script::new(PUBLISH_CHECKED),
+            recover: redis::Script::new(RECOVER),
+            new_epoch: redis::Script::new(NEW_EPOCH),
+            seed: redis::Script::new(SEED),
+            reappend: redis::Script::new(REAPPEND),
+            confirm: redis::Script::new(CONFIRM),
+            verify: redis::Script::new(VERIFY),
+            presence_add: redis::Script::new(PRESENCE_ADD),
+            presence_remove: redis::Script::new(PRESENCE_REMOVE),
+            presence_sweep: redis::Script::new(PRESENCE_SWEEP),
+            pin: redis::Script::new(PIN),
+        }
+    }
+}
