@@ -129,6 +129,7 @@ impl RedisBroker {
                 .key(keys.key("floor"))
                 .key(keys.key("log"))
                 .key(keys.key("pins"))
+                .key(keys.key("seeded"))
                 .arg(&epoch)
                 .arg(stored.max(legacy.unwrap_or(0)));
             let reply: Vec<String> = self.invoke(&mut self.conn(), inv).await?;

@@ -87,6 +87,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS: usize = 4;
 /// Published events a node keeps at most until the store has them ([`sent`]).
 const SENT_MAX: usize = 200_000;
+/// How long a join from before a reset waits for the history service to store what was
+/// appended again (then it answers with what history has).
+const AWAIT_HISTORY: Duration = Duration::from_secs(3);
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
@@ -524,41 +527,29 @@ impl Broker for Arc<RedisBroker> {
         epoch: Option<&str>,
     ) -> Result<Recovery, BrokerError> {
         let keys = self.keys(room);
-        let mut out = self.read_window(room, &keys, since).await?;
-        if out.first().map(String::as_str) != Some("1") {
+        let mut window = self.read_window(&keys, since).await?;
+        if let Window::Unseeded(_) = window {
             self.seed(room, &keys).await?;
-            out = self.read_window(room, &keys, since).await?;
+            window = self.read_window(&keys, since).await?;
         }
-        let now_epoch = out.get(1).cloned().unwrap_or_default();
-        let last_seq: u64 = field(&out, 2)?;
-        let version: StateVersion = field(&out, 3)?;
-        let same_epoch = epoch.is_none_or(|e| e == now_epoch);
-        let Some(since) = since.filter(|_| same_epoch) else {
-            return Ok(Recovery {
-                last_seq,
-                version,
-                epoch: now_epoch,
-                events: vec![],
-                complete: since.is_none(),
-            });
+        let Window::Read(w) = window else {
+            return Err(unavailable("the room's numbering was reset again"));
         };
-        let mut events = Vec::with_capacity(out.len().saturating_sub(4));
-        for frame in out.into_iter().skip(4) {
-            let frame = Bytes::from(frame.into_bytes());
-            let seq = bus::peek(&frame).map_or(0, |p| p.seq);
-            events.push((seq, frame));
+        let same_epoch = epoch.is_none_or(|e| e == w.epoch);
+        if since.is_some() && !same_epoch {
+            // A client of the numbering before a reset fills its gap from history: let the
+            // history service store what was appended again first.
+            self.await_history(&keys, w.seeded).await;
         }
-        // Complete when the replay runs from `since` up to the last seq: the stream's ids are
-        // the seqs, so `last - since` events after `since` are exactly since+1..=last. (The
-        // stream's oldest entry does not tell: `MAXLEN ~` trims approximately, so the stream
-        // can reach further back than the `window` events one read returns, and a replay cut
-        // there would leave out the newest events while the session counts them as seen.)
-        // A `since` past the last seq comes from before Redis lost the room: not recovered.
-        let complete = since <= last_seq && events.len() as u64 == last_seq - since;
+        let complete = match since {
+            None => true,
+            Some(s) => same_epoch && w.complete(s),
+        };
+        let events = if same_epoch { w.events } else { vec![] };
         Ok(Recovery {
-            last_seq,
-            version,
-            epoch: now_epoch,
+            last_seq: w.last,
+            version: w.version,
+            epoch: w.epoch,
             events,
             complete,
         })
@@ -652,23 +643,108 @@ impl Broker for Arc<RedisBroker> {
     }
 }
 
+/// What RECOVER read of a room.
+pub(super) enum Window {
+    /// The room is not numbered in its partition's current epoch (the epoch's id; None: the
+    /// partition has none).
+    Unseeded(Option<String>),
+    Read(WindowRead),
+}
+
+pub(super) struct WindowRead {
+    epoch: String,
+    /// The room's last seq.
+    pub last: u64,
+    version: StateVersion,
+    /// When the room was seeded after a reset (Redis time, ms; 0: never).
+    seeded: u64,
+    /// Stored events after the `since` asked for, in order.
+    pub events: Vec<(u64, Bytes)>,
+}
+
+impl WindowRead {
+    /// Whether `events` run from `since` up to the last seq: the window's ids are the seqs, so
+    /// `last - since` events after `since` are exactly since+1..=last. (The stream's oldest
+    /// entry does not tell: `MAXLEN ~` trims approximately, so the stream can reach further
+    /// back than the `window` events one read returns, and a replay cut there would leave out
+    /// the newest events while the session counts them as seen.) A `since` past the last seq
+    /// comes from before Redis lost the room: not complete.
+    pub fn complete(&self, since: u64) -> bool {
+        since <= self.last && self.events.len() as u64 == self.last - since
+    }
+}
+
 impl RedisBroker {
-    /// The RECOVER script's reply as strings (frames are JSON text).
-    async fn read_window(
+    /// Reads the room's last seq, epoch, state version and, with `since`, the window after it.
+    pub(super) async fn read_window(
         &self,
-        _room: &RoomId,
         keys: &RoomKeys,
         since: Option<u64>,
-    ) -> Result<Vec<String>, BrokerError> {
+    ) -> Result<Window, BrokerError> {
         let mut inv = self.scripts.recover.prepare_invoke();
         inv.key(keys.epoch())
             .key(keys.key("seq"))
             .key(keys.key("ep"))
             .key(keys.key("log"))
             .key(keys.key("state"))
+            .key(keys.key("seeded"))
             .arg(since.map_or(-1, |s| s as i64))
             .arg(self.window);
-        self.invoke(&mut self.conn(), inv).await
+        let out: Vec<String> = self.invoke(&mut self.conn(), inv).await?;
+        if out.first().map(String::as_str) != Some("1") {
+            return Ok(Window::Unseeded(out.get(1).cloned()));
+        }
+        let mut events = Vec::with_capacity(out.len().saturating_sub(5));
+        let (last, version, seeded) = (field(&out, 2)?, field(&out, 3)?, field(&out, 4)?);
+        let mut out = out.into_iter();
+        let epoch = out.nth(1).unwrap_or_default();
+        for frame in out.skip(3) {
+            let frame = Bytes::from(frame.into_bytes());
+            let seq = bus::peek(&frame).map_or(0, |p| p.seq);
+            events.push((seq, frame));
+        }
+        Ok(Window::Read(WindowRead {
+            epoch,
+            last,
+            version,
+            seeded,
+            events,
+        }))
+    }
+
+    /// Waits (a few seconds at most) until the history service stored everything appended to
+    /// the room's partition stream before `seeded` (consumers delete what they stored).
+    async fn await_history(&self, keys: &RoomKeys, seeded: u64) {
+        if seeded == 0 {
+            return;
+        }
+        let deadline = std::time::Instant::now() + AWAIT_HISTORY;
+        while std::time::Instant::now() < deadline {
+            let oldest: Vec<(String, redis::Value)> = match call(
+                redis::cmd("XRANGE")
+                    .arg(keys.persist())
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1),
+                &mut self.conn(),
+            )
+            .await
+            {
+                Ok(entries) => entries,
+                Err(_) => return,
+            };
+            // Entry ids start with the Redis time (ms) they were appended at.
+            let caught_up = oldest
+                .first()
+                .and_then(|(id, _)| EntryId::parse(id))
+                .is_none_or(|id| id.0 > seeded);
+            if caught_up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!(stream = %keys.persist(), "history did not catch up in time; recovering from what it has");
     }
 }
 

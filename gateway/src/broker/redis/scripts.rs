@@ -51,16 +51,17 @@ redis.call('SPUBLISH', ARGV[2], ARGV[3])
 return 1
 "#;
 
-/// KEYS: epoch, seq, ep, log, state version. ARGV: since (-1: none), window size. Returns
-/// {'1', epoch, last seq, state version, up to ARGV[2] frames after ARGV[1]...}, or '3'/'4'
-/// as PUBLISH.
+/// KEYS: epoch, seq, ep, log, state version, seeded. ARGV: since (-1: none), window size.
+/// Returns {'1', epoch, last seq, state version, when the room was seeded (ms; '0' before
+/// any reset), up to ARGV[2] frames after ARGV[1]...}, or '3'/'4' as PUBLISH.
 pub const RECOVER: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'id')
 if not epoch then return {'3'} end
 if redis.call('GET', KEYS[3]) ~= epoch then return {'4', epoch} end
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[1])
-local out = {'1', epoch, tostring(last), redis.call('GET', KEYS[5]) or '0'}
+local out = {'1', epoch, tostring(last), redis.call('GET', KEYS[5]) or '0',
+  redis.call('GET', KEYS[6]) or '0'}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[4], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
@@ -82,9 +83,11 @@ return ARGV[2]
 
 /// Seeds a room's counter in the epoch ARGV[1]: above ARGV[2] (what the store and the old key
 /// layout hold), the room's floor (what live nodes reported) and what the counter holds now.
-/// Its window and pin set start over (the store decides pins from now on). KEYS: epoch, seq,
-/// ep, floor, log, pins. Returns {'1'} (seeded, by this call or another), {'0'} (the epoch
-/// moved on) or {'2', ms} (the epoch's grace has ms left: nothing done).
+/// Its window and pin set start over (the store decides pins from now on); `seeded` records
+/// when (what was appended to the persistence stream before belongs to the numbering before).
+/// KEYS: epoch, seq, ep, floor, log, pins, seeded. Returns {'1'} (seeded, by this call or
+/// another), {'0'} (the epoch moved on) or {'2', ms} (the epoch's grace has ms left: nothing
+/// done).
 pub const SEED: &str = r#"
 local e = redis.call('HMGET', KEYS[1], 'id', 'until')
 if e[1] ~= ARGV[1] then return {'0'} end
@@ -98,6 +101,7 @@ local base = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[4]) or 
 redis.call('SET', KEYS[2], string.format('%d', base))
 redis.call('SET', KEYS[4], string.format('%d', base))
 redis.call('SET', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[7], string.format('%d', now))
 redis.call('DEL', KEYS[5], KEYS[6])
 return {'1'}
 "#;

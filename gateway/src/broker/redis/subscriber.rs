@@ -21,7 +21,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::{self, RoomKeys};
-use super::{unavailable, RedisBroker, CALL_TIMEOUT, NODE_CHANNEL};
+use super::{unavailable, RedisBroker, Window, CALL_TIMEOUT, NODE_CHANNEL};
 use crate::broker::BrokerError;
 use crate::bus;
 use crate::hub::Hub;
@@ -460,15 +460,14 @@ impl Subscriber {
             return;
         };
         let keys = b.keys(room);
-        let window = b.read_window(room, &keys, Some(seen)).await;
-        let out = match window {
-            Ok(out) if out.first().map(String::as_str) == Some("1") => out,
-            Ok(out) => {
+        let w = match b.read_window(&keys, Some(seen)).await {
+            Ok(Window::Read(w)) => w,
+            Ok(Window::Unseeded(epoch)) => {
                 // Not seeded in the current epoch (or no epoch at all): Redis lost the room.
                 // What this node delivered bounds the new numbering from below; the sessions
                 // rejoin, and their join seeds the room.
-                let epoch = match out.get(1) {
-                    Some(e) => Ok(e.clone()),
+                let epoch = match epoch {
+                    Some(e) => Ok(e),
                     None => b.epoch_in_force(&keys).await,
                 };
                 if let Ok(epoch) = epoch {
@@ -489,14 +488,8 @@ impl Subscriber {
                 return;
             }
         };
-        let last: u64 = out.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let events: Vec<Bytes> = out
-            .into_iter()
-            .skip(4)
-            .map(|f| Bytes::from(f.into_bytes()))
-            .collect();
-        let complete = seen <= last && events.len() as u64 == last - seen;
-        if !complete {
+        let last = w.last;
+        if !w.complete(seen) {
             tracing::warn!(%room, seen, last, "gap beyond the recovery window; closing local sessions");
             self.hub.close_room(room, proto::errors::close::RESTARTING);
             self.last.insert(room.clone(), last);
@@ -505,8 +498,7 @@ impl Subscriber {
         if last > seen {
             tracing::info!(%room, seen, last, "filling a gap from the window");
         }
-        for frame in events {
-            let seq = bus::peek(&frame).map_or(0, |p| p.seq);
+        for (seq, frame) in w.events {
             if seq > seen {
                 self.hub.deliver(room, seq, &frame, None);
             }

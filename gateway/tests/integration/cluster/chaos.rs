@@ -1,11 +1,15 @@
 //! Chaos on a real local cluster: 3 gateways, Redis (AOF `appendfsync always`), the history
 //! service and nginx. Clients talk only through nginx under steady traffic, and behave as the
 //! protocol asks a client to: on close or error they reconnect through the load balancer,
-//! rejoin with `since`, and retry every unacknowledged message with the same `client_msg_id`.
-//! Faults, one after another while traffic flows: `kill -9` a gateway, restart Redis, kill and
-//! restart the history service, SIGTERM-drain a gateway. Afterwards every ack is checked
-//! against the history API: nothing lost, nothing duplicated, seqs strictly increasing, and
+//! rejoin with `since` and the room's `epoch`, fill from history when that is not recovered,
+//! and retry every unacknowledged message with the same `client_msg_id`. Faults, one after
+//! another while traffic flows: `kill -9` a gateway, restart Redis, kill and restart the
+//! history service, SIGTERM-drain a gateway. Afterwards every ack is checked against the
+//! history API ([`check`]): nothing lost, nothing duplicated, seqs strictly increasing, and
 //! every client saw every acknowledged message exactly once.
+//!
+//! The client and the checks are shared with the tests of Redis losing data
+//! (`super::redis_loss`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,16 +25,18 @@ use tokio_tungstenite::tungstenite::Message;
 use super::procs::*;
 use crate::support::*;
 
-const ROOM: &str = "chaos";
+pub const ROOM: &str = "chaos";
 const CLIENTS: usize = 4;
 /// One message per client per tick: steady traffic well under the rate limit.
 const TICK: Duration = Duration::from_millis(60);
 
 /// What every chaos client shares with the test.
 #[derive(Default)]
-struct Shared {
+pub struct Shared {
+    /// How many clients share it.
+    pub clients: usize,
     /// Stop sending new messages (in-flight ones are still retried until acked).
-    stop: AtomicBool,
+    pub stop: AtomicBool,
     /// Clients whose last message is acked after `stop`.
     done_sending: AtomicUsize,
     /// Every acked message id, from every client, with its seq.
@@ -38,6 +44,13 @@ struct Shared {
 }
 
 impl Shared {
+    pub fn new(clients: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            clients,
+            ..Shared::default()
+        })
+    }
+
     fn acked_count(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
@@ -45,7 +58,7 @@ impl Shared {
 
 /// What one client observed.
 #[derive(Debug, Default)]
-struct Tally {
+pub struct Tally {
     user: String,
     /// (client_msg_id, id, seq) of every ack, retries included.
     acks: Vec<(String, String, u64)>,
@@ -56,8 +69,7 @@ struct Tally {
     first_seq: Option<u64>,
     /// Deliveries whose seq was not above the previous one (duplicate or out of order).
     order_violations: Vec<String>,
-    /// Rejoins answered `recovered: false` (the window is far larger than this test's traffic,
-    /// so any is a finding).
+    /// Rejoins answered `recovered: false` (then the client filled its gap from history).
     unrecovered: usize,
     reconnects: usize,
     /// Each connection: the node, the `since` of its join, the joined seq and the events
@@ -114,13 +126,14 @@ async fn connect_lb(lb: SocketAddr, user: &str, deadline: Instant) -> Result<(Ws
 }
 
 /// A client that rides out every fault; returns what it saw.
-async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tally {
+pub async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tally {
     let mut t = Tally {
         user: user.clone(),
         ..Tally::default()
     };
     let give_up = Instant::now() + Duration::from_secs(70);
     let mut last_seq = 0u64;
+    let mut epoch: Option<Value> = None;
     let mut next = 0usize;
     let mut pending: Option<Pending> = None;
     let mut reported_done = false;
@@ -150,6 +163,9 @@ async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tall
             if last_seq > 0 {
                 join["since"] = json!(last_seq);
             }
+            if let Some(e) = &epoch {
+                join["epoch"] = e.clone();
+            }
             let since = last_seq;
             let mut replayed = 0;
             if ws.send(Message::text(join.to_string())).await.is_err() {
@@ -166,14 +182,21 @@ async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tall
                     replayed += 1;
                 } else if f["ref"] == json!(r) {
                     if f["type"] == "joined" {
-                        t.first_seq.get_or_insert(f["seq"].as_u64().unwrap());
+                        let joined_seq = f["seq"].as_u64().unwrap();
+                        t.first_seq.get_or_insert(joined_seq);
                         t.connections.push(format!(
-                            "{node}: since {since}, joined at seq {}, {replayed} replayed",
-                            f["seq"]
+                            "{node}: since {since} epoch {epoch:?}, joined at seq {joined_seq} epoch {}, \
+                             {replayed} replayed, recovered {}",
+                            f["epoch"], f["recovered"]
                         ));
                         if last_seq > 0 && f["recovered"] != true {
                             t.unrecovered += 1;
+                            // Not recovered: what was missed is in history, up to the joined seq.
+                            for m in history_between(lb, ROOM, last_seq, joined_seq).await {
+                                record(&mut t, &mut last_seq, &m);
+                            }
                         }
+                        epoch = Some(f["epoch"].clone());
                         break 'join;
                     }
                     if f["code"] == "unavailable" || f["code"] == "rate_limited" {
@@ -235,7 +258,7 @@ async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tall
                             reported_done = true;
                             shared.done_sending.fetch_add(1, Ordering::SeqCst);
                         }
-                        if shared.done_sending.load(Ordering::SeqCst) == CLIENTS {
+                        if shared.done_sending.load(Ordering::SeqCst) == shared.clients {
                             let acked = shared.acked.lock().unwrap().clone();
                             if acked.iter().all(|(id, &seq)| !t.expects(seq) || t.seen.contains_key(id)) {
                                 let _ = ws.close(None).await;
@@ -297,7 +320,7 @@ fn record(t: &mut Tally, last_seq: &mut u64, f: &Value) {
 }
 
 /// Waits until `shared` holds at least `n` more acks than now: traffic flows after a fault.
-async fn progress(shared: &Shared, n: usize, what: &str) {
+pub async fn progress(shared: &Shared, n: usize, what: &str) {
     let target = shared.acked_count() + n;
     let deadline = Instant::now() + Duration::from_secs(25);
     while shared.acked_count() < target {
@@ -312,13 +335,19 @@ async fn progress(shared: &Shared, n: usize, what: &str) {
 }
 
 /// Every message of `room` in the history service, oldest first, paging with `after`.
-async fn history_of(history: SocketAddr, room: &str) -> Vec<Value> {
+pub async fn history_of(history: SocketAddr, room: &str) -> Vec<Value> {
+    history_between(history, room, 0, u64::MAX).await
+}
+
+/// The messages of `room` with `after < seq <= upto`, oldest first, from the history API at
+/// `addr` (a history service, or a gateway / the load balancer in front of them).
+async fn history_between(addr: SocketAddr, room: &str, after: u64, upto: u64) -> Vec<Value> {
     let mut all = vec![];
-    let mut after = 0;
+    let mut after = after;
     loop {
         let r = http()
             .get(format!(
-                "http://{history}/api/rooms/{room}/messages?after={after}&limit=100"
+                "http://{addr}/api/rooms/{room}/messages?after={after}&limit=100"
             ))
             .bearer_auth(token("auditor"))
             .send()
@@ -327,66 +356,36 @@ async fn history_of(history: SocketAddr, room: &str) -> Vec<Value> {
         assert_eq!(r.status(), 200);
         let page: Value = r.json().await.unwrap();
         let msgs = page["messages"].as_array().unwrap().clone();
-        all.extend(msgs.iter().cloned());
+        let done = msgs.iter().any(|m| m["seq"].as_u64() > Some(upto));
+        all.extend(
+            msgs.into_iter()
+                .filter(|m| m["seq"].as_u64().is_some_and(|s| s <= upto)),
+        );
         match page["next_after"].as_u64() {
-            Some(a) => after = a,
-            None => return all,
+            Some(a) if !done => after = a,
+            _ => return all,
         }
     }
 }
 
-#[tokio::test]
-async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
-    let started = std::time::Instant::now();
-    let mut backend = Backend::start().await;
-    let env = [("CHAT_MESSAGES_PER_S", "100"), ("CHAT_BURST", "100")];
-    let mut g1 = Some(Gateway::start(&backend, "g1", &env).await);
-    let g2 = Gateway::start(&backend, "g2", &env).await;
-    let g3 = Gateway::start(&backend, "g3", &env).await;
-    let g1_port = g1.as_ref().unwrap().addr.port();
-    let lb = Nginx::start(
-        &[g1.as_ref().unwrap().addr, g2.addr, g3.addr],
-        backend.history.addr,
-    )
-    .await;
-    // The room exists before the clients race to join it.
-    let mut owner = Client::connect_addr(lb.addr, "owner", "/ws").await;
-    owner.join(ROOM).await;
-    drop(owner);
+/// What [`check`] counted.
+#[derive(Debug)]
+pub struct Checked {
+    pub acked: usize,
+    pub stored: usize,
+    pub reconnects: usize,
+    /// Rejoins answered `recovered: false` (filled from history).
+    pub unrecovered: usize,
+}
 
-    let shared = Arc::new(Shared::default());
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(chaos_client(lb.addr, format!("c{i}"), shared.clone())))
-        .collect();
-    progress(&shared, 20, "steady traffic").await;
-
-    g1.take().unwrap().sigkill().await;
-    progress(&shared, 60, "kill -9 of g1").await;
-    // the node comes back on its port (as a supervisor restarts it); nginx finds it again
-    let _g1 = Gateway::start_on(&backend, "g1", g1_port, &env).await;
-
-    backend.redis.restart().await;
-    progress(&shared, 60, "redis restart").await;
-
-    backend.history.kill().await;
-    progress(&shared, 60, "history service down").await;
-    backend.history.restart().await;
-    progress(&shared, 60, "history service restarted").await;
-
-    g2.sigterm();
-    progress(&shared, 60, "drain of g2").await;
-    let status = g2.wait_exit(Duration::from_secs(10)).await;
-    assert!(status.success(), "drained node exits cleanly: {status:?}");
-
-    shared.stop.store(true, Ordering::SeqCst);
-    let mut tallies = vec![];
-    for c in clients {
-        tallies.push(c.await.unwrap());
-    }
-
+/// The chaos tests' verdict on what the clients saw and what history holds: every
+/// acknowledged message is in history once, with the seq its ack gave, in seq order, and
+/// every client saw each acknowledged message after its first join exactly once, in order.
+/// With `always_recovered`, no rejoin may have needed history.
+pub async fn check(tallies: &[Tally], history: SocketAddr, always_recovered: bool) -> Checked {
     // Acks: one id per client_msg_id, however many times it was retried.
     let mut by_cmid: HashMap<String, (String, u64)> = HashMap::new();
-    for t in &tallies {
+    for t in tallies {
         assert!(t.failure.is_none(), "{:?}", t.failure);
         for (cmid, id, seq) in &t.acks {
             let first = by_cmid
@@ -402,8 +401,9 @@ async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
         "distinct messages, distinct ids"
     );
 
-    // Every client saw every acked message exactly once, in seq order.
-    for t in &tallies {
+    // Every client saw every acked message exactly once, in seq order (live, replayed, or
+    // filled from history after a rejoin that was not recovered).
+    for t in tallies {
         let missing: Vec<_> = acked
             .iter()
             .filter(|(id, &seq)| t.expects(seq) && !t.seen.contains_key(*id))
@@ -417,13 +417,15 @@ async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
             t.user,
             t.order_violations
         );
-        assert_eq!(t.unrecovered, 0, "{}: a rejoin was not recovered", t.user);
+        if always_recovered {
+            assert_eq!(t.unrecovered, 0, "{}: a rejoin was not recovered", t.user);
+        }
     }
 
     // History: every ack is stored with its seq; nothing twice; seqs strictly increasing.
     let deadline = Instant::now() + Duration::from_secs(20);
     let stored = loop {
-        let stored = history_of(backend.history.addr, ROOM).await;
+        let stored = history_of(history, ROOM).await;
         let ids: HashSet<&str> = stored.iter().filter_map(|m| m["id"].as_str()).collect();
         if acked.keys().all(|id| ids.contains(id.as_str())) || Instant::now() > deadline {
             break stored;
@@ -453,13 +455,65 @@ async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
     for cmid in by_cmid.keys() {
         assert!(cmids.contains_key(cmid), "{cmid} stored without its key");
     }
-    let reconnects: usize = tallies.iter().map(|t| t.reconnects).sum();
-    eprintln!(
-        "chaos: {} acked, {} stored, {reconnects} reconnects, {:?}",
-        acked.len(),
-        stored.len(),
-        started.elapsed()
-    );
-    assert!(reconnects >= 1, "the faults did move clients");
+    Checked {
+        acked: acked.len(),
+        stored: stored.len(),
+        reconnects: tallies.iter().map(|t| t.reconnects).sum(),
+        unrecovered: tallies.iter().map(|t| t.unrecovered).sum(),
+    }
+}
+
+#[tokio::test]
+async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
+    let started = std::time::Instant::now();
+    let mut backend = Backend::start().await;
+    let env = [("CHAT_MESSAGES_PER_S", "100"), ("CHAT_BURST", "100")];
+    let mut g1 = Some(Gateway::start(&backend, "g1", &env).await);
+    let g2 = Gateway::start(&backend, "g2", &env).await;
+    let g3 = Gateway::start(&backend, "g3", &env).await;
+    let g1_port = g1.as_ref().unwrap().addr.port();
+    let lb = Nginx::start(
+        &[g1.as_ref().unwrap().addr, g2.addr, g3.addr],
+        backend.history.addr,
+    )
+    .await;
+    // The room exists before the clients race to join it.
+    let mut owner = Client::connect_addr(lb.addr, "owner", "/ws").await;
+    owner.join(ROOM).await;
+    drop(owner);
+
+    let shared = Shared::new(CLIENTS);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| tokio::spawn(chaos_client(lb.addr, format!("c{i}"), shared.clone())))
+        .collect();
+    progress(&shared, 20, "steady traffic").await;
+
+    g1.take().unwrap().sigkill().await;
+    progress(&shared, 60, "kill -9 of g1").await;
+    // the node comes back on its port (as a supervisor restarts it); nginx finds it again
+    let _g1 = Gateway::start_on(&backend, "g1", g1_port, &env).await;
+
+    backend.redis.restart().await;
+    progress(&shared, 60, "redis restart").await;
+
+    backend.history.kill().await;
+    progress(&shared, 60, "history service down").await;
+    backend.history.restart().await;
+    progress(&shared, 60, "history service restarted").await;
+
+    g2.sigterm();
+    progress(&shared, 60, "drain of g2").await;
+    let status = g2.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "drained node exits cleanly: {status:?}");
+
+    shared.stop.store(true, Ordering::SeqCst);
+    let mut tallies = vec![];
+    for c in clients {
+        tallies.push(c.await.unwrap());
+    }
+
+    let checked = check(&tallies, backend.history.addr, true).await;
+    eprintln!("chaos: {checked:?}, {:?}", started.elapsed());
+    assert!(checked.reconnects >= 1, "the faults did move clients");
     assert!(started.elapsed() < Duration::from_secs(90), "time budget");
 }
