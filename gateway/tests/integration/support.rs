@@ -38,7 +38,7 @@ pub fn redis_cluster() -> bool {
 
 /// What a scaled-mode server runs on.
 enum Backend {
-    Single(crate::cluster::procs::Backend),
+    Single(Box<crate::cluster::procs::Backend>),
     Cluster(crate::cluster::procs::ClusterBackend),
 }
 
@@ -47,13 +47,13 @@ impl Backend {
         if redis_cluster() {
             Backend::Cluster(crate::cluster::procs::ClusterBackend::start().await)
         } else {
-            Backend::Single(crate::cluster::procs::Backend::start().await)
+            Backend::Single(Box::new(crate::cluster::procs::Backend::start().await))
         }
     }
 
     fn behind(&self) -> &dyn crate::cluster::procs::Behind {
         match self {
-            Backend::Single(b) => b,
+            Backend::Single(b) => b.as_ref(),
             Backend::Cluster(b) => b,
         }
     }

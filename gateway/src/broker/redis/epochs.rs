@@ -46,7 +46,19 @@ use super::keys::{self, RoomKeys};
 use super::sent::{EntryId, Sent};
 use super::subscriber::SubCmd;
 use super::{call, field, unavailable, RedisBroker};
-use crate::broker::{Broker, BrokerError, StateCheck};
+use crate::broker::{Broker, BrokerError, Dedupe, Published, StateCheck};
+
+/// Entries as XRANGE returns them: id, fields.
+type StreamEntries = Vec<(String, HashMap<String, Vec<u8>>)>;
+
+/// What [`RedisBroker::reappend`] did.
+#[derive(Default)]
+pub(super) struct Reappended {
+    /// The persistence entry of the last event appended again.
+    last_entry: Option<EntryId>,
+    /// Events whose seq another event holds (or that came after the room was seeded).
+    taken: usize,
+}
 
 /// How long rooms of a replaced epoch wait before they are seeded: every node's watch
 /// ([`WATCH_EVERY`]) gets to report what it knows first.
@@ -129,7 +141,7 @@ impl RedisBroker {
                 .key(keys.key("floor"))
                 .key(keys.key("log"))
                 .key(keys.key("pins"))
-                .key(keys.key("seeded"))
+                .key(keys.key("oldlog"))
                 .arg(&epoch)
                 .arg(stored.max(legacy.unwrap_or(0)));
             let reply: Vec<String> = self.invoke(&mut self.conn(), inv).await?;
@@ -149,21 +161,22 @@ impl RedisBroker {
         }
     }
 
-    /// Raises the room's floor in `epoch` to `seq` and appends `events` (of an earlier epoch)
-    /// to the persistence stream again where their seq is still free; returns the acked events
-    /// whose seq was taken meanwhile. `Err` when Redis failed or the epoch moved on (the
-    /// caller keeps the events for the next round).
+    /// Raises the room's floor in `epoch` to `floor` and appends the acknowledged `events`
+    /// (of an earlier epoch; and those with an idempotency key, see [`Sent::promised`]) to the
+    /// persistence stream again where Redis lacks them and their seq is still free (see
+    /// [`super::scripts::REAPPEND`]). `Err` when Redis failed or the
+    /// epoch moved on (the caller keeps the events for the next round).
     pub(super) async fn reappend(
         &self,
         room: &RoomId,
         epoch: &str,
         floor: u64,
         events: &[Sent],
-    ) -> Result<Vec<Sent>, BrokerError> {
+    ) -> Result<Reappended, BrokerError> {
         let keys = self.keys(room);
-        let acked: Vec<&Sent> = events.iter().filter(|s| s.acked).collect();
-        let mut late = Vec::new();
-        let mut chunks: Vec<&[&Sent]> = acked.chunks(REAPPEND_CHUNK).collect();
+        let promised: Vec<&Sent> = events.iter().filter(|s| s.promised()).collect();
+        let mut done = Reappended::default();
+        let mut chunks: Vec<&[&Sent]> = promised.chunks(REAPPEND_CHUNK).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
         }
@@ -173,26 +186,37 @@ impl RedisBroker {
                 .key(keys.key("ep"))
                 .key(keys.key("floor"))
                 .key(keys.persist())
+                .key(keys.key("log"))
+                .key(keys.key("oldlog"))
                 .arg(epoch)
-                .arg(floor);
+                .arg(floor)
+                .arg(super::DEDUPE_TTL_S);
             for s in chunk {
-                inv.arg(s.seq).arg(with_seq(&s.frame, s.seq));
+                let (dd_key, dd_value) = match &s.dedupe {
+                    Some((key, id, ts)) => (
+                        keys.key(&format!("dd:{key}")),
+                        format!("{}:{id}:{}", s.seq, ts.0),
+                    ),
+                    None => Default::default(),
+                };
+                inv.arg(s.seq)
+                    .arg(with_seq(&s.frame, s.seq))
+                    .arg(dd_key)
+                    .arg(dd_value);
             }
             let reply: Vec<String> = self.invoke(&mut self.conn(), inv).await?;
             if reply.first().map(String::as_str) != Some("1") {
                 return Err(unavailable("the epoch moved on"));
             }
-            let taken: BTreeSet<u64> = reply[1..].iter().filter_map(|s| s.parse().ok()).collect();
+            if let Some(id) = reply.get(1).and_then(|id| EntryId::parse(id)) {
+                done.last_entry = done.last_entry.max(Some(id));
+            }
+            let taken = reply.len().saturating_sub(2);
             metrics::counter!("chat_broker_reappended_total")
-                .increment((chunk.len() - taken.len()) as u64);
-            late.extend(
-                chunk
-                    .iter()
-                    .filter(|s| taken.contains(&s.seq))
-                    .map(|s| (*s).clone()),
-            );
+                .increment(chunk.len().saturating_sub(taken) as u64);
+            done.taken += taken;
         }
-        Ok(late)
+        Ok(done)
     }
 
     /// One round of the watch: the primaries, then the partitions this node uses.
@@ -310,7 +334,9 @@ impl RedisBroker {
     }
 
     /// Partition `p` is in epoch `epoch` now: this node reports what it knows of the rooms'
-    /// numbering before (floors), and puts what it published back in the stream.
+    /// numbering before (floors), closes its sessions there (their clients rejoin from the new
+    /// epoch), and puts what it published back in the stream; once the history service took
+    /// that, whatever acknowledged event it still lacks is published again ([`reconcile`]).
     async fn epoch_changed(self: &Arc<Self>, p: u16, epoch: &str) {
         metrics::counter!("chat_broker_resets_total").increment(1);
         let _ = self
@@ -328,13 +354,18 @@ impl RedisBroker {
         for s in old {
             by_room.entry(s.room.clone()).or_default().push(s);
         }
+        let mut last_entry = None;
+        let mut check = Vec::new();
         for (room, events) in by_room {
             let floor = events.iter().map(|s| s.seq).max().unwrap_or(0);
             match self.reappend(&room, epoch, floor, &events).await {
-                Ok(late) if !late.is_empty() => {
-                    tokio::spawn(republish(self.clone(), room, late));
+                Ok(done) => {
+                    last_entry = last_entry.max(done.last_entry);
+                    if done.taken > 0 {
+                        tracing::warn!(%room, taken = done.taken, "seqs of acknowledged events were taken meanwhile");
+                    }
+                    check.extend(events.into_iter().filter(Sent::promised));
                 }
-                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, %room, "re-appending failed; next round");
                     for s in events {
@@ -343,41 +374,129 @@ impl RedisBroker {
                 }
             }
         }
+        if !check.is_empty() {
+            tokio::spawn(reconcile(self.clone(), p, last_entry, check));
+        }
+    }
+
+    /// The id of the oldest entry of partition `p`'s stream (None: empty).
+    async fn oldest_entry(&self, p: u16) -> Result<Option<EntryId>, BrokerError> {
+        let oldest: Vec<(String, redis::Value)> = call(
+            redis::cmd("XRANGE")
+                .arg(partitions::stream(p))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1),
+            &mut self.conn(),
+        )
+        .await?;
+        Ok(oldest.first().and_then(|(id, _)| EntryId::parse(id)))
+    }
+
+    /// Deletes `s`'s idempotency key while it names `s`'s publication.
+    async fn forget_dedupe(&self, s: &Sent) -> Result<(), BrokerError> {
+        let Some((key, id, ts)) = &s.dedupe else {
+            return Ok(());
+        };
+        let keys = self.keys(&s.room);
+        let mut inv = self.scripts.forget.prepare_invoke();
+        inv.key(keys.key(&format!("dd:{key}")))
+            .arg(format!("{}:{id}:{}", s.seq, ts.0));
+        self.invoke::<i64>(&mut self.conn(), inv).await.map(drop)
+    }
+
+    /// Whether another event holds `s`'s seq in the window kept from before the reset.
+    async fn seq_taken(&self, s: &Sent) -> bool {
+        let keys = self.keys(&s.room);
+        let id = format!("{}-1", s.seq);
+        let found: Result<StreamEntries, _> = call(
+            redis::cmd("XRANGE")
+                .arg(keys.key("oldlog"))
+                .arg(&id)
+                .arg(&id),
+            &mut self.conn(),
+        )
+        .await;
+        let frame = with_seq(&s.frame, s.seq);
+        found.is_ok_and(|f| {
+            f.first()
+                .is_some_and(|(_, fields)| fields.get("f") != Some(&frame))
+        })
     }
 }
 
-/// Publishes again, as new events, acknowledged events whose seq another event of the new
-/// epoch took before this node got to them — unless the store has them anyway. Room-state
-/// events are not: the store took their change when it was made.
-async fn republish(broker: Arc<RedisBroker>, room: RoomId, late: Vec<Sent>) {
-    for s in late {
+/// How long [`reconcile`] waits for the history service to store what was appended again.
+const RECONCILE_WAIT: Duration = Duration::from_secs(60);
+
+/// Once the history service stored what was appended again (up to `last_entry`), publishes
+/// again, as new events, the acknowledged ones it still lacks: their seq was given to another
+/// event before the loss was noticed (a failover that lost writes numbers on from where the
+/// replica was until a node notices), and the store kept that one. Messages are checked by
+/// id; edits, deletes, pins and unpins are published again when another event holds their
+/// seq (their effect is idempotent); room-state events are not (the store took their change
+/// when it was made).
+async fn reconcile(
+    broker: Arc<RedisBroker>,
+    p: u16,
+    last_entry: Option<EntryId>,
+    events: Vec<Sent>,
+) {
+    let deadline = Instant::now() + RECONCILE_WAIT;
+    if let Some(last) = last_entry {
+        while Instant::now() < deadline {
+            let oldest = broker.oldest_entry(p).await;
+            if oldest.is_ok_and(|o| o.is_none_or(|o| o > last)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for s in events {
         let Ok(event) = serde_json::from_slice::<ServerEvent>(&s.frame) else {
             continue;
         };
-        let stored = match &event {
-            ServerEvent::Message { id, .. } => broker
-                .store
-                .message(&room, *id)
-                .await
-                .ok()
-                .flatten()
-                .is_some(),
+        let missing = match &event {
+            ServerEvent::Message { id, .. } => match broker.store.message(&s.room, *id).await {
+                Ok(found) => found.is_none(),
+                Err(e) => {
+                    tracing::error!(error = %e, room = %s.room, seq = s.seq, "cannot check a message against the store");
+                    continue;
+                }
+            },
             ServerEvent::MessageEdited { .. }
             | ServerEvent::MessageDeleted { .. }
             | ServerEvent::Pinned { .. }
-            | ServerEvent::Unpinned { .. } => false,
-            _ => true,
+            | ServerEvent::Unpinned { .. } => broker.seq_taken(&s).await,
+            _ => false,
         };
-        if stored {
+        if !missing {
             continue;
         }
-        match Broker::publish_stored(&broker, &room, &s.frame, None, StateCheck::Unchecked).await {
-            Ok(p) => {
+        // With its idempotency key, which then names this publication: a retry of its sender
+        // gets it (the key may still name the lost one).
+        if let Err(e) = broker.forget_dedupe(&s).await {
+            tracing::error!(error = %e, room = %s.room, seq = s.seq, "could not publish an event again");
+            continue;
+        }
+        let dedupe = s.dedupe.as_ref().map(|(key, id, ts)| Dedupe {
+            key,
+            id: *id,
+            ts: *ts,
+        });
+        match Broker::publish_stored(&broker, &s.room, &s.frame, dedupe, StateCheck::Unchecked)
+            .await
+        {
+            Ok(Published::Fresh { seq }) => {
                 metrics::counter!("chat_broker_republished_total").increment(1);
-                tracing::warn!(%room, old = s.seq, new = p.seq(), "event published again under a new seq");
+                tracing::warn!(room = %s.room, old = s.seq, new = seq, "acknowledged event published again under a new seq");
             }
+            Ok(Published::Duplicate { seq, .. }) => {
+                tracing::info!(room = %s.room, old = s.seq, seq, "its sender's retry was published meanwhile");
+            }
+            // Published or not, it is among this node's sent events again.
             Err(e) => {
-                tracing::error!(error = %e, %room, seq = s.seq, "could not publish an event again")
+                tracing::warn!(error = %e, room = %s.room, seq = s.seq, "publishing an event again did not complete")
             }
         }
     }

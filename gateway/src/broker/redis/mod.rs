@@ -399,6 +399,7 @@ impl Broker for Arc<RedisBroker> {
                     epoch: reply[2].as_str().into(),
                     entry: EntryId::parse(&reply[3]).unwrap_or(EntryId(0, 0)),
                     frame: Bytes::copy_from_slice(frame),
+                    dedupe: dedupe.as_ref().map(|d| (d.key.to_owned(), d.id, d.ts)),
                     acked: false,
                     at: std::time::Instant::now(),
                     stored: false,
@@ -418,21 +419,24 @@ impl Broker for Arc<RedisBroker> {
             "2" => return Err(BrokerError::Stale),
             _ => {}
         }
-        // "seq:id:ts" of the first publication
+        // "seq:id:ts" of the first publication, which may not be replicated yet: the script
+        // renewed its key (a write), and replication is in order.
         let value = reply.get(1).cloned().unwrap_or_default();
         let mut parts = value.splitn(3, ':').map(|p| p.parse::<u64>().ok());
-        match (
+        let first = match (
             parts.next().flatten(),
             parts.next().flatten(),
             parts.next().flatten(),
         ) {
-            (Some(seq), Some(id), Some(ts)) => Ok(Published::Duplicate {
+            (Some(seq), Some(id), Some(ts)) => Published::Duplicate {
                 seq,
                 id: proto::MessageId(id),
                 ts: Timestamp(ts as i64),
-            }),
-            _ => Err(unavailable("corrupt dedupe entry")),
-        }
+            },
+            _ => return Err(unavailable("corrupt dedupe entry")),
+        };
+        self.replicated(&mut conn, &keys).await?;
+        Ok(first)
     }
 
     async fn publish_ephemeral(
@@ -538,8 +542,9 @@ impl Broker for Arc<RedisBroker> {
         let same_epoch = epoch.is_none_or(|e| e == w.epoch);
         if since.is_some() && !same_epoch {
             // A client of the numbering before a reset fills its gap from history: let the
-            // history service store what was appended again first.
-            self.await_history(&keys, w.seeded).await;
+            // history service store what is in the stream first (what was appended again,
+            // and what the new numbering published since).
+            self.await_history(&keys, w.now).await;
         }
         let complete = match since {
             None => true,
@@ -656,8 +661,8 @@ pub(super) struct WindowRead {
     /// The room's last seq.
     pub last: u64,
     version: StateVersion,
-    /// When the room was seeded after a reset (Redis time, ms; 0: never).
-    seeded: u64,
+    /// Redis time (ms) of the read.
+    now: u64,
     /// Stored events after the `since` asked for, in order.
     pub events: Vec<(u64, Bytes)>,
 }
@@ -687,7 +692,6 @@ impl RedisBroker {
             .key(keys.key("ep"))
             .key(keys.key("log"))
             .key(keys.key("state"))
-            .key(keys.key("seeded"))
             .arg(since.map_or(-1, |s| s as i64))
             .arg(self.window);
         let out: Vec<String> = self.invoke(&mut self.conn(), inv).await?;
@@ -695,7 +699,7 @@ impl RedisBroker {
             return Ok(Window::Unseeded(out.get(1).cloned()));
         }
         let mut events = Vec::with_capacity(out.len().saturating_sub(5));
-        let (last, version, seeded) = (field(&out, 2)?, field(&out, 3)?, field(&out, 4)?);
+        let (last, version, now) = (field(&out, 2)?, field(&out, 3)?, field(&out, 4)?);
         let mut out = out.into_iter();
         let epoch = out.nth(1).unwrap_or_default();
         for frame in out.skip(3) {
@@ -707,17 +711,15 @@ impl RedisBroker {
             epoch,
             last,
             version,
-            seeded,
+            now,
             events,
         }))
     }
 
     /// Waits (a few seconds at most) until the history service stored everything appended to
-    /// the room's partition stream before `seeded` (consumers delete what they stored).
-    async fn await_history(&self, keys: &RoomKeys, seeded: u64) {
-        if seeded == 0 {
-            return;
-        }
+    /// the room's partition stream before Redis time `now` (ms; consumers delete what they
+    /// stored).
+    async fn await_history(&self, keys: &RoomKeys, now: u64) {
         let deadline = std::time::Instant::now() + AWAIT_HISTORY;
         while std::time::Instant::now() < deadline {
             let oldest: Vec<(String, redis::Value)> = match call(
@@ -738,7 +740,7 @@ impl RedisBroker {
             let caught_up = oldest
                 .first()
                 .and_then(|(id, _)| EntryId::parse(id))
-                .is_none_or(|id| id.0 > seeded);
+                .is_none_or(|id| id.0 > now);
             if caught_up {
                 return;
             }

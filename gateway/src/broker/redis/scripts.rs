@@ -10,7 +10,8 @@
 /// KEYS: epoch, seq, ep, log, persist, dedupe key, state version. ARGV: frame, window size,
 /// channel, dedupe? ('1'), dedupe value, dedupe TTL, traceparent, state check ('e' expect,
 /// 'c' change, '' none), version. Returns {'1', seq, epoch, persistence entry id}
-/// (published), {'0', first publication} (a repeat of the dedupe key), {'2', version now}
+/// (published), {'0', first publication} (a repeat of the dedupe key, whose TTL it renews:
+/// a write, so that a `WAIT` after it covers the first publication too), {'2', version now}
 /// (stale: nothing done), {'3'} (no epoch) or {'4', epoch} (room not seeded).
 pub const PUBLISH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'id')
@@ -18,7 +19,10 @@ if not epoch then return {'3'} end
 if redis.call('GET', KEYS[3]) ~= epoch then return {'4', epoch} end
 if ARGV[4] == '1' then
   local prev = redis.call('GET', KEYS[6])
-  if prev then return {'0', prev} end
+  if prev then
+    redis.call('EXPIRE', KEYS[6], ARGV[6])
+    return {'0', prev}
+  end
 end
 if ARGV[8] == 'e' then
   local now = redis.call('GET', KEYS[7]) or '0'
@@ -51,17 +55,18 @@ redis.call('SPUBLISH', ARGV[2], ARGV[3])
 return 1
 "#;
 
-/// KEYS: epoch, seq, ep, log, state version, seeded. ARGV: since (-1: none), window size.
-/// Returns {'1', epoch, last seq, state version, when the room was seeded (ms; '0' before
-/// any reset), up to ARGV[2] frames after ARGV[1]...}, or '3'/'4' as PUBLISH.
+/// KEYS: epoch, seq, ep, log, state version. ARGV: since (-1: none), window size. Returns
+/// {'1', epoch, last seq, state version, Redis time (ms), up to ARGV[2] frames after
+/// ARGV[1]...}, or '3'/'4' as PUBLISH.
 pub const RECOVER: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'id')
 if not epoch then return {'3'} end
 if redis.call('GET', KEYS[3]) ~= epoch then return {'4', epoch} end
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[1])
+local t = redis.call('TIME')
 local out = {'1', epoch, tostring(last), redis.call('GET', KEYS[5]) or '0',
-  redis.call('GET', KEYS[6]) or '0'}
+  string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[4], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end
@@ -83,9 +88,9 @@ return ARGV[2]
 
 /// Seeds a room's counter in the epoch ARGV[1]: above ARGV[2] (what the store and the old key
 /// layout hold), the room's floor (what live nodes reported) and what the counter holds now.
-/// Its window and pin set start over (the store decides pins from now on); `seeded` records
-/// when (what was appended to the persistence stream before belongs to the numbering before).
-/// KEYS: epoch, seq, ep, floor, log, pins, seeded. Returns {'1'} (seeded, by this call or
+/// The window of the numbering before is kept aside (`oldlog`, a minute) for REAPPEND to
+/// check against, and the pin set starts over (the store decides pins from now on). KEYS:
+/// epoch, seq, ep, floor, log, pins, oldlog. Returns {'1'} (seeded, by this call or
 /// another), {'0'} (the epoch moved on) or {'2', ms} (the epoch's grace has ms left: nothing
 /// done).
 pub const SEED: &str = r#"
@@ -101,17 +106,24 @@ local base = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[4]) or 
 redis.call('SET', KEYS[2], string.format('%d', base))
 redis.call('SET', KEYS[4], string.format('%d', base))
 redis.call('SET', KEYS[3], ARGV[1])
-redis.call('SET', KEYS[7], string.format('%d', now))
-redis.call('DEL', KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[6], KEYS[7])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('RENAME', KEYS[5], KEYS[7])
+  redis.call('PEXPIRE', KEYS[7], 60000)
+end
 return {'1'}
 "#;
 
 /// After a reset, what a node knows of a room's numbering before it: ARGV[2] (the highest seq
 /// it published or delivered) raises the room's floor while the room is not seeded in epoch
-/// ARGV[1]; the frames (ARGV[3..]: seq, frame, seq, frame…) are appended to the persistence
-/// stream again with their seq when no event of the new epoch can hold it (seq ≤ floor).
-/// KEYS: epoch, ep, floor, persist. Returns {'1', seqs too late to keep…} or {'0'} (the
-/// epoch moved on).
+/// ARGV[1]. The events (ARGV[4..]: seq, frame, dedupe key, dedupe value — '' without — for
+/// each) are appended to the persistence stream again with their seq, their dedupe key set
+/// again for ARGV[3] seconds, when Redis has no event at that seq (its window, or the window
+/// kept aside at seeding, shows what it has) and none of the new epoch can get it (seq ≤
+/// floor). Left alone: an event Redis still has, and one whose dedupe key names another
+/// publication (its sender's retry went through meanwhile). KEYS: epoch, ep, floor, persist,
+/// log, oldlog. Returns {'1', id of the last entry appended or '', seqs another event holds
+/// or that came too late…} or {'0'} (the epoch moved on).
 pub const REAPPEND: &str = r#"
 if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return {'0'} end
 local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -119,15 +131,33 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] and tonumber(ARGV[2]) > floor then
   floor = tonumber(ARGV[2])
   redis.call('SET', KEYS[3], ARGV[2])
 end
-local late = {'1'}
-for i = 3, #ARGV, 2 do
-  if tonumber(ARGV[i]) <= floor then
-    redis.call('XADD', KEYS[4], '*', 'f', ARGV[i + 1])
+local out = {'1', ''}
+for i = 4, #ARGV, 4 do
+  local id = ARGV[i] .. '-1'
+  local e = redis.call('XRANGE', KEYS[5], id, id)
+  if not e[1] then e = redis.call('XRANGE', KEYS[6], id, id) end
+  local retried = ARGV[i + 2] ~= '' and redis.call('GET', ARGV[i + 2])
+  if e[1] then
+    if e[1][2][2] ~= ARGV[i + 1] then out[#out + 1] = ARGV[i] end
+  elseif retried and retried ~= ARGV[i + 3] then
+    -- its sender's retry is the publication that counts
+  elseif tonumber(ARGV[i]) <= floor then
+    out[2] = redis.call('XADD', KEYS[4], '*', 'f', ARGV[i + 1])
+    if ARGV[i + 2] ~= '' then
+      redis.call('SET', ARGV[i + 2], ARGV[i + 3], 'NX', 'EX', ARGV[3])
+    end
   else
-    late[#late + 1] = ARGV[i]
+    out[#out + 1] = ARGV[i]
   end
 end
-return late
+return out
+"#;
+
+/// Deletes the idempotency key KEYS[1] while it still names the publication ARGV[1]: an
+/// event published again must not be answered with the publication the store lost.
+pub const FORGET: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 /// What the persistence stream of a partition still holds: KEYS: epoch, persist. Returns
@@ -229,6 +259,7 @@ pub struct Scripts {
     pub new_epoch: redis::Script,
     pub seed: redis::Script,
     pub reappend: redis::Script,
+    pub forget: redis::Script,
     pub confirm: redis::Script,
     pub verify: redis::Script,
     pub presence_add: redis::Script,
@@ -246,6 +277,7 @@ impl Scripts {
             new_epoch: redis::Script::new(NEW_EPOCH),
             seed: redis::Script::new(SEED),
             reappend: redis::Script::new(REAPPEND),
+            forget: redis::Script::new(FORGET),
             confirm: redis::Script::new(CONFIRM),
             verify: redis::Script::new(VERIFY),
             presence_add: redis::Script::new(PRESENCE_ADD),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use proto::RoomId;
+use proto::{MessageId, RoomId, Timestamp};
 
 /// The shortest time a published event is kept.
 pub const KEEP: Duration = Duration::from_secs(10);
@@ -40,8 +40,11 @@ pub struct Sent {
     pub entry: EntryId,
     /// As the publisher gave it (without `seq`).
     pub frame: Bytes,
+    /// Its idempotency key, with the id and time it was published with, when it had one.
+    pub dedupe: Option<(String, MessageId, Timestamp)>,
     /// The sender was told it is kept (an event whose publish failed afterwards, say its
-    /// `WAIT`, is only remembered for its seq).
+    /// `WAIT`, is only remembered for its seq, unless it had an idempotency key: the sender's
+    /// retry will be told it is kept).
     pub acked: bool,
     pub at: Instant,
     /// Its persistence entry is known to be stored.
@@ -52,6 +55,14 @@ pub struct Sent {
 pub struct SentLog {
     parts: Vec<Mutex<VecDeque<Sent>>>,
     max: usize,
+}
+
+impl Sent {
+    /// Whether it must be kept after a reset: its sender was told it is kept, or will be
+    /// when it retries with its idempotency key.
+    pub fn promised(&self) -> bool {
+        self.acked || self.dedupe.is_some()
+    }
 }
 
 impl SentLog {
@@ -138,6 +149,7 @@ mod tests {
             epoch: epoch.into(),
             entry: EntryId(entry, 0),
             frame: Bytes::from_static(b"{}"),
+            dedupe: None,
             acked: true,
             at,
             stored: false,

@@ -29,7 +29,8 @@ use crate::hub::Hub;
 pub(super) enum SubCmd {
     Subscribe(RoomId, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(RoomId),
-    /// The partition is in a new epoch: report the highest seq delivered of its rooms.
+    /// The partition is in a new epoch: report the highest seq delivered of its rooms, and
+    /// close their sessions (their clients rejoin in the new epoch and fill from history).
     EpochChanged(u16, Arc<str>),
 }
 
@@ -162,16 +163,22 @@ impl Subscriber {
                     return;
                 };
                 let n = self.partitions();
-                let rooms: Vec<(RoomId, u64)> = self
-                    .last
-                    .iter()
-                    .filter(|(r, _)| RoomKeys::new(r, n).partition == p)
-                    .map(|(r, s)| (r.clone(), *s))
+                let rooms: Vec<RoomId> = self
+                    .hub
+                    .local_rooms()
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .filter(|r| RoomKeys::new(r, n).partition == p)
                     .collect();
-                for (room, seq) in rooms {
-                    if let Err(e) = b.reappend(&room, &epoch, seq, &[]).await {
-                        tracing::warn!(error = %e, %room, "could not report a room's floor");
+                for room in rooms {
+                    if let Some(seq) = self.last.remove(&room) {
+                        if let Err(e) = b.reappend(&room, &epoch, seq, &[]).await {
+                            tracing::warn!(error = %e, %room, "could not report a room's floor");
+                        }
                     }
+                    // Seqs delivered here may have been given to other events before the loss
+                    // was noticed: the clients start over from the new epoch.
+                    self.hub.close_room(&room, proto::errors::close::RESTARTING);
                 }
             }
         }

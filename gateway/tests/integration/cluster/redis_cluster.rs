@@ -190,6 +190,48 @@ impl RedisCluster {
         panic!("no primary serves slot {slot}")
     }
 
+    /// The replica of the primary `primary` (by its `INFO replication`).
+    pub async fn replica_of(&self, primary: usize) -> usize {
+        let port = self.nodes[primary].port;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.child.is_some()
+                && n.info("replication")
+                    .await
+                    .contains(&format!("master_port:{port}"))
+            {
+                return i;
+            }
+        }
+        panic!("node {primary} has no replica")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to node `i`: a stopped replica misses what its primary
+    /// writes meanwhile.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i]
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Makes primary `i` drop its replication links (`CLIENT KILL TYPE replica`): what it
+    /// writes next reaches no replica until one reconnects.
+    pub async fn cut_replicas(&self, i: usize) {
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("replica")
+            .query_async(&mut self.nodes[i].conn().await)
+            .await
+            .unwrap();
+    }
+
     /// SIGKILL node `i` (no shutdown, no save).
     pub async fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
