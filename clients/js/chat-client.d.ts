@@ -105,6 +105,8 @@ export interface Unmuted { type: 'unmuted'; seq: number; room: RoomId; user: Use
 export interface Rooms { type: 'rooms'; ref?: Ref; rooms: RoomSummary[] }
 export interface Notice { type: 'notice'; content: string; ts: Timestamp }
 export interface Reconnect { type: 'reconnect'; after_ms: number }
+/** The connection's token expires soon: the client refreshes it when its token is a function. */
+export interface TokenExpiring { type: 'token_expiring'; expires_at: Timestamp; expires_in_s: number }
 
 export type ClientState = 'idle' | 'connecting' | 'connected' | 'reconnecting' | 'unauthorized' | 'closed';
 
@@ -117,10 +119,13 @@ export interface ChatEvents {
   room_created: RoomCreated; room_updated: RoomUpdated; room_deleted: RoomDeleted;
   member_added: MemberAdded; member_removed: MemberRemoved; member_updated: MemberUpdated;
   banned: Banned; unbanned: Unbanned; muted: Muted; unmuted: Unmuted; rooms: Rooms;
-  notice: Notice; reconnect: Reconnect;
+  notice: Notice; reconnect: Reconnect; token_expiring: TokenExpiring;
   /** The connection state; `delayMs` when a reconnect is scheduled. */
   state: { state: ClientState; attempt?: number; delayMs?: number; reason?: string };
-  disconnected: { code: number };
+  /** The close code and reason (`token expired`, or why the application disconnected the user). */
+  disconnected: { code: number; reason: string };
+  /** The live connection could not take a new token (it closes at the old one's expiry). */
+  refresh_failed: ChatError;
   /** Out of a room the client kept (banned, removed, deleted, made private, re-join refused). */
   lost: { room: RoomId; reason: string; frame: object };
   unauthorized: { reason: string };
@@ -176,7 +181,8 @@ export class ChatClient {
 
   connect(): Promise<Hello>;
   close(): void;
-  refresh(token: TokenSource): void;
+  /** Resolves with the server's ack when the live connection took the token, else null. */
+  refresh(token: TokenSource): Promise<Ack | null>;
   reconnectNow(): void;
   drop(reason?: string): void;
 

@@ -3,7 +3,9 @@
 //
 // What it does for an application (README.md shows it in use):
 //   - connects with a token (a string, or a function asked on every connect: the refresh
-//     hook), and `refresh(token)` swaps it;
+//     hook), and `refresh(token)` swaps it; when the server says the connection's token is
+//     expiring (`token_expiring`), a token function is asked for a new one, which the live
+//     connection takes (`refresh` command) so it is not closed at the old token's expiry;
 //   - commands return promises: resolved by the server's answer (`ack`, or the command's own
 //     frame: `joined`, `left`, `rooms`, `pong`), rejected with a ChatError by `error`,
 //     matched by `ref`;
@@ -171,11 +173,17 @@ export class ChatClient {
     for (const r of this.rooms.values()) for (const w of r.waiters.splice(0)) w.reject(err());
   }
 
-  /** A new token for the next connection (the current one is not interrupted). */
+  /**
+   * A new token (or token function) for this and every later connection: the live connection
+   * takes it at once (it is then not closed when the old token expires). Resolves with the
+   * server's `ack`, or null when there is no live connection to give it to or the server
+   * refused it (the `refresh_failed` event has the ChatError); never rejects.
+   */
   refresh(token) {
     this.tokenSource = token;
     this.token = typeof token === 'string' ? token : null;
     if (this.state === 'unauthorized') { this.attempt = 0; this.open(); }
+    return this.renewToken();
   }
 
   /** Reconnects now instead of waiting for the next scheduled attempt (a "Retry now"). */
@@ -358,16 +366,16 @@ export class ChatClient {
       try { frame = JSON.parse(ev.data); } catch { return; }
       if (frame && typeof frame === 'object') this.onFrame(ws, frame);
     };
-    const gone = (code) => { if (this.ws === ws) { this.ws = null; this.socketGone(ws, code); } };
+    const gone = (code, reason = '') => { if (this.ws === ws) { this.ws = null; this.socketGone(ws, code, reason); } };
     ws.onopen = () => { ws.opened = true; };
-    ws.onclose = (ev) => gone(ev.code);
+    ws.onclose = (ev) => gone(ev.code, ev.reason);
     // Browsers follow an error with a close; Node 20's WebSocket does not when the connection
     // is refused (and calling close() there fires the error again), so an error before the
     // socket opened ends the attempt here.
     ws.onerror = () => { if (!ws.opened) gone(1006); };
   }
 
-  socketGone(ws, code) {
+  socketGone(ws, code, reason = '') {
     this.stopHeartbeat();
     clearTimeout(this.timers.move);
     for (const r of this.rooms.values()) { r.joined = false; r.joining = false; }
@@ -381,15 +389,33 @@ export class ChatClient {
     }
     if (this.state === 'closed') return;
     if (!ws.gotHello) this.failedHandshakes++;
-    this.emit('disconnected', { code });
-    // Refused handshakes (a WebSocket cannot see the 401) or a policy close: ask over HTTP
-    // whether the token is still good, now and then.
+    this.emit('disconnected', { code, reason });
+    // Refused handshakes (a WebSocket cannot see the 401) or a policy close (the token
+    // expired, the application disconnected the user): ask over HTTP whether the token — a
+    // new one, from a token function — is still good, now and then.
     if (code === 1008 || (!ws.gotHello && this.failedHandshakes % 3 === 1)) {
       this.checkToken().then((ok) => { if (ok) this.scheduleReconnect(); });
       this.setState('reconnecting');
       return;
     }
     this.scheduleReconnect();
+  }
+
+  /**
+   * Gives the live connection the current token (a token function is asked for it): the
+   * server keeps the connection until that token's expiry. Resolves with the `ack`, or null.
+   */
+  async renewToken() {
+    const ws = this.ws;
+    if (!ws || this.state !== 'connected') return null;
+    try {
+      const token = await this.currentToken();
+      if (!token || this.ws !== ws) return null;
+      return await this.command({ type: 'refresh', token });
+    } catch (err) {
+      this.emit('refresh_failed', err instanceof ChatError ? err : new ChatError('refresh_failed', String(err?.message ?? err)));
+      return null;
+    }
   }
 
   async checkToken() {
@@ -447,6 +473,9 @@ export class ChatClient {
       case 'hello': this.onHello(ws, f); break;
       case 'joined': meta = this.onJoined(f); break;
       case 'reconnect': this.onReconnectHint(ws, f); break;
+      // Only a token function can give a new token; with a fixed one the app may listen for
+      // the event and call refresh() itself.
+      case 'token_expiring': if (typeof this.tokenSource === 'function') this.renewToken(); break;
       default: break;
     }
     if (f.ref != null && this.answer(f)) return; // answered a command: the promise has it

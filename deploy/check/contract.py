@@ -11,7 +11,8 @@ the Rust source; this module extracts them so the checks follow the code:
             gateway/src and history-service/src;
   commands: history-service subcommands (`enum Command`);
   min_hs256_secret_bytes: the shortest CHAT_JWT_SECRET the binaries accept
-            (proto/src/auth.rs).
+            (proto/src/auth.rs); min_api_key_bytes: the shortest server API
+            key the gateway accepts (gateway/src/api_keys.rs).
 
   python3 deploy/check/contract.py            # prints both as a table
   python3 deploy/check/contract.py --json     # the same as JSON
@@ -87,14 +88,24 @@ def subcommands() -> list:
     return [v.lower() for v in re.findall(r"^\s*(\w+),\s*$", m.group(1), re.M)]
 
 
-def min_hs256_secret_bytes() -> int:
-    """`MIN_HS256_SECRET_BYTES` of proto/src/auth.rs (0 when it cannot be read)."""
+def rust_usize_const(rel_path: str, name: str) -> int:
+    """`pub const NAME: usize = N;` of a Rust source file (0 when it cannot be read)."""
     try:
-        text = (ROOT / "proto/src/auth.rs").read_text()
+        text = (ROOT / rel_path).read_text()
     except OSError:
         return 0
-    m = re.search(r"pub const MIN_HS256_SECRET_BYTES: usize = (\d+);", text)
+    m = re.search(rf"pub const {name}: usize = (\d+);", text)
     return int(m.group(1)) if m else 0
+
+
+def min_hs256_secret_bytes() -> int:
+    """`MIN_HS256_SECRET_BYTES` of proto/src/auth.rs (0 when it cannot be read)."""
+    return rust_usize_const("proto/src/auth.rs", "MIN_HS256_SECRET_BYTES")
+
+
+def min_api_key_bytes() -> int:
+    """`MIN_KEY_BYTES` of gateway/src/api_keys.rs (0 when it cannot be read)."""
+    return rust_usize_const("gateway/src/api_keys.rs", "MIN_KEY_BYTES")
 
 
 METRIC_RE = re.compile(r"metrics::(counter|gauge|histogram)!\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"")

@@ -89,7 +89,7 @@ def main() -> None:
     server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    # Same first log line as the real binaries (PROTOCOL.md).
+    # Same first log line as the real binaries (docs/protocol.md, "Operating contract").
     print(f"listening on {server.server_address[0]}:{server.server_address[1]}", flush=True)
     server.serve_forever()
 

@@ -687,6 +687,15 @@ def check_contract(objs, by_kind, exists, external, notes):
             expect(tgps > sleep + drain,
                    f"{who}: terminationGracePeriodSeconds {tgps} must exceed preStop {sleep}s + CHAT_DRAIN_SECONDS {drain}s")
             if binary == "gateway":
+                # The server API's keys: a whole mounted Secret (one file per key), read-only.
+                keys_dir = values.get("CHAT_API_KEYS_DIR")
+                if keys_dir:
+                    vols = {v["name"]: v for v in tpl["spec"].get("volumes") or []}
+                    mount = next((m for m in c.get("volumeMounts") or []
+                                  if m["mountPath"].rstrip("/") == keys_dir.rstrip("/")), None)
+                    sec = (vols.get(mount["name"]) or {}).get("secret") if mount else None
+                    expect(sec and not sec.get("items") and mount.get("readOnly"),
+                           f"{who}: CHAT_API_KEYS_DIR={keys_dir} must be a whole Secret mounted read-only there")
                 expect("CHAT_REDIS_URL" in sources, f"{who}: CHAT_REDIS_URL unset: each pod would be an isolated single node")
                 expect("CHAT_HISTORY_URL" in values, f"{who}: CHAT_HISTORY_URL unset: each pod would keep its own SQLite history")
                 hb = int(values.get("CHAT_HEARTBEAT_SECONDS") or accepted["CHAT_HEARTBEAT_SECONDS"]["default"])
@@ -744,8 +753,18 @@ def check_contract(objs, by_kind, exists, external, notes):
         if "jwt-secret" in keys:
             expect(len(jwt) >= min_secret,
                    f"Secret/{name}: jwt-secret is {len(jwt)} bytes; the binaries refuse fewer than {min_secret}")
+        if name.startswith("chat-api-keys"):
+            # Every key is a server API key; the gateway refuses a short one at start.
+            min_key = contract.min_api_key_bytes()
+            expect(min_key > 0, "MIN_KEY_BYTES not found in gateway/src/api_keys.rs (source moved?)")
+            expect(keys, f"Secret/{name}: no key: the gateways would refuse to start")
+            for k, v in (sec.get("data") or {}).items():
+                n = len(base64.b64decode(v).rstrip(b"\r\n"))
+                expect(n >= min_key, f"Secret/{name}: key {k} is {n} bytes; the gateway refuses fewer than {min_key}")
     for ext in sorted(external):
-        if ext.startswith("Secret/") and ext != "Secret/chat-tls":
+        if ext == "Secret/chat-api-keys":
+            notes.append(f"{ext} must hold the server API's keys, one per key (docs/operations.md \"Secrets\")")
+        elif ext.startswith("Secret/") and ext != "Secret/chat-tls":
             notes.append(f"{ext} must hold keys {', '.join(SECRET_KEYS)} (docs/operations.md \"Secrets\")")
 
     # Alerts use only metrics the binaries export.

@@ -8,7 +8,12 @@ use std::time::Duration;
 use clap::Parser;
 use history_service::keys::KeySettings;
 use history_service::redis_conn::RedisArgs;
+
+use crate::api_keys::ApiKeys;
 use history_service::secrets;
+
+/// `CHAT_TOKEN_EXPIRING_SECONDS` at most: a day.
+pub const MAX_TOKEN_EXPIRING_SECONDS: u64 = 24 * 3600;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -120,6 +125,17 @@ pub struct Config {
     /// File holding `CHAT_INTERNAL_TOKEN`.
     #[arg(long, env = "CHAT_INTERNAL_TOKEN_FILE")]
     pub internal_token_file: Option<PathBuf>,
+    /// Seconds before its token's `exp` at which a connection gets `token_expiring` (it is
+    /// closed with 1008 at `exp` unless it sends `refresh` with a new token).
+    #[arg(long, env = "CHAT_TOKEN_EXPIRING_SECONDS", default_value_t = 60)]
+    pub token_expiring_seconds: u64,
+    /// Directory of the server API's keys, one file per key (the file name names the key in
+    /// logs); unset → no server API.
+    #[arg(long, env = "CHAT_API_KEYS_DIR")]
+    pub api_keys_dir: Option<PathBuf>,
+    /// The keys read from `api_keys_dir` ([`Config::load_secret_files`]).
+    #[arg(skip)]
+    pub api_keys: Option<ApiKeys>,
     /// A `join` of a room that does not exist creates it public, the joiner as owner (as a
     /// `create_room` would). `false`: such a join answers `not_found`.
     #[arg(long, env = "CHAT_AUTO_CREATE_ROOMS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -149,6 +165,11 @@ impl Config {
         if self.heartbeat_seconds == 0 {
             return Err("CHAT_HEARTBEAT_SECONDS must be > 0".into());
         }
+        if !(1..=MAX_TOKEN_EXPIRING_SECONDS).contains(&self.token_expiring_seconds) {
+            return Err(format!(
+                "CHAT_TOKEN_EXPIRING_SECONDS must be between 1 and {MAX_TOKEN_EXPIRING_SECONDS}"
+            ));
+        }
         self.redis.settings()?;
         if let Some(url) = &self.history_url {
             history_service::remote::RemoteStore::new(url, None)
@@ -166,8 +187,8 @@ impl Config {
         self.key_settings().verifier().map(drop)
     }
 
-    /// Replaces each `*_FILE` setting by the value its file holds (before [`Config::validate`];
-    /// a second call does nothing).
+    /// Replaces each `*_FILE` setting by the value its file holds, and reads the server API's
+    /// keys (before [`Config::validate`]; a second call does nothing).
     pub fn load_secret_files(&mut self) -> Result<(), String> {
         self.jwt_secret = secrets::setting(
             "CHAT_JWT_SECRET",
@@ -180,6 +201,9 @@ impl Config {
             self.internal_token_file.take().as_deref(),
         )?;
         self.redis.load_secret_file()?;
+        if let (None, Some(dir)) = (&self.api_keys, &self.api_keys_dir) {
+            self.api_keys = Some(ApiKeys::load(dir)?);
+        }
         Ok(())
     }
 
@@ -208,6 +232,10 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_seconds)
+    }
+
+    pub fn token_expiring(&self) -> Duration {
+        Duration::from_secs(self.token_expiring_seconds)
     }
 
     /// Defaults as if started with no flags and no environment (for tests).

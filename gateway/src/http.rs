@@ -1,6 +1,6 @@
 //! HTTP routes: the WebSocket upgrade (authenticated before upgrading), the gateway's own API
 //! paths ([`public_router`]), and health, readiness and metrics ([`ops_router`]: on the
-//! internal listener when one is configured, else beside the others in [`router`]).
+//! internal listener when one is configured, else beside the others; see `crate::serve`).
 
 use std::sync::Arc;
 
@@ -59,11 +59,6 @@ fn ui(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Every route on one listener (no internal listener configured).
-pub fn router(node: Arc<Node>) -> Router {
-    public_router(node.clone()).merge(ops_router(node))
-}
-
 /// Health, readiness and metrics: for the cluster, never the public.
 pub fn ops_router(node: Arc<Node>) -> Router {
     Router::new()
@@ -117,16 +112,8 @@ pub fn token_from(query: &TokenQuery, headers: &HeaderMap) -> Option<String> {
     if let Some(t) = &query.token {
         return Some(t.clone());
     }
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        if let Some(t) = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-        {
-            return Some(t.trim().to_string());
-        }
+    if let Some(t) = history_service::http::bearer(headers) {
+        return Some(t.to_string());
     }
     headers
         .get_all(header::COOKIE)

@@ -62,7 +62,15 @@ impl SessionHandle {
     /// the caller: for fan-outs too large for one thread to write (see [`DIRECT_FANOUT`]).
     /// Returns the items waiting in the session's queue.
     fn push(&self, out: Outbound, direct: bool) -> usize {
-        match self.outbox.push(out, direct) {
+        let pushed = match direct {
+            // In a corked batch, written once per session when the batch ends.
+            true => match crate::cork::defer(&self.outbox, out) {
+                Ok(deferred) => deferred,
+                Err(out) => self.outbox.push(out, true),
+            },
+            false => self.outbox.push(out, false),
+        };
+        match pushed {
             Ok(waiting) => waiting,
             Err(Full) => {
                 if self.outbox.closing().is_none() {
@@ -77,6 +85,11 @@ impl SessionHandle {
     /// Asks the session to close with `code` (see [`Outbox::close`]).
     pub fn close(&self, code: u16) {
         self.outbox.close(code);
+    }
+
+    /// [`Self::close`] with the close frame's reason (see [`Outbox::close_with`]).
+    pub fn close_with(&self, code: u16, reason: &str) {
+        self.outbox.close_with(code, reason);
     }
 }
 
@@ -383,10 +396,12 @@ impl Hub {
         };
         let emptied = !shard.contains_key(room);
         drop(shard);
-        metrics::histogram!("chat_fanout_seconds").record(started.elapsed());
+        crate::telemetry::hot()
+            .fanout_seconds
+            .record(started.elapsed());
         // The deepest recipient queue after this fan-out: a growing value means clients fall
         // behind (the soak test watches it).
-        metrics::gauge!("chat_outbound_queue_depth_max").set(deepest as f64);
+        crate::telemetry::hot().queue_depth_max.set(deepest as f64);
         if let Some(o) = self.observer.get() {
             if !evicted.is_empty() {
                 o.evicted(room, evicted, emptied);
@@ -518,6 +533,14 @@ impl Hub {
             if !members.as_ref().is_some_and(|m| m.contains(h.id)) {
                 h.send(frame.clone());
             }
+        }
+    }
+
+    /// Closes every local connection of `user` with 1008 and `reason`.
+    pub fn disconnect_user(&self, user: &str, reason: &str) {
+        let shard = self.users[shard_of(user)].lock().expect("hub lock");
+        for h in shard.get(user).into_iter().flatten() {
+            h.close_with(close::POLICY, reason);
         }
     }
 

@@ -3,15 +3,16 @@
 //! # Layout
 //! - [`config`]: flags and environment, validated before anything binds.
 //! - [`http`]: routes — the WebSocket upgrade (authenticated before upgrading), API paths,
-//!   health, readiness, metrics.
+//!   health, readiness, metrics; [`server_api`]: the application backend's API (keys:
+//!   [`api_keys`]), on the internal listener.
 //! - [`session`]: one per socket; its reader runs [`commands`], its [`writer`] drains a bounded
 //!   queue ([`outbox`]) to the socket, frames encoded by [`wire`].
 //! - [`commands`]: what each client command does, one file per group; every permission
 //!   decision goes through [`commands::guard`] (rules: `history_service::access`) on the
 //!   node's cached [`room_state`], confirmed by the broker's state version.
 //! - [`node`]: per-process state shared by sessions (hub, broker, room state, ids, drain
-//!   state, typing, [`online`] announcements, [`receipts`] coalescing), and the policy around
-//!   what the hub and the broker report.
+//!   state, typing, [`online`] announcements, [`receipts`] coalescing, token [`expiry`]), and
+//!   the policy around what the hub and the broker report.
 //! - [`hub`]: sharded local registry room → sessions and user → sessions; local fan-out.
 //! - [`broker`]: the cluster seam — seq assignment, recovery window, presence, pub/sub —
 //!   in memory (one node) or on Redis (many); [`bus`] reads frames that arrive from it.
@@ -22,10 +23,13 @@
 //! [`broker`] assigns seq, appends to the persistence log, publishes → on every node the
 //! [`hub`] enqueues the same bytes to each local member's queue → [`writer`] writes them.
 
+pub mod api_keys;
 pub mod broker;
 pub mod bus;
 pub mod commands;
 pub mod config;
+pub mod cork;
+pub mod expiry;
 pub mod http;
 pub mod hub;
 pub mod node;
@@ -35,6 +39,7 @@ pub mod persist;
 pub mod reassembly;
 pub mod receipts;
 pub mod room_state;
+pub mod server_api;
 pub mod session;
 pub mod shutdown;
 pub mod telemetry;
@@ -166,9 +171,19 @@ pub async fn serve(
     serve_with_internal(listener, None, node, shutdown).await
 }
 
-/// [`serve`], with `/healthz`, `/readyz` and `/metrics` on `internal` instead of `listener`
-/// when given. The internal listener keeps answering through the drain (`/readyz` 503) and
-/// stops after the public one.
+/// The routes for the cluster, never the public: health, readiness, metrics, and the server
+/// API when keys are configured.
+fn internal_router(node: Arc<Node>) -> axum::Router {
+    let ops = http::ops_router(node.clone());
+    match server_api::router(node) {
+        Some(api) => ops.merge(api),
+        None => ops,
+    }
+}
+
+/// [`serve`], with `/healthz`, `/readyz`, `/metrics` and the server API on `internal` instead
+/// of `listener` when given. The internal listener keeps answering through the drain
+/// (`/readyz` 503) and stops after the public one.
 pub async fn serve_with_internal(
     listener: TcpListener,
     internal: Option<TcpListener>,
@@ -176,10 +191,13 @@ pub async fn serve_with_internal(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (app, internal) = match internal {
-        None => (http::router(node.clone()), None),
+        None => (
+            http::public_router(node.clone()).merge(internal_router(node.clone())),
+            None,
+        ),
         Some(internal) => {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let ops = axum::serve(internal, http::ops_router(node.clone())).with_graceful_shutdown(
+            let ops = axum::serve(internal, internal_router(node.clone())).with_graceful_shutdown(
                 async {
                     let _ = stopped.await;
                 },

@@ -21,6 +21,7 @@ use history_service::{AnyStore, HistoryApi};
 
 use crate::broker::{AnyBroker, Broker, BrokerError, Events, StateVersion};
 use crate::config::Config;
+use crate::expiry::Expiry;
 use crate::hub::{Hub, StateObserver};
 use crate::receipts::Receipts;
 use crate::room_state::{MemberChange, RoomStates};
@@ -40,6 +41,8 @@ pub struct Node {
     /// The history API over the same store (mounted on this node's HTTP router).
     pub history: Arc<HistoryApi<AnyStore>>,
     pub receipts: Receipts,
+    /// Warns and closes connections whose token expires.
+    pub expiry: Arc<Expiry>,
     /// Coalesces `online_users` announcements per room.
     pub online: crate::online::Online,
     pub ids: MessageIdGen,
@@ -74,6 +77,7 @@ impl Node {
             rooms: RoomStates::new(store),
             history,
             receipts: Receipts::default(),
+            expiry: Expiry::start(config.token_expiring()),
             online: Default::default(),
             ids,
             connections,

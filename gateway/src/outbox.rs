@@ -48,15 +48,33 @@ impl Outbound {
     }
 }
 
+/// The longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
+pub const MAX_CLOSE_REASON: usize = 123;
+
 /// The queue was full; the item was not queued.
 #[derive(Debug)]
 pub struct Full;
+
+/// Where a deferred item went ([`Outbox::defer`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Deferred {
+    /// Into an empty queue: the caller flushes this outbox once its batch is done. (Behind
+    /// other items, someone already flushes them or the writer already takes them.)
+    pub first: bool,
+    /// Items waiting now.
+    pub waiting: usize,
+}
+
+/// Items one flush writes at most (the writer takes the rest, as many per write).
+const FLUSH_MAX: usize = 64;
 
 #[derive(Debug)]
 struct State<W> {
     queue: VecDeque<Outbound>,
     /// The socket, while the writer is not using it (see [`Outbox::push`]).
     io: Option<W>,
+    /// The close frame's reason, when the close request gave one ([`Outbox::close_with`]).
+    close_reason: Option<Box<str>>,
 }
 
 /// `W` is the socket's write half; generic so tests can watch what is written.
@@ -80,6 +98,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 io: None,
+                close_reason: None,
             }),
             ready: Notify::new(),
             close: AtomicU16::new(0),
@@ -138,6 +157,69 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         Ok(waiting)
     }
 
+    /// Queues an item for a flush later in the same batch of work ([`Outbox::flush`]), without
+    /// writing it or waking the writer: frames for one session that become ready together —
+    /// one broker batch, one fan-out pass — then go out in one write.
+    pub fn defer(&self, out: Outbound) -> Result<Deferred, Full> {
+        let mut s = self.lock();
+        if s.queue.len() >= self.capacity {
+            return Err(Full);
+        }
+        let first = s.queue.is_empty();
+        s.queue.push_back(out);
+        Ok(Deferred {
+            first,
+            waiting: s.queue.len(),
+        })
+    }
+
+    /// Writes what is queued with one non-blocking write when the session is idle (the
+    /// writer not writing, no close asked for); whatever the socket does not take, and
+    /// anything past [`FLUSH_MAX`] items, is left to the writer, which is woken for it.
+    pub fn flush(&self) {
+        let mut guard = self.lock();
+        let State { queue, io, .. } = &mut *guard;
+        if queue.is_empty() {
+            return;
+        }
+        let (Some(io), None) = (io.as_mut(), self.closing()) else {
+            // The writer has the socket (it takes the queue when its write is done) or a
+            // close is due (the writer sends what is queued, then the close frame).
+            drop(guard);
+            self.ready.notify_one();
+            return;
+        };
+        let (mut items, mut frames) = (0, 0);
+        let written = WIRE.with_borrow_mut(|wire| {
+            wire.clear();
+            for out in queue.iter().take(FLUSH_MAX) {
+                out.encode(wire);
+                items += 1;
+                // The rest of a frame was counted when its start was written.
+                frames += u64::from(!matches!(out, Outbound::Rest(_)));
+            }
+            write_once(io, wire)
+        });
+        let rest = match written {
+            Direct::NotWritten => None,
+            Direct::Written => Some(None),
+            Direct::Partly(rest) => Some(Some(rest)),
+        };
+        if let Some(rest) = rest {
+            queue.drain(..items);
+            if let Some(rest) = rest {
+                queue.push_front(Outbound::Rest(rest));
+            }
+            self.frames_out.increment(frames);
+            if queue.is_empty() {
+                *queue = VecDeque::new();
+                return;
+            }
+        }
+        drop(guard);
+        self.ready.notify_one();
+    }
+
     /// Asks the writer to send a close frame with `code` and stop; the first code wins. It acts
     /// on it even when the queue is full, and nothing is written directly from then on.
     pub fn close(&self, code: u16) {
@@ -148,6 +230,30 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         {
             self.ready.notify_one();
         }
+    }
+
+    /// [`Self::close`] with the close frame's reason (at most [`MAX_CLOSE_REASON`] bytes; cut
+    /// at a character boundary). The reason is in place before the writer can see the code.
+    pub fn close_with(&self, code: u16, reason: &str) {
+        let mut s = self.lock();
+        if self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let mut end = reason.len().min(MAX_CLOSE_REASON);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.close_reason = Some(reason[..end].into());
+            drop(s);
+            self.ready.notify_one();
+        }
+    }
+
+    /// The reason given with the close request, if any.
+    pub fn close_reason(&self) -> Option<Box<str>> {
+        self.lock().close_reason.take()
     }
 
     /// The close code asked for, if any.
@@ -250,13 +356,18 @@ fn write_now<W: AsyncWrite + Unpin>(io: &mut W, out: &Outbound) -> Direct {
     WIRE.with_borrow_mut(|wire| {
         wire.clear();
         out.encode(wire);
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(io).poll_write(&mut cx, wire) {
-            Poll::Ready(Ok(n)) if n == wire.len() => Direct::Written,
-            Poll::Ready(Ok(n)) if n > 0 => Direct::Partly(Bytes::copy_from_slice(&wire[n..])),
-            _ => Direct::NotWritten,
-        }
+        write_once(io, wire)
     })
+}
+
+/// One non-blocking write of `wire` (see [`write_now`] for the waker).
+fn write_once<W: AsyncWrite + Unpin>(io: &mut W, wire: &[u8]) -> Direct {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(io).poll_write(&mut cx, wire) {
+        Poll::Ready(Ok(n)) if n == wire.len() => Direct::Written,
+        Poll::Ready(Ok(n)) if n > 0 => Direct::Partly(Bytes::copy_from_slice(&wire[n..])),
+        _ => Direct::NotWritten,
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +393,8 @@ mod tests {
     struct Socket {
         written: Vec<u8>,
         budget: usize,
+        /// Writes that took bytes.
+        writes: usize,
     }
 
     impl AsyncWrite for Socket {
@@ -295,6 +408,7 @@ mod tests {
                 return Poll::Pending;
             }
             self.budget -= n;
+            self.writes += 1;
             self.written.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
         }
@@ -309,8 +423,8 @@ mod tests {
     fn with_socket(capacity: usize, budget: usize) -> Outbox<Socket> {
         let o = Outbox::new(capacity);
         o.attach(Socket {
-            written: Vec::new(),
             budget,
+            ..Socket::default()
         });
         o
     }
@@ -487,5 +601,95 @@ mod tests {
         assert!(!writer.is_finished(), "an item does not end closed()");
         waiting.close(1013);
         writer.await.unwrap();
+    }
+
+    /// The socket back from the outbox, to look at what was written.
+    fn socket(o: &Outbox<Socket>) -> Socket {
+        let mut buf = Vec::new();
+        let (io, _) = o.take(&mut buf, 0).unwrap();
+        io
+    }
+
+    #[test]
+    fn deferred_items_go_out_in_one_write_at_the_flush() {
+        let o = with_socket(8, usize::MAX);
+        let d = o.defer(text("a")).unwrap();
+        assert_eq!((d.first, d.waiting), (true, 1));
+        let d = o.defer(text("b")).unwrap();
+        assert_eq!(
+            (d.first, d.waiting),
+            (false, 2),
+            "the first one's flush takes it"
+        );
+        o.defer(Outbound::Pong(Bytes::from("p"))).unwrap();
+        assert_eq!(o.len(), 3, "nothing written before the flush");
+        o.flush();
+        assert!(o.is_empty());
+        let io = socket(&o);
+        assert_eq!(io.writes, 1, "one write for the batch");
+        assert_eq!(
+            io.written,
+            wire(&[text("a"), text("b"), Outbound::Pong(Bytes::from("p"))])
+        );
+    }
+
+    #[test]
+    fn a_flush_the_socket_takes_in_part_leaves_the_rest_first_in_line() {
+        let o = with_socket(8, 5);
+        o.defer(text("hello")).unwrap();
+        o.defer(text("world")).unwrap();
+        o.flush();
+        o.push(text("later"), true).unwrap();
+        let mut buf = Vec::new();
+        let (io, _) = o.take(&mut buf, 64).unwrap();
+        let mut all = io.written.clone();
+        all.extend_from_slice(&buf);
+        assert_eq!(all, wire(&[text("hello"), text("world"), text("later")]));
+    }
+
+    #[test]
+    fn a_flush_writes_nothing_while_the_writer_has_the_socket_or_a_close_is_due() {
+        let o = with_socket(8, usize::MAX);
+        let mut buf = Vec::new();
+        let (io, _) = o.take(&mut buf, 64).unwrap();
+        o.defer(text("a")).unwrap();
+        o.flush();
+        assert_eq!(o.len(), 1, "the writer takes it after its write");
+        o.put_back(io);
+        o.close(1013);
+        o.flush();
+        assert_eq!(
+            o.len(),
+            1,
+            "queued for the writer, which sends it before the close"
+        );
+        assert!(o.defer(text("b")).is_ok());
+        let small = Outbox::<Socket>::new(1);
+        small.defer(text("x")).unwrap();
+        assert!(small.defer(text("y")).is_err(), "bounded like push");
+    }
+
+    #[test]
+    fn a_close_reason_goes_with_the_winning_code_and_fits_a_close_frame() {
+        let o = with_socket(8, usize::MAX);
+        o.close_with(1008, &"é".repeat(100));
+        o.close_with(1000, "too late");
+        assert_eq!(o.closing(), Some(1008));
+        let reason = o.close_reason().unwrap();
+        assert_eq!(
+            reason.len(),
+            122,
+            "cut at a character boundary under 123 bytes"
+        );
+        assert!(reason.chars().all(|c| c == 'é'));
+
+        let plain = with_socket(8, usize::MAX);
+        plain.close(1013);
+        plain.close_with(1008, "a later reason");
+        assert_eq!(
+            (plain.closing(), plain.close_reason()),
+            (Some(1013), None),
+            "a losing request leaves no reason"
+        );
     }
 }

@@ -106,6 +106,7 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         outbox.clone(),
     );
     node.hub.register(handle.clone());
+    node.expiry.watch(&handle, identity.exp);
     metrics::gauge!("chat_connections").increment(1.0);
 
     let quota = Quota::per_second(NonZeroU32::new(node.config.messages_per_s).expect("validated"))
@@ -184,6 +185,7 @@ async fn run_session(mut session: Box<Session>) {
     Box::pin(leave_all(node, caller, connect)).await;
     node.hub
         .unregister(&caller.identity.user.id, caller.handle.id);
+    node.expiry.unwatch(caller.handle.id, caller.identity.exp);
     metrics::gauge!("chat_connections").decrement(1.0);
 }
 
@@ -254,7 +256,7 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
         };
         let command = match frame.opcode {
             OpCode::Text | OpCode::Binary => {
-                metrics::counter!("chat_frames_in_total").increment(1);
+                crate::telemetry::hot().frames_in.increment(1);
                 let decoded = proto::client::decode(&frame.payload);
                 drop(frame); // the command owns what it needs: neither is kept while it runs
                 let r#ref = match &decoded {

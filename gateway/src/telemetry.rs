@@ -33,6 +33,26 @@ const DEPTH_BUCKETS: &[f64] = &[
 
 /// Installs the process-wide Prometheus recorder once (tests start several nodes in one
 /// process; they share it).
+/// Handles of the metrics recorded per message or per fan-out, looked up once: a lookup by
+/// name hashes it and takes the registry's lock, which per message adds up.
+pub struct Hot {
+    pub fanout_seconds: metrics::Histogram,
+    pub queue_depth_max: metrics::Gauge,
+    pub publish_seconds: metrics::Histogram,
+    pub frames_in: metrics::Counter,
+}
+
+/// See [`Hot`]. First called after [`install_metrics`] (a node is built before it serves).
+pub fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| Hot {
+        fanout_seconds: metrics::histogram!("chat_fanout_seconds"),
+        queue_depth_max: metrics::gauge!("chat_outbound_queue_depth_max"),
+        publish_seconds: metrics::histogram!("chat_broker_publish_seconds"),
+        frames_in: metrics::counter!("chat_frames_in_total"),
+    })
+}
+
 pub fn install_metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
         let handle = history_service::telemetry::install_prometheus(
@@ -98,6 +118,14 @@ pub fn describe_metrics() {
         "chat_store_batch_seconds",
         Unit::Seconds,
         "Time to write one batch to the embedded store (each attempt)."
+    );
+    describe_counter!(
+        "chat_token_expired_closes_total",
+        "Sessions closed with 1008 because their token expired without a refresh."
+    );
+    describe_counter!(
+        "chat_server_api_requests_total",
+        "Server API calls by HTTP status (401: no or an unknown key)."
     );
 }
 

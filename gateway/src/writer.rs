@@ -65,7 +65,9 @@ impl Writer {
                     if let Some(code) = next {
                         // The socket is not given back: nothing is written after the close frame.
                         let (mut io, _) = self.outbox.take(&mut buf, 0)?;
-                        encode(&mut buf, Frame::close(code, close_reason(code).as_bytes()));
+                        let given = self.outbox.close_reason();
+                        let reason = given.as_deref().unwrap_or(close_reason(code));
+                        encode(&mut buf, Frame::close(code, reason.as_bytes()));
                         let _ = write_out(&mut io, &buf, &self.outbox).await;
                         return Some(code);
                     }

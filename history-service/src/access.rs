@@ -63,6 +63,35 @@ pub enum Action<'a> {
     ListBans,
 }
 
+impl Action<'_> {
+    /// What nobody may do, the application's backend included (the gateway's server API
+    /// acts with no permission rule, but within these): the rules that keep a room whole.
+    /// A room has one owner, whose role never changes and who is never removed, banned or
+    /// muted; no other member becomes owner.
+    pub fn keeps_room_whole(&self) -> Result<(), Denied> {
+        use ErrorCode::{Forbidden, Invalid};
+        let owner = Some(Role::Owner);
+        match *self {
+            Action::AddMember { role: Role::Owner }
+            | Action::SetRole {
+                to: Role::Owner, ..
+            } => deny(Invalid, "role must be member or admin"),
+            Action::SetRole { role, .. } if role == owner => {
+                deny(Forbidden, "the owner's role cannot change")
+            }
+            Action::Remove { role, .. } | Action::Ban { role, .. } | Action::Mute { role, .. }
+                if role == owner =>
+            {
+                deny(
+                    Forbidden,
+                    "the room's owner cannot be removed, banned or muted",
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A refusal: the protocol code and a message for humans.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -187,7 +216,7 @@ impl<'a> Access<'a> {
 
     /// May the caller do `action`? The reason when not.
     pub fn check(&self, action: Action<'_>) -> Result<(), Denied> {
-        use ErrorCode::{Banned, Forbidden, Invalid, Muted};
+        use ErrorCode::{Banned, Forbidden, Muted};
         if self.banned() {
             return deny(Banned, "you are banned from this room");
         }
@@ -249,12 +278,9 @@ impl<'a> Access<'a> {
                 if !self.moderates() {
                     return deny(Forbidden, "only the owner or an admin may add members");
                 }
-                match role {
-                    Role::Owner => return deny(Invalid, "role must be member or admin"),
-                    Role::Admin if !self.owns() => {
-                        return deny(Forbidden, "only the owner may add admins")
-                    }
-                    _ => {}
+                action.keeps_room_whole()?;
+                if role == Role::Admin && !self.owns() {
+                    return deny(Forbidden, "only the owner may add admins");
                 }
             }
             Action::Remove { role, .. } => {
@@ -291,16 +317,11 @@ impl<'a> Access<'a> {
                     return deny(Forbidden, "only the owner or an admin may unmute");
                 }
             }
-            Action::SetRole { role, to, .. } => {
+            Action::SetRole { .. } => {
                 if !self.owns() {
                     return deny(Forbidden, "only the owner may change roles");
                 }
-                if to == Role::Owner {
-                    return deny(Invalid, "role must be member or admin");
-                }
-                if role == Some(Role::Owner) {
-                    return deny(Forbidden, "the owner's role cannot change");
-                }
+                action.keeps_room_whole()?;
             }
             Action::ListBans => {
                 if !self.moderates() {
@@ -552,6 +573,61 @@ mod tests {
         let a = Access::new(&info, Some(&admin), None, &admin_id);
         assert!(a.outranks(None) && a.outranks(Some(Role::Member)));
         assert!(!a.outranks(Some(Role::Admin)) && !a.outranks(owner));
+    }
+
+    #[test]
+    fn even_the_server_keeps_a_room_whole() {
+        let owner = Some(Role::Owner);
+        let member = Some(Role::Member);
+        let refused = [
+            Action::AddMember { role: Role::Owner },
+            Action::SetRole {
+                target: "t",
+                role: member,
+                to: Role::Owner,
+            },
+            Action::SetRole {
+                target: "o",
+                role: owner,
+                to: Role::Admin,
+            },
+            Action::Remove {
+                target: "o",
+                role: owner,
+            },
+            Action::Ban {
+                target: "o",
+                role: owner,
+            },
+            Action::Mute {
+                target: "o",
+                role: owner,
+            },
+        ];
+        let codes: Vec<_> = refused
+            .iter()
+            .map(|a| outcome(a.keeps_room_whole()))
+            .collect();
+        assert_eq!(codes, ["I", "I", "F", "F", "F", "F"]);
+        let allowed = [
+            Action::AddMember { role: Role::Admin },
+            Action::SetRole {
+                target: "t",
+                role: member,
+                to: Role::Admin,
+            },
+            Action::Ban {
+                target: "t",
+                role: None,
+            },
+            Action::Remove {
+                target: "t",
+                role: member,
+            },
+            Action::DeleteRoom,
+            Action::Post,
+        ];
+        assert!(allowed.iter().all(|a| a.keeps_room_whole().is_ok()));
     }
 
     #[test]

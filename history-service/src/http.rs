@@ -1,4 +1,4 @@
-//! The public HTTP API of PROTOCOL.md that the history service owns: history, pins, receipts,
+//! The public HTTP API (docs/protocol.md) that the history service owns: history, pins, receipts,
 //! members and the room listing. The history service serves it, and the gateway mounts the
 //! same router in embedded mode ([`router`] / [`router_with`]).
 //!
@@ -173,15 +173,7 @@ impl<S: Store> HistoryApi<S> {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Identity, ApiError> {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        let token = bearer.or(query_token).unwrap_or_default();
+        let token = bearer(headers).or(query_token).unwrap_or_default();
         self.verifier
             .verify(token)
             .await
@@ -404,6 +396,37 @@ fn u64_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>
         .transpose()
 }
 
+/// The credential of an `Authorization: Bearer <credential>` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+/// The page a messages request asks for: `before=` or `after=` (not both), `limit=`
+/// (1..=[`MAX_LIMIT`], default [`DEFAULT_LIMIT`]).
+pub fn cursor_page(params: &HashMap<String, String>) -> Result<Page, ApiError> {
+    let limit = match u64_param(params, "limit")? {
+        None => DEFAULT_LIMIT,
+        Some(n) if (1..=u64::from(MAX_LIMIT)).contains(&n) => n as u32,
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "`limit` must be 1..={MAX_LIMIT}"
+            )))
+        }
+    };
+    match (u64_param(params, "before")?, u64_param(params, "after")?) {
+        (Some(_), Some(_)) => Err(ApiError::invalid("give `before` or `after`, not both")),
+        (before, None) => Ok(Page::Before { before, limit }),
+        (None, Some(after)) => Ok(Page::After { after, limit }),
+    }
+}
+
 /// Authenticates and authorizes a read of `room`.
 async fn reader<S: Store>(
     api: &HistoryApi<S>,
@@ -429,20 +452,7 @@ async fn messages<S: Store>(
     let who = api
         .authenticate(&headers, params.get("token").map(String::as_str))
         .await?;
-    let limit = match u64_param(&params, "limit")? {
-        None => DEFAULT_LIMIT,
-        Some(n) if (1..=u64::from(MAX_LIMIT)).contains(&n) => n as u32,
-        Some(_) => {
-            return Err(ApiError::invalid(format!(
-                "`limit` must be 1..={MAX_LIMIT}"
-            )))
-        }
-    };
-    let page = match (u64_param(&params, "before")?, u64_param(&params, "after")?) {
-        (Some(_), Some(_)) => return Err(ApiError::invalid("give `before` or `after`, not both")),
-        (before, None) => Page::Before { before, limit },
-        (None, Some(after)) => Page::After { after, limit },
-    };
+    let page = cursor_page(&params)?;
     let room = room_param(&room)?;
     api.authorize_read(&who, &room).await?;
     let page = api.messages_page(&room, PageQuery::Cursor(page)).await?;

@@ -148,6 +148,16 @@ struct Config {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "CHAT_DRAIN_SECONDS", default_value_t = 20, global = true)]
     drain_seconds: u64,
+    /// Milliseconds the stream consumer waits after a read that was not a full batch, so the
+    /// next batch gathers (one store transaction per batch); 0: read again at once.
+    #[arg(
+        long,
+        env = "CHAT_CONSUMER_LINGER_MS",
+        default_value_t = 25,
+        value_parser = clap::value_parser!(u64).range(0..=1000),
+        global = true
+    )]
+    consumer_linger_ms: u64,
     /// OTLP collector for traces (`http://collector:4317` for gRPC); unset → no export.
     #[arg(long, env = "CHAT_OTLP_ENDPOINT", global = true)]
     otlp_endpoint: Option<String>,
@@ -438,7 +448,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         api,
         RunOptions {
             redis,
-            consumer: ConsumerConfig::new(node),
+            consumer: ConsumerConfig {
+                linger: Duration::from_millis(config.consumer_linger_ms),
+                ..ConsumerConfig::new(node)
+            },
             drain: Duration::from_secs(config.drain_seconds),
             internal,
         },

@@ -1,5 +1,5 @@
 //! Connecting to a target and the two wire dialects the generator speaks: the chat protocol
-//! (PROTOCOL.md: `hello`, `join`/`joined`, `message`) and a minimal Engine.IO v4 / Socket.IO
+//! (docs/protocol.md: `hello`, `join`/`joined`, `message`) and a minimal Engine.IO v4 / Socket.IO
 //! framing over the websocket transport (`0{..}` open, `40` connect, `42[..]` events, `2`/`3`
 //! ping/pong) for the Socket.IO peer under `loadtest/peers/socketio/`.
 

@@ -20,6 +20,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Target, Ws};
+use crate::idle::Plan;
+use crate::servers::{self, Probes};
 use crate::stats::{self, Counters, Hist};
 use crate::Common;
 
@@ -132,13 +134,16 @@ async fn run(common: &Common, r: &RampArgs) -> Result<Value> {
         );
     }
     let (eps, tokens) = (common.endpoints()?, common.tokens()?);
-    // Connection i is in room i % rooms; connections 0..senders send.
+    let probes = Probes::new(common).await?;
+    // Connection i is in room i % rooms; connections 0..senders send (with senders = rooms:
+    // one sender per room).
     let rooms: Vec<String> = (0..a.rooms)
         .map(|i| format!("{}{i}", a.room_prefix))
         .collect();
     let t0 = Instant::now();
-    let opened = crate::idle::open_many(common, &eps, &tokens, total, |i| {
-        Some(rooms[i % a.rooms].clone())
+    let opened = crate::idle::open_many(common, &eps, &tokens, total, |i| Plan {
+        endpoint: endpoint_of(i, a.rooms),
+        room: Some(rooms[i % a.rooms].clone()),
     })
     .await;
     let connect_secs = t0.elapsed().as_secs_f64();
@@ -194,8 +199,8 @@ async fn run(common: &Common, r: &RampArgs) -> Result<Value> {
             break;
         }
         set_rate(rate);
-        let before = stats::sample_all(&common.server_pid);
-        let me_before = stats::sample("self");
+        let before = probes.snapshot().await;
+        let me_before = servers::sample("self");
         shared.step.store(k, Ordering::Relaxed);
         let started = Instant::now();
         shared.sending.store(true, Ordering::Relaxed);
@@ -203,8 +208,8 @@ async fn run(common: &Common, r: &RampArgs) -> Result<Value> {
         shared.sending.store(false, Ordering::Relaxed);
         let send_secs = started.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(a.drain)).await;
-        let after = stats::sample_all(&common.server_pid);
-        let me_after = stats::sample("self");
+        let after = probes.snapshot().await;
+        let me_after = servers::sample("self");
 
         let (c, h) = &shared.steps[k];
         let h = h.merged();
@@ -218,7 +223,7 @@ async fn run(common: &Common, r: &RampArgs) -> Result<Value> {
         };
         let p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
         let ok = expected > 0 && ratio >= r.min_delivered && p99_ms < r.max_p99_ms;
-        steps.push(json!({
+        let mut step = json!({
             "target_rate": rate,
             "sent": sent,
             "sent_per_s": round(sent as f64 / send_secs),
@@ -230,14 +235,21 @@ async fn run(common: &Common, r: &RampArgs) -> Result<Value> {
             "delivered_ratio": (ratio * 1e6).round() / 1e6,
             "deliveries_per_s": round(delivered as f64 / send_secs),
             "latency_ms": stats::summary_ms(&h),
-            "server_cpu": stats::cpu_report(&before, &after, delivered),
             "loadgen_cpu_us": match (me_before, me_after) {
                 (Some(b), Some(a)) => Some(a.cpu_us - b.cpu_us),
                 _ => None,
             },
             "connections_closed_so_far": shared.closed.load(Ordering::Relaxed),
             "passed": ok,
-        }));
+        });
+        if let Some(o) = step.as_object_mut() {
+            o.extend(probes.report(
+                &before,
+                &after,
+                &[("message", sent), ("delivery", delivered)],
+            ));
+        }
+        steps.push(step);
         if !ok {
             break;
         }
@@ -265,6 +277,13 @@ async fn run(common: &Common, r: &RampArgs) -> Result<Value> {
         "highest_sustainable_rate": best,
         "criteria": {"min_delivered": r.min_delivered, "max_p99_ms": r.max_p99_ms},
     }))
+}
+
+/// The `--url` connection i goes to: it is member k = i / rooms of room r = i % rooms, and
+/// member k of room r goes to URL r + k. A room's members alternate over the URLs (every
+/// message crosses nodes), and so do the rooms' first members (the senders).
+fn endpoint_of(i: usize, rooms: usize) -> usize {
+    i % rooms + i / rooms
 }
 
 fn round(v: f64) -> f64 {
@@ -362,6 +381,32 @@ async fn on_text(id: usize, t: &str, shared: &Shared, ws: &mut Ws) {
             if t == "2" {
                 let _ = ws.send(Message::text("3")).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint_of;
+
+    /// On two URLs, every room of every shape has members on both, and the senders
+    /// (connections 0..rooms) are split evenly.
+    #[test]
+    fn members_of_a_room_alternate_over_the_urls() {
+        for (rooms, members) in [(250, 4), (1000, 2), (1, 200), (20, 50), (10, 100)] {
+            for r in 0..rooms {
+                let nodes: Vec<usize> = (0..members)
+                    .map(|k| endpoint_of(k * rooms + r, rooms) % 2)
+                    .collect();
+                assert!(
+                    nodes.contains(&0) && nodes.contains(&1),
+                    "{rooms}x{members} room {r}"
+                );
+            }
+            let senders_on_0 = (0..rooms)
+                .filter(|&i| endpoint_of(i, rooms).is_multiple_of(2))
+                .count();
+            assert_eq!(senders_on_0, rooms.div_ceil(2), "{rooms}x{members}");
         }
     }
 }

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Target, Ws};
+use crate::idle::Plan;
+use crate::servers::Probes;
 use crate::stats;
 use crate::Common;
 
@@ -56,9 +58,12 @@ pub async fn history(common: &Common, a: &HistoryArgs) -> Result<Value> {
     let base = eps[0].http_base();
 
     // Append.
-    let before = stats::sample_all(&common.server_pid);
-    let opened =
-        crate::idle::open_many(common, &eps, &tokens, a.writers, |_| Some(a.room.clone())).await;
+    let probes = Probes::new(common).await?;
+    let before = probes.snapshot().await;
+    let opened = crate::idle::open_many(common, &eps, &tokens, a.writers, |i| {
+        Plan::round_robin(i, Some(a.room.clone()))
+    })
+    .await;
     if opened.failures > 0 {
         bail!(
             "writers failed to connect: {}",
@@ -99,7 +104,7 @@ pub async fn history(common: &Common, a: &HistoryArgs) -> Result<Value> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let after = stats::sample_all(&common.server_pid);
+    let after = probes.snapshot().await;
 
     // Read pages.
     let newest = get_page(&http, &base, &a.room, &reader_token, None, 1)
@@ -139,22 +144,25 @@ pub async fn history(common: &Common, a: &HistoryArgs) -> Result<Value> {
         }
     }
     let read_secs = read_start.elapsed().as_secs_f64();
+    let mut append = json!({
+        "writers": a.writers,
+        "acked": acked,
+        "errors": errors,
+        "secs": round3(append_secs),
+        "acked_per_s": (acked as f64 / append_secs).round(),
+        "ack_latency_ms": stats::summary_ms(&ack_lat),
+        "newest_seq": max_seq,
+        "stored_after_secs": stored_secs.map(round3),
+        "stored_per_s": stored_secs.map(|s| (acked as f64 / s).round()),
+    });
+    if let Some(o) = append.as_object_mut() {
+        o.extend(probes.report(&before, &after, &[("message", acked)]));
+    }
     Ok(json!({
         "target": "chat",
         "url": common.url,
         "room": a.room,
-        "append": {
-            "writers": a.writers,
-            "acked": acked,
-            "errors": errors,
-            "secs": round3(append_secs),
-            "acked_per_s": (acked as f64 / append_secs).round(),
-            "ack_latency_ms": stats::summary_ms(&ack_lat),
-            "newest_seq": max_seq,
-            "stored_after_secs": stored_secs.map(round3),
-            "stored_per_s": stored_secs.map(|s| (acked as f64 / s).round()),
-            "server_cpu": stats::cpu_report(&before, &after, acked),
-        },
+        "append": append,
         "read": {
             "reads": a.reads,
             "errors": read_errors,

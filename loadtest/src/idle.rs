@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Endpoint, Target, Tokens, Ws};
+use crate::servers::{self, Probes};
 use crate::stats;
 use crate::Common;
 
@@ -32,14 +33,27 @@ pub struct Opened {
     pub secs: f64,
 }
 
-/// Opens `n` connections with at most `--concurrency` handshakes in flight, round-robin over
-/// the endpoints; connection i joins `room(i)` when that is `Some`.
+/// Where connection i goes: `--url` number `endpoint` (modulo their count), and the room it
+/// joins, if any.
+pub struct Plan {
+    pub endpoint: usize,
+    pub room: Option<String>,
+}
+
+impl Plan {
+    /// Round-robin over the endpoints.
+    pub fn round_robin(i: usize, room: Option<String>) -> Self {
+        Self { endpoint: i, room }
+    }
+}
+
+/// Opens `n` connections with at most `--concurrency` handshakes in flight, placed by `plan`.
 pub async fn open_many(
     common: &Common,
     eps: &[Endpoint],
     tokens: &Tokens,
     n: usize,
-    room: impl Fn(usize) -> Option<String>,
+    plan: impl Fn(usize) -> Plan,
 ) -> Opened {
     // Tokens first, so that the timed part is connect + auth + join only.
     let mut user_tokens: HashMap<usize, Arc<str>> = HashMap::new();
@@ -65,12 +79,12 @@ pub async fn open_many(
     let target = common.target;
     let started = Instant::now();
     let jobs = (0..n).map(|i| {
-        let ep = eps[i % eps.len()].clone();
+        let Plan { endpoint, room } = plan(i);
+        let ep = eps[endpoint % eps.len()].clone();
         let token = user_tokens
             .get(&(i / CONNS_PER_USER))
             .cloned()
             .unwrap_or_else(|| "".into());
-        let room = room(i);
         async move {
             let t = Instant::now();
             let r = async {
@@ -126,14 +140,18 @@ pub async fn connect(common: &Common, a: &ConnectArgs) -> Result<Value> {
         bail!("--connections must be 1..={}", crate::MAX_CONNECTIONS);
     }
     let (eps, tokens) = (common.endpoints()?, common.tokens()?);
-    let before = stats::sample_all(&common.server_pid);
+    let probes = Probes::new(common).await?;
+    let before = probes.snapshot().await;
     let opened = open_many(common, &eps, &tokens, a.connections, |i| {
-        (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, i % a.rooms))
+        Plan::round_robin(
+            i,
+            (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, i % a.rooms)),
+        )
     })
     .await;
-    let after = stats::sample_all(&common.server_pid);
+    let after = probes.snapshot().await;
     let ok = opened.conns.len();
-    let out = json!({
+    let mut out = json!({
         "target": format!("{:?}", common.target).to_lowercase(),
         "url": common.url,
         "connections": a.connections,
@@ -145,8 +163,10 @@ pub async fn connect(common: &Common, a: &ConnectArgs) -> Result<Value> {
         "secs": (opened.secs * 1000.0).round() / 1000.0,
         "connects_per_s": (ok as f64 / opened.secs * 10.0).round() / 10.0,
         "latency_ms": stats::summary_ms(&opened.latency),
-        "server_cpu": stats::cpu_report(&before, &after, ok as u64),
     });
+    if let Some(o) = out.as_object_mut() {
+        o.extend(probes.report(&before, &after, &[("connection", ok as u64)]));
+    }
     close_all(opened.conns).await;
     Ok(out)
 }
@@ -178,11 +198,14 @@ pub async fn idle(common: &Common, a: &IdleArgs) -> Result<Value> {
     }
     let (eps, tokens) = (common.endpoints()?, common.tokens()?);
     // Warm the server's paths (first connection allocates lazily built state), then baseline.
-    let warm = open_many(common, &eps, &tokens, eps.len(), |_| None).await;
+    let warm = open_many(common, &eps, &tokens, eps.len(), |i| {
+        Plan::round_robin(i, None)
+    })
+    .await;
     close_all(warm.conns).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = stats::sample_all(&common.server_pid);
-    let me_before = stats::sample("self");
+    let before = servers::sample_all(&common.server_pid);
+    let me_before = servers::sample("self");
 
     // Two halves, the server's RSS sampled after each: the second half's growth is the
     // marginal cost of a connection, free of the one-off growth the first connections cause
@@ -204,7 +227,10 @@ pub async fn idle(common: &Common, a: &IdleArgs) -> Result<Value> {
         };
         let offset = h * halves[0];
         let opened = open_many(&half_common, &eps, &tokens, n, |i| {
-            (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, (offset + i) % a.rooms))
+            Plan::round_robin(
+                i,
+                (a.rooms > 0).then(|| format!("{}{}", a.room_prefix, (offset + i) % a.rooms)),
+            )
         })
         .await;
         ok += opened.conns.len();
@@ -220,29 +246,27 @@ pub async fn idle(common: &Common, a: &IdleArgs) -> Result<Value> {
         );
         tokio::time::sleep(Duration::from_secs(a.hold)).await;
         if h == 0 {
-            mid = stats::sample_all(&common.server_pid);
+            mid = servers::sample_all(&common.server_pid);
         }
     }
     let second_half = ok.saturating_sub(halves[0]);
-    let after = stats::sample_all(&common.server_pid);
-    let me_after = stats::sample("self");
+    let after = servers::sample_all(&common.server_pid);
+    let me_after = servers::sample("self");
     let marginal_kb: i64 = mid
         .iter()
         .zip(&after)
-        .filter_map(|((_, m), (_, af))| {
-            Some(af.as_ref()?.rss_kb as i64 - m.as_ref()?.rss_kb as i64)
-        })
+        .filter_map(|(m, af)| Some(af.as_ref()?.rss_kb as i64 - m.as_ref()?.rss_kb as i64))
         .sum();
 
     let mut per = serde_json::Map::new();
     let mut total_delta_kb: i64 = 0;
-    for ((pid, b), (_, af)) in before.iter().zip(&after) {
+    for ((p, b), af) in common.server_pid.iter().zip(&before).zip(&after) {
         if let (Some(b), Some(af)) = (b, af) {
             let d = af.rss_kb as i64 - b.rss_kb as i64;
             total_delta_kb += d;
             per.insert(
-                pid.to_string(),
-                json!({"rss_kb_before": b.rss_kb, "rss_kb_after": af.rss_kb, "delta_kb": d}),
+                p.name.clone(),
+                json!({"pid": p.pid, "rss_kb_before": b.rss_kb, "rss_kb_after": af.rss_kb, "delta_kb": d}),
             );
         }
     }

@@ -11,15 +11,20 @@
 //! - `idle`: opening many connections with bounded concurrency; `connect` (rate, latency) and
 //!   `idle` (server RSS per held connection, from `/proc/<pid>/status`).
 //! - `history`: append rate and paginated history read latency.
-//! - `stats`: sharded HDR histograms and `/proc` samples.
+//! - `floor`: the machine's floor — CPU per `write()` of a small frame on loopback TCP.
+//! - `stats`: sharded HDR histograms and step counters.
+//! - `servers`: what the servers spent in a step: CPU per process and role (`/proc`), Redis
+//!   `INFO commandstats`, Prometheus counters.
 //!
 //! Everything is bounded: connection counts ([`MAX_CONNECTIONS`]), durations
 //! ([`MAX_SECONDS`]), handshake steps (15 s each), and targets must be on 127.0.0.1.
 
 mod client;
 mod fanout;
+mod floor;
 mod history;
 mod idle;
+mod servers;
 mod stats;
 
 use anyhow::{bail, Result};
@@ -67,9 +72,19 @@ pub struct Common {
         hide_env_values = true
     )]
     pub jwt_secret: Option<String>,
-    /// Server process(es) to sample for CPU and RSS, comma-separated pids.
+    /// Server process(es) to sample for CPU and RSS, comma-separated `NAME=PID` (or bare pids).
+    /// CPU is reported per process and per role: the name without trailing digits, so `gw1`
+    /// and `gw2` add up to `gw`.
     #[arg(long, global = true, value_delimiter = ',')]
-    pub server_pid: Vec<u32>,
+    pub server_pid: Vec<servers::ServerProc>,
+    /// Redis of the servers under test (`redis://127.0.0.1:PORT`, loopback): its
+    /// `INFO commandstats` delta over each step is reported (calls and µs, per message).
+    #[arg(long, global = true)]
+    pub redis_url: Option<String>,
+    /// Prometheus endpoints of the servers under test, comma-separated `NAME=URL` (loopback):
+    /// the delta of every `*_total`/`*_count`/`*_sum` series over each step is reported.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub metrics_url: Vec<servers::MetricsUrl>,
     /// Handshakes in flight while opening connections.
     #[arg(long, global = true, default_value_t = 64)]
     pub concurrency: usize,
@@ -118,6 +133,8 @@ enum Mode {
     Connect(idle::ConnectArgs),
     /// Append messages (closed loop) and read history pages; report rates and latencies.
     History(history::HistoryArgs),
+    /// The machine's floor: CPU per write() of a small WebSocket frame to loopback sockets.
+    Floor(floor::FloorArgs),
 }
 
 fn main() -> Result<()> {
@@ -138,6 +155,7 @@ fn main() -> Result<()> {
             Mode::Idle(a) => idle::idle(c, a).await,
             Mode::Connect(a) => idle::connect(c, a).await,
             Mode::History(a) => history::history(c, a).await,
+            Mode::Floor(a) => floor::floor(a).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -1,5 +1,5 @@
-//! Measurements: sharded HDR histograms (many connection tasks record at once) and process
-//! samples from /proc (CPU time, RSS) of the servers under test and of the generator itself.
+//! Measurements of the generator's side: sharded HDR histograms (many connection tasks record
+//! at once) and step counters. What the servers spent is `servers`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -81,72 +81,4 @@ impl Counters {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
-}
-
-/// CPU time (utime + stime) and RSS of one process.
-#[derive(Clone, Copy, Debug)]
-pub struct ProcSample {
-    pub cpu_us: u64,
-    pub rss_kb: u64,
-}
-
-fn clk_tck() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
-}
-
-/// Samples `/proc/<pid>` (`"self"` for the generator).
-pub fn sample(pid: &str) -> Option<ProcSample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces): state is field 3, utime 14,
-    // stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Some(ProcSample {
-        cpu_us: ticks * 1_000_000 / clk_tck(),
-        rss_kb,
-    })
-}
-
-/// Samples every pid; missing processes are skipped.
-pub fn sample_all(pids: &[u32]) -> Vec<(u32, Option<ProcSample>)> {
-    pids.iter().map(|p| (*p, sample(&p.to_string()))).collect()
-}
-
-/// CPU used between two samples of the same pids, per pid and per delivered message.
-pub fn cpu_report(
-    before: &[(u32, Option<ProcSample>)],
-    after: &[(u32, Option<ProcSample>)],
-    deliveries: u64,
-) -> Value {
-    let mut per = serde_json::Map::new();
-    let mut total = 0u64;
-    for ((pid, b), (_, a)) in before.iter().zip(after) {
-        if let (Some(b), Some(a)) = (b, a) {
-            let d = a.cpu_us.saturating_sub(b.cpu_us);
-            total += d;
-            per.insert(
-                pid.to_string(),
-                json!({"cpu_us": d, "rss_kb_after": a.rss_kb}),
-            );
-        }
-    }
-    json!({
-        "per_pid": per,
-        "total_cpu_us": total,
-        "cpu_us_per_delivery": if deliveries > 0 { Some(((total as f64 / deliveries as f64) * 100.0).round() / 100.0) } else { None },
-    })
 }

@@ -40,6 +40,7 @@ pub enum Command {
     Mute(Mute),
     Unmute(Unmute),
     SetRole(SetRole),
+    Refresh(Refresh),
     ListRooms,
     Ping,
 }
@@ -203,6 +204,12 @@ pub struct SetRole {
     pub role: Role,
 }
 
+/// `refresh`: a new token for this connection (same user), before the current one expires.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refresh {
+    pub token: String,
+}
+
 /// The `type` names of [`Command`], to tell "unknown type" from "bad field".
 pub const COMMAND_TYPES: &[&str] = &[
     "join",
@@ -226,6 +233,7 @@ pub const COMMAND_TYPES: &[&str] = &[
     "mute",
     "unmute",
     "set_role",
+    "refresh",
     "list_rooms",
     "ping",
 ];
@@ -255,7 +263,7 @@ impl Command {
             Mute(c) => &c.room,
             Unmute(c) => &c.room,
             SetRole(c) => &c.room,
-            ListRooms | Ping => return None,
+            Refresh(_) | ListRooms | Ping => return None,
         })
     }
 
@@ -284,6 +292,7 @@ impl Command {
             Mute(_) => "mute",
             Unmute(_) => "unmute",
             SetRole(_) => "set_role",
+            Refresh(_) => "refresh",
             ListRooms => "list_rooms",
             Ping => "ping",
         }

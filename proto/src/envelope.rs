@@ -7,7 +7,8 @@
 //!   does the same concatenation; a test keeps them equal.
 //! - The node channel carries frames addressed to every connection or to one user's
 //!   connections: `all\n<frame>` or `user:<id>\n<frame>` ([`NodeMessage`]), and notes to
-//!   the nodes themselves: `state:<room>\n` (the room's state changed without a room event).
+//!   the nodes themselves: `state:<room>\n` (the room's state changed without a room event),
+//!   `disconnect:<id>\n<reason>` (close every connection of the user).
 
 /// Puts `seq` in front of a frame serialized without one. `frame` must be a JSON object.
 pub fn with_seq(frame: &[u8], seq: u64) -> Vec<u8> {
@@ -33,6 +34,8 @@ pub enum NodeTarget<'a> {
     /// No connection: every node drops its cached state of this room (a membership changed
     /// without a room event, as when someone joins a public room). The frame is empty.
     RoomState(&'a str),
+    /// Every connection of one user is closed (1008); the frame is the close reason (UTF-8).
+    Disconnect(&'a str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,10 @@ impl<'a> NodeMessage<'a> {
                 out.extend_from_slice(b"state:");
                 out.extend_from_slice(r.as_bytes());
             }
+            NodeTarget::Disconnect(u) => {
+                out.extend_from_slice(b"disconnect:");
+                out.extend_from_slice(u.as_bytes());
+            }
         }
         out.push(b'\n');
         out.extend_from_slice(self.frame);
@@ -67,6 +74,8 @@ impl<'a> NodeMessage<'a> {
             NodeTarget::All
         } else if let Some(user) = head.strip_prefix(b"user:") {
             NodeTarget::User(std::str::from_utf8(user).ok()?)
+        } else if let Some(user) = head.strip_prefix(b"disconnect:") {
+            NodeTarget::Disconnect(std::str::from_utf8(user).ok()?)
         } else {
             NodeTarget::RoomState(std::str::from_utf8(head.strip_prefix(b"state:")?).ok()?)
         };
@@ -90,6 +99,7 @@ mod tests {
             NodeTarget::All,
             NodeTarget::User("ann"),
             NodeTarget::RoomState("lobby"),
+            NodeTarget::Disconnect("ann"),
         ] {
             let m = NodeMessage {
                 target,

@@ -1,4 +1,4 @@
-//! Wire types of chat protocol v1 (`shared/PROTOCOL.md`). No I/O, no runtime.
+//! Wire types of chat protocol v1 (`docs/protocol.md`). No I/O, no runtime.
 //!
 //! # Layout
 //! - [`ids`]: room ids (validated), message ids (decimal strings on the wire), user

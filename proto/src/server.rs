@@ -240,6 +240,12 @@ pub enum ServerEvent {
     Reconnect {
         after_ms: u64,
     },
+    /// The connection's token expires at `expires_at` (in `expires_in_s` seconds, by the
+    /// server's clock): send `refresh {token}` before, or the connection is closed (1008).
+    TokenExpiring {
+        expires_at: Timestamp,
+        expires_in_s: u64,
+    },
 }
 
 /// The `type` of a server frame, for code that routes frames by kind — read from a typed
@@ -276,6 +282,7 @@ pub enum EventKind {
     Rooms,
     Notice,
     Reconnect,
+    TokenExpiring,
 }
 
 /// Whom a stored room event takes out of the room on every node, once it is delivered.
@@ -289,7 +296,7 @@ pub enum Evicts {
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 30] = {
+    pub const ALL: [EventKind; 31] = {
         use EventKind::*;
         [
             Hello,
@@ -322,6 +329,7 @@ impl EventKind {
             Rooms,
             Notice,
             Reconnect,
+            TokenExpiring,
         ]
     };
 
@@ -359,6 +367,7 @@ impl EventKind {
             Rooms => "rooms",
             Notice => "notice",
             Reconnect => "reconnect",
+            TokenExpiring => "token_expiring",
         }
     }
 
@@ -395,6 +404,7 @@ impl EventKind {
             "rooms" => Rooms,
             "notice" => Notice,
             "reconnect" => Reconnect,
+            "token_expiring" => TokenExpiring,
             _ => return None,
         })
     }
@@ -471,6 +481,7 @@ impl ServerEvent {
             ServerEvent::Rooms { .. } => EventKind::Rooms,
             ServerEvent::Notice { .. } => EventKind::Notice,
             ServerEvent::Reconnect { .. } => EventKind::Reconnect,
+            ServerEvent::TokenExpiring { .. } => EventKind::TokenExpiring,
         }
     }
 
@@ -506,7 +517,8 @@ impl ServerEvent {
             | Pong { .. }
             | Rooms { .. }
             | Notice { .. }
-            | Reconnect { .. } => None,
+            | Reconnect { .. }
+            | TokenExpiring { .. } => None,
         }
     }
 

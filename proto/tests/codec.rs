@@ -100,6 +100,9 @@ fn all_commands() -> Vec<Command> {
             user: "u2".into(),
             role: Role::Member,
         }),
+        Command::Refresh(Refresh {
+            token: "a.b.c".into(),
+        }),
         Command::ListRooms,
         Command::Ping,
     ]
@@ -345,6 +348,10 @@ fn event_kinds_name_the_serialized_type_and_parse_back() {
             },
         },
         ServerEvent::Pong { r#ref: None },
+        ServerEvent::TokenExpiring {
+            expires_at: Timestamp(0),
+            expires_in_s: 60,
+        },
     ];
     for ev in &events {
         let v: serde_json::Value = serde_json::from_slice(&ev.to_json()).unwrap();

@@ -21,6 +21,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, createWriteStream, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -367,6 +368,42 @@ test('the gateway serves the UI; sign-in screen renders without errors', { timeo
   await page.locator('#login-name').waitFor();
   assert.equal(await page.isVisible('#login-button'), true);
   assert.equal(await page.isVisible('#app'), false);
+  assert.deepEqual(errors, []);
+});
+
+/** A token signed with the gateway's public development key, for `name`, expiring in `ttlS`. */
+function shortDevToken(name, ttlS) {
+  // The id the gateway's dev sign-in derives from a name, so a renewal is the same user.
+  const sub = [...name.toLowerCase()].map((c) => (/[\p{L}\p{N}]/u.test(c) ? c : '-')).join('');
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const exp = Math.floor(Date.now() / 1000) + ttlS;
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, name, exp })}`;
+  const sig = createHmac('sha256', 'chat-gateway-development-key-do-not-use-in-production').update(head).digest('base64url');
+  return { token: `${head}.${sig}`, exp };
+}
+
+test('a token about to expire is renewed: the connection stays up past its expiry', { timeout: 60_000 }, async (t) => {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  t.after(() => context.close());
+  const page = await context.newPage();
+  const errors = [];
+  watchErrors(page, errors);
+  // Within the server's warning time already: it says `token_expiring` at once, the client
+  // library asks the UI for a token, the UI mints a fresh one and the connection takes it.
+  const { token, exp } = shortDevToken(`Exp ${RUN}`, 5);
+  await page.goto(`${BASE_URL}/#token=${token}`);
+  await page.waitForSelector('#conn-dot[data-state="connected"]', { timeout: 15_000 });
+  await page.waitForFunction((old) => sessionStorage.getItem('chat.token') !== old, token, { timeout: 15_000 });
+  const renewed = await page.evaluate(() => sessionStorage.getItem('chat.token'));
+  assert.ok(JSON.parse(Buffer.from(renewed.split('.')[1], 'base64url')).exp > exp + 60, 'a long-lived token now');
+  // The old token's expiry passes (the subject here is time itself): still connected, never
+  // signed out, and the connection still carries messages.
+  await page.waitForFunction((at) => Date.now() > at, (exp + 2) * 1000, { timeout: 15_000 });
+  assert.equal(await page.getAttribute('#conn-dot', 'data-state'), 'connected');
+  assert.equal(await page.isVisible('#app'), true, 'not sent back to the sign-in screen');
+  const room = `renewed-${RUN}`;
+  await page.evaluate((id) => { location.hash = `room=${id}`; }, room);
+  await page.waitForSelector(mainJoined(room), { timeout: 15_000 });
   assert.deepEqual(errors, []);
 });
 

@@ -13,7 +13,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ChatClient, ChatError } from '../chat-client.js';
-import { startServers, devToken } from './servers.mjs';
+import { startServers, devToken, shortToken } from './servers.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const MODES = (process.env.CLIENT_TEST_MODES || 'embedded,scaled').split(',').map((m) => m.trim()).filter(Boolean);
@@ -266,6 +266,51 @@ for (const mode of MODES) {
       const hello = await ann.connect();
       assert.equal(hello.user.name, `Ann ${RUN}`);
       assert.ok(asked > attempts, 'the token function is asked on each connect');
+    });
+
+    test('an expiring token is renewed through the token function; without a new one the server closes at expiry', async () => {
+      const sub = `expiring-${mode}-${RUN}`;
+      let renew = true;
+      let current = null;
+      // Each token lives 4 s; the server warns 2 s ahead, so each renewal outlives the last token.
+      const token = () => { if (renew || !current) current = shortToken(sub, 'Exp', 4); return current; };
+      const c = new ChatClient({ url: urlFor(1), token, backoffStartMs: 50, backoffCapMs: 200 });
+      clients.push(c);
+      const disconnected = record(c, 'disconnected');
+      const first = c.once('token_expiring');
+      await c.connect();
+      const firstExp = Date.parse((await first).expires_at);
+      // The next warning is about the renewed token, and comes once the first one has expired.
+      const second = await c.once('token_expiring', (ev) => Date.parse(ev.expires_at) > firstExp);
+      assert.ok(Date.now() >= firstExp, 'the connection outlived its first token');
+      assert.deepEqual(disconnected, [], 'never closed');
+      assert.equal((await c.ping()).type, 'pong');
+
+      // No new token from now on: the server closes the connection at the last one's expiry,
+      // and the client, asking over HTTP, learns the token is no longer good.
+      renew = false;
+      const unauthorized = c.once('unauthorized');
+      const closed = await c.once('disconnected');
+      assert.deepEqual(closed, { code: 1008, reason: 'token expired' });
+      assert.ok(Date.now() >= Date.parse(second.expires_at), 'not before the expiry');
+      await unauthorized;
+      assert.equal(c.state, 'unauthorized');
+      c.refresh(() => shortToken(sub, 'Exp', 60));
+      await until(() => c.state === 'connected', { what: 'a connection with the new token' });
+    });
+
+    test('refresh() hands the live connection a new token; a refused one is reported', async () => {
+      const url = urlFor(0);
+      const sub = `refresh-${mode}-${RUN}`;
+      const c = new ChatClient({ url, token: shortToken(sub, 'Ref', 60) });
+      clients.push(c);
+      await c.connect();
+      const ack = await c.refresh(shortToken(sub, 'Ref', 120));
+      assert.equal(ack?.type, 'ack');
+      const failed = c.once('refresh_failed');
+      assert.equal(await c.refresh(shortToken(`someone-else-${RUN}`, 'Else', 120)), null);
+      assert.equal((await failed).code, 'forbidden');
+      assert.equal(c.state, 'connected', 'a refused refresh keeps the connection');
     });
 
     test('the README example runs as written', async () => {

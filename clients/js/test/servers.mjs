@@ -5,6 +5,7 @@
 //   HISTORY_BIN  history-service (default: next to GATEWAY_BIN)
 
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -15,6 +16,10 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const GATEWAY_BIN = path.resolve(HERE, '..', process.env.GATEWAY_BIN || '../../target/debug/gateway');
 export const HISTORY_BIN = path.resolve(HERE, '..', process.env.HISTORY_BIN || path.join(path.dirname(GATEWAY_BIN), 'history-service'));
 const INTERNAL_TOKEN = 'client-test-internal-token';
+/** How long before a token's expiry the tests' gateways send `token_expiring`. */
+export const TOKEN_EXPIRING_SECONDS = 2;
+/** The gateway's built-in development key (public on purpose; see proto/src/auth.rs). */
+const DEV_KEY = 'chat-gateway-development-key-do-not-use-in-production';
 
 /** A port that was free a moment ago. */
 function freePort() {
@@ -78,7 +83,10 @@ export class Gateway {
   }
 
   async start(listen = '127.0.0.1:0') {
-    const env = { CHAT_LISTEN: listen, CHAT_DATA_DIR: this.dataDir, CHAT_DRAIN_SECONDS: '2', CHAT_LOG: 'info', ...this.env };
+    const env = {
+      CHAT_LISTEN: listen, CHAT_DATA_DIR: this.dataDir, CHAT_DRAIN_SECONDS: '2', CHAT_LOG: 'info',
+      CHAT_TOKEN_EXPIRING_SECONDS: String(TOKEN_EXPIRING_SECONDS), ...this.env,
+    };
     for (let i = 0; ; i++) {
       this.proc = new Proc('gateway', GATEWAY_BIN, [], env);
       try {
@@ -156,4 +164,13 @@ export async function devToken(url, name, { admin = false } = {}) {
   });
   if (!res.ok) throw new Error(`dev token for ${name}: HTTP ${res.status}`);
   return (await res.json()).token;
+}
+
+/** A development-key token for user `sub` that expires `ttlS` seconds from now. */
+export function shortToken(sub, name, ttlS) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const head = b64({ alg: 'HS256', typ: 'JWT' });
+  const body = b64({ sub, name, exp: Math.floor(Date.now() / 1000) + ttlS });
+  const sig = createHmac('sha256', DEV_KEY).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
 }

@@ -68,6 +68,11 @@ struct Shard {
     pins: HashMap<RoomId, HashSet<MessageId>>,
     /// State versions of rooms whose state changed since start (absent: 0).
     versions: HashMap<RoomId, StateVersion>,
+    /// Stored events published but not yet delivered, in seq order per room (see
+    /// [`deliver_pending`]).
+    pending: Vec<(RoomId, u64, Bytes)>,
+    /// Some publisher is delivering this shard's pending events.
+    delivering: bool,
 }
 
 impl Shard {
@@ -91,6 +96,49 @@ impl Shard {
     }
 }
 
+type Shards = Arc<[Mutex<Shard>]>;
+
+fn shard_of(room: &RoomId) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+/// Rounds a publisher delivers for others before it hands the rest to a task of its own.
+const MAX_ROUNDS: usize = 8;
+
+/// Delivers a shard's pending stored events, corked, until none is left.
+///
+/// Flat combining: a publisher that finds nobody delivering its shard delivers — its own event
+/// and whatever other publishers add meanwhile; they only queue theirs and go on. Under load
+/// one delivery pass so carries many events, and each session gets all of its frames of the
+/// pass in one write ([`crate::cork`]); at low load each publisher delivers its own event at
+/// once, as before. Events leave in seq order (one deliverer per shard, a room's events
+/// queued in seq order). A joiner needs no more than before: an event is in the room's window
+/// before it is queued, so a join's window read either has it or the join registered in the
+/// hub before the event is delivered (see `commands::join`).
+fn deliver_pending(shards: &Shards, hub: &Arc<Hub>, index: usize) {
+    for _ in 0..MAX_ROUNDS {
+        let batch = {
+            let mut shard = shards[index].lock().expect("broker shard lock");
+            if shard.pending.is_empty() {
+                shard.delivering = false;
+                return;
+            }
+            std::mem::take(&mut shard.pending)
+        };
+        crate::cork::corked(|| {
+            for (room, seq, frame) in &batch {
+                hub.deliver(room, *seq, frame, None);
+            }
+        });
+    }
+    // Still busy: a publisher owes its own caller an answer; a task takes over.
+    let (shards, hub) = (shards.clone(), hub.clone());
+    tokio::task::spawn_blocking(move || deliver_pending(&shards, &hub, index));
+}
+
 /// Reads a room's last stored seq from the store: after a restart a room's numbering goes on
 /// from there instead of starting again at 1.
 pub type SeedFn =
@@ -98,7 +146,7 @@ pub type SeedFn =
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
-    shards: Vec<Mutex<Shard>>,
+    shards: Shards,
     window: usize,
     persist: Option<PersistQueue>,
     seed: Option<SeedFn>,
@@ -145,10 +193,7 @@ impl MemoryBroker {
     }
 
     fn shard(&self, room: &RoomId) -> std::sync::MutexGuard<'_, Shard> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        room.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS]
+        self.shards[shard_of(room)]
             .lock()
             .expect("broker shard lock")
     }
@@ -171,9 +216,9 @@ impl Broker for MemoryBroker {
     ) -> Result<Published, BrokerError> {
         self.ensure_log(room).await?;
         let now = Instant::now();
-        let (published, stored) = {
-            // One critical section per room: the dedupe check, seq assignment and delivery,
-            // so concurrent publishers deliver in seq order.
+        let (published, stored, lead) = {
+            // One critical section per room: the dedupe check, the state check, seq assignment
+            // and queueing for delivery, so events are delivered in seq order.
             let mut shard = self.shard(room);
             if let Some(d) = &dedupe {
                 if let Some(first) = shard.dedupe.get(d.key, now) {
@@ -190,7 +235,7 @@ impl Broker for MemoryBroker {
             while log.recent.len() > self.window {
                 log.recent.pop_front();
             }
-            self.hub.deliver(room, seq, &stored, None);
+            shard.pending.push((room.clone(), seq, stored.clone()));
             if let Some(d) = &dedupe {
                 let first = Published::Duplicate {
                     seq,
@@ -199,8 +244,12 @@ impl Broker for MemoryBroker {
                 };
                 shard.dedupe.put(d.key, first, now);
             }
-            (Published::Fresh { seq }, stored)
+            let lead = !std::mem::replace(&mut shard.delivering, true);
+            (Published::Fresh { seq }, stored, lead)
         };
+        if lead {
+            deliver_pending(&self.shards, &self.hub, shard_of(room));
+        }
         if let Some(p) = &self.persist {
             p.append_and_wait(stored)
                 .await
@@ -235,6 +284,9 @@ impl Broker for MemoryBroker {
         match target {
             NodeTarget::All => self.hub.deliver_all(&frame),
             NodeTarget::User(u) => self.hub.deliver_user(u, &frame),
+            NodeTarget::Disconnect(u) => self
+                .hub
+                .disconnect_user(u, &String::from_utf8_lossy(&frame)),
             // One node: the announcing node is this one, and it updated its own cache.
             NodeTarget::RoomState(_) => {}
         }
@@ -267,11 +319,16 @@ impl Broker for MemoryBroker {
         self.ensure_log(room).await?;
         let shard = self.shard(room);
         let version = shard.version(room);
+        let pins = shard
+            .pins
+            .get(room)
+            .map(|ids| ids.iter().copied().collect());
         let Some(log) = shard.logs.get(room) else {
             return Ok(Recovery {
                 last_seq: 0,
                 version,
                 epoch: self.epoch.clone(),
+                pins,
                 events: vec![],
                 complete: true,
             });
@@ -281,6 +338,7 @@ impl Broker for MemoryBroker {
                 last_seq: log.last_seq,
                 version,
                 epoch: self.epoch.clone(),
+                pins,
                 events: vec![],
                 complete: since.is_none(),
             });
@@ -299,6 +357,7 @@ impl Broker for MemoryBroker {
             last_seq: log.last_seq,
             version,
             epoch: self.epoch.clone(),
+            pins,
             events,
             complete,
         })
@@ -380,5 +439,69 @@ impl Broker for MemoryBroker {
 
     fn healthy(&self) -> bool {
         self.persist.as_ref().is_none_or(|p| p.healthy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::hub::SessionHandle;
+    use crate::outbox::{Outbound, Outbox};
+
+    /// Concurrent publishers into one room: whoever delivers (flat combining), a member gets
+    /// every event once, in seq order, and each publisher's seq is its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishes_reach_a_member_once_each_in_seq_order() {
+        const PUBLISHERS: u64 = 8;
+        const EACH: u64 = 200;
+        let hub = Arc::new(Hub::new(100_000));
+        let broker = Arc::new(MemoryBroker::new(hub.clone(), 10, None, None));
+        let room = RoomId::new("r").unwrap();
+        let outbox: Arc<Outbox> = Arc::new(Outbox::new(100_000));
+        let user = Arc::new(UserRef {
+            id: "m".into(),
+            name: "m".into(),
+        });
+        let joining = hub.join(&room, SessionHandle::new(1, user, false, outbox.clone()));
+        hub.seen_up_to(&room, 1, 0);
+        hub.release(&room, 1);
+        joining.joined();
+        let tasks: Vec<_> = (0..PUBLISHERS)
+            .map(|_| {
+                let (broker, room) = (broker.clone(), room.clone());
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for _ in 0..EACH {
+                        let p = broker
+                            .publish_stored(
+                                &room,
+                                br#"{"type":"message"}"#,
+                                None,
+                                StateCheck::Unchecked,
+                            )
+                            .await
+                            .unwrap();
+                        seqs.push(p.seq());
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for t in tasks {
+            acked.extend(t.await.unwrap());
+        }
+        acked.sort_unstable();
+        let all: Vec<u64> = (1..=PUBLISHERS * EACH).collect();
+        assert_eq!(acked, all, "every publisher got its own seq");
+        let mut got = Vec::new();
+        while let Some(out) = outbox.try_pop() {
+            if let Outbound::Text(frame) = out {
+                got.push(crate::bus::peek(&frame).unwrap().seq);
+            }
+        }
+        assert_eq!(got, all, "delivered once each, in seq order");
     }
 }

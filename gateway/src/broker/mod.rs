@@ -120,6 +120,11 @@ pub struct Recovery {
     pub epoch: String,
     /// The room's state version when the window was read.
     pub version: StateVersion,
+    /// The room's pinned message ids as the broker's pin set held them when the window was
+    /// read ([`Broker::pin_set`]); None when no pin change went through the broker, so the
+    /// store's pins are current. The store learns of pins from the persistence log, a moment
+    /// after their acks.
+    pub pins: Option<Vec<MessageId>>,
     /// Stored events with seq > since, in order (empty without `since`).
     pub events: Vec<(u64, Bytes)>,
     /// False when `since` is older than the window, or from another epoch: the client must

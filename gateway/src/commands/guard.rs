@@ -13,11 +13,19 @@
 //!
 //! Room-state changes themselves (moderation) decide on state read now ([`decide_fresh`]):
 //! they are rare, and their target may have joined on another node a moment ago.
+//!
+//! **Who is deciding.** A command's rule asks [`permits`] for its [`Actor`]: a user is held
+//! to the room's rules ([`Access::check`]); the server (the application's backend, through
+//! the server API) to none but what keeps a room whole ([`Action::keeps_room_whole`]: one
+//! owner, never removed). Everything else — the room must exist, validation, the state
+//! version the broker checks — is the same for both.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use history_service::access::{Access, Action};
 use history_service::store::RoomState;
+use proto::auth::Identity;
 use proto::{ErrorCode, RoomId};
 
 use super::{CommandError, Result};
@@ -27,6 +35,23 @@ use crate::room_state::Versioned;
 
 /// Decisions per command at most when the room's state keeps changing under it.
 pub const MAX_TRIES: usize = 3;
+
+/// Who a decision is for.
+#[derive(Clone, Copy, Debug)]
+pub enum Actor<'a> {
+    /// A user, on one of their connections.
+    User(&'a Identity),
+    /// The application's backend (the server API).
+    Server,
+}
+
+/// May `actor` do `action` in the room whose state is `st`?
+pub fn permits(actor: Actor<'_>, st: &RoomState, action: Action<'_>) -> Result {
+    match actor {
+        Actor::User(who) => Ok(Access::of_state(st, who).check(action)?),
+        Actor::Server => Ok(action.keeps_room_whole()?),
+    }
+}
 
 /// A decision, and the room's state and state version it was made on.
 #[derive(Clone, Debug)]

@@ -7,28 +7,33 @@
 //! version: when it is not the one the join was decided on, the join is decided again on
 //! state read now (and backed out when the answer changed).
 
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use history_service::store::RoomState;
 use history_service::Store;
 use proto::client::{Join, Leave};
 use proto::rooms::{Role, RoomInfo, Visibility};
 use proto::{ErrorCode, Ref, RoomId, ServerEvent, Timestamp};
 
-use super::{err, guard, in_room, rooms, Caller, CommandError, Cx, Result, Run};
+use super::members::role_of;
+use super::{
+    err, guard, pins, rooms, Actor, Caller, CommandError, Result, RunOnSession, SessionCx,
+};
 use crate::broker::Broker;
 use crate::node::Node;
 use crate::room_state::MemberChange;
 
-impl Run for Join {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+impl RunOnSession for Join {
+    /// Answers by itself (`joined`, or an `error`): `joined` must be queued before the events
+    /// held during the join are released.
+    async fn run(self, cx: &mut SessionCx<'_>) -> Result<Option<ServerEvent>> {
         let r#ref = cx.r#ref.clone();
         join(cx.node, cx.caller, r#ref, self).await;
-        Ok(())
+        Ok(None)
     }
 }
 
-/// Joins a room: its own error frame on failure (the upgrade URL's room is joined this way,
-/// before the session reads any frame).
+/// Joins a room and answers `joined`, or an error frame on failure (the upgrade URL's room is
+/// joined this way, before the session reads any frame).
 pub async fn join(node: &std::sync::Arc<Node>, caller: &mut Caller, r#ref: Option<Ref>, cmd: Join) {
     if let Err(e) = try_join(node, caller, r#ref.clone(), &cmd).await {
         caller.send(&ServerEvent::error(r#ref, e.code, e.message));
@@ -41,9 +46,8 @@ const MAX_EPOCH: usize = 64;
 /// May `caller` join: read access, and room for one more when joining a public room makes
 /// them a member.
 fn may_join(st: &RoomState, caller: &Caller) -> Result {
-    let access = Access::of_state(st, &caller.identity);
-    access.check(Action::Read)?;
-    if st.info.visibility == Visibility::Public && access.member.is_none() {
+    guard::permits(Actor::User(&caller.identity), st, Action::Read)?;
+    if st.info.visibility == Visibility::Public && role_of(st, &caller.user().id).is_none() {
         if let Some(max) = st.info.max_members {
             if st.members.len() >= max as usize {
                 return Err(err(
@@ -69,7 +73,7 @@ async fn try_join(
             format!("epoch must be at most {MAX_EPOCH} bytes"),
         ));
     }
-    if in_room(node, caller, room) {
+    if caller.in_room(node, room) {
         return Err(err(ErrorCode::Conflict, "already in this room"));
     }
     let max = node.config.max_rooms_per_connection;
@@ -113,8 +117,8 @@ async fn try_join(
             }
         }
     }
-    let access = Access::of_state(&decided.state, &caller.identity);
-    let role = become_member(node, caller, room, &decided.state, access.role()).await;
+    let role = role_of(&decided.state, &caller.user().id);
+    let role = become_member(node, caller, room, &decided.state, role).await;
     let role = match role {
         Ok(role) => role,
         Err(e) => {
@@ -133,12 +137,16 @@ async fn try_join(
             return Err(e.into());
         }
     };
+    let pins = pins::pins_now(node, room, pins, recovery.pins.clone()).await;
 
     let recovered = since.is_some() && recovery.complete;
     if recovered {
-        for (_, frame) in &recovery.events {
-            caller.handle.send(frame.clone());
-        }
+        // One write for the whole replay.
+        crate::cork::corked(|| {
+            for (_, frame) in &recovery.events {
+                caller.handle.send(frame.clone());
+            }
+        });
     }
     node.hub
         .seen_up_to(room, caller.handle.id, recovery.last_seq);
@@ -167,7 +175,7 @@ async fn try_join(
         node.online_changed(room).await;
     }
     let online = node.broker.presence(room).await.unwrap_or_default();
-    caller.send(&ServerEvent::Joined {
+    let joined = ServerEvent::Joined {
         r#ref,
         room: info,
         seq: recovery.last_seq,
@@ -177,8 +185,12 @@ async fn try_join(
         recovered,
         role,
         unread: Some(recovery.last_seq.saturating_sub(marker.unwrap_or(0))),
+    };
+    // `joined` and the events held while joining, in one write.
+    crate::cork::corked(|| {
+        caller.send(&joined);
+        node.hub.release(room, caller.handle.id);
     });
-    node.hub.release(room, caller.handle.id);
     Ok(())
 }
 
@@ -240,19 +252,18 @@ async fn back_out(node: &Node, caller: &Caller, room: &RoomId) {
     }
 }
 
-impl Run for Leave {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+impl RunOnSession for Leave {
+    async fn run(self, cx: &mut SessionCx<'_>) -> Result<Option<ServerEvent>> {
         let room = self.room;
         let node = cx.node;
-        if !in_room(node, cx.caller, &room) {
+        if !cx.caller.in_room(node, &room) {
             return Err(err(ErrorCode::NotFound, "not in this room"));
         }
         // Leaving a public room ends a plain membership (admins and owners keep theirs).
         // Every node hears of it before the room sees the `leave`.
         if let Ok(Some(copy)) = node.rooms.get(&node.broker, &room).await {
-            let access = Access::of_state(&copy.state, cx.who());
             if copy.state.info.visibility == Visibility::Public
-                && access.role() == Some(Role::Member)
+                && role_of(&copy.state, &cx.caller.user().id) == Some(Role::Member)
             {
                 let user = cx.caller.user().id.clone();
                 node.rooms.store().remove_member(&room, &user).await?;
@@ -262,11 +273,10 @@ impl Run for Leave {
         }
         cx.caller.rooms.remove(&room);
         leave_room(node, cx.caller, &room).await;
-        cx.caller.send(&ServerEvent::Left {
+        Ok(Some(ServerEvent::Left {
             r#ref: cx.r#ref.clone(),
             room,
-        });
-        Ok(())
+        }))
     }
 }
 

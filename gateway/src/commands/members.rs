@@ -1,7 +1,7 @@
 //! `add_member`, `remove_member` / `kick`, `set_role`.
 
 use bytes::Bytes;
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use history_service::store::RoomState;
 use history_service::Store;
 use proto::client::{AddMember, RemoveMember, SetRole};
@@ -9,7 +9,7 @@ use proto::envelope::NodeTarget;
 use proto::rooms::Role;
 use proto::{ErrorCode, ServerEvent, Timestamp};
 
-use super::{check_reason, err, guard, publish_change, user_ref, Cx, Result, Run};
+use super::{check_reason, err, guard, publish_change, user_ref, Ack, Cx, Result, Run};
 use crate::broker::Broker;
 
 /// `user`'s role in the room (None: not a member).
@@ -22,12 +22,12 @@ pub(super) fn role_of(state: &RoomState, user: &str) -> Option<Role> {
 }
 
 impl Run for AddMember {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let AddMember { room, user, role } = self;
         let role = role.unwrap_or(Role::Member);
-        let who = cx.who();
+        let actor = cx.actor();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
-            Ok(Access::of_state(st, who).check(Action::AddMember { role })?)
+            guard::permits(actor, st, Action::AddMember { role })
         })
         .await?;
         let state = &decided.state;
@@ -61,30 +61,31 @@ impl Run for AddMember {
             room,
             user: target.clone(),
             role,
-            by: who.user.clone(),
+            by: cx.by().clone(),
         };
-        publish_change(cx, &ev).await?;
-        // The new member learns it even when not in the room (a private room they can now see).
-        let frame = Bytes::from(ev.to_json());
+        let ack = publish_change(cx.node, &ev).await?;
+        // The new member learns it even when not in the room (a private room they can now see);
+        // with its seq, as the room has it (a connection in the room skips this copy).
+        let frame = Bytes::from(proto::envelope::with_seq(&ev.to_json(), ack.seq));
         let _ = cx
             .node
             .broker
             .publish_node(NodeTarget::User(&target.id), frame)
             .await;
-        Ok(())
+        Ok(ack)
     }
 }
 
 /// `remove_member` and `kick`: the membership ends (if any) and the user's connections leave.
 impl Run for RemoveMember {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let RemoveMember { room, user, reason } = self;
         check_reason(&reason)?;
-        let who = cx.who();
+        let actor = cx.actor();
         let target = user.as_str();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
             let role = role_of(st, target);
-            Ok(Access::of_state(st, who).check(Action::Remove { target, role })?)
+            guard::permits(actor, st, Action::Remove { target, role })
         })
         .await?;
         cx.node.rooms.store().remove_member(&room, &user).await?;
@@ -92,17 +93,17 @@ impl Run for RemoveMember {
             seq: 0,
             room,
             user: user_ref(&decided.state, &user),
-            by: who.user.clone(),
+            by: cx.by().clone(),
             reason,
         };
-        publish_change(cx, &ev).await
+        publish_change(cx.node, &ev).await
     }
 }
 
 impl Run for SetRole {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let SetRole { room, user, role } = self;
-        let who = cx.who();
+        let actor = cx.actor();
         let target = user.as_str();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
             let theirs = role_of(st, target);
@@ -111,7 +112,7 @@ impl Run for SetRole {
                 role: theirs,
                 to: role,
             };
-            Ok(Access::of_state(st, who).check(action)?)
+            guard::permits(actor, st, action)
         })
         .await?;
         let Some(member) = decided.state.members.iter().find(|m| m.user.id == user) else {
@@ -127,8 +128,8 @@ impl Run for SetRole {
             room,
             user: member.user.clone(),
             role,
-            by: who.user.clone(),
+            by: cx.by().clone(),
         };
-        publish_change(cx, &ev).await
+        publish_change(cx.node, &ev).await
     }
 }

@@ -1,11 +1,11 @@
 //! `message`, `edit`, `delete`, `typing`, `stop_typing`.
 
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use proto::client::{Delete, Edit, SendMessage, StopTyping, Typing};
 use proto::{ErrorCode, ServerEvent, Timestamp};
 
 use super::find::find_message;
-use super::{err, guard, must_be_in, pins, Cx, Result, Run};
+use super::{err, guard, must_be_in, pins, Ack, Actor, Cx, Result, Run, RunOnSession, SessionCx};
 use crate::broker::{Broker, Dedupe, Published, StateCheck};
 use crate::node::Node;
 
@@ -27,16 +27,16 @@ fn check_content(node: &Node, content: &str) -> Result {
 }
 
 impl Run for SendMessage {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let SendMessage {
             room,
             content,
             client_msg_id,
             reply_to,
         } = self;
-        must_be_in(cx, &room).await?;
-        let who = cx.who();
-        let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Post)?);
+        cx.must_be_in(&room).await?;
+        let actor = cx.actor();
+        let rule = |st: &_| guard::permits(actor, st, Action::Post);
         let decided = guard::decide(cx.node, &room, rule).await?;
         check_content(cx.node, &content)?;
         if client_msg_id
@@ -49,7 +49,7 @@ impl Run for SendMessage {
             ));
         }
         let node = cx.node;
-        let user = who.user.clone();
+        let user = cx.by().clone();
         let (id, ts) = node.ids.next(Timestamp::now());
         let frame = ServerEvent::Message {
             seq: 0,
@@ -78,22 +78,25 @@ impl Run for SendMessage {
             Published::Duplicate { seq, id, ts } => (seq, id, ts),
         };
         node.stop_typing(&room, &user, false).await;
-        cx.ack(seq, Some(id), Some(ts));
-        Ok(())
+        Ok(Ack {
+            seq,
+            id: Some(id),
+            ts: Some(ts),
+        })
     }
 }
 
 impl Run for Edit {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let Edit { room, id, content } = self;
-        must_be_in(cx, &room).await?;
-        let who = cx.who();
-        let post = |st: &_| Ok(Access::of_state(st, who).check(Action::Post)?);
+        cx.must_be_in(&room).await?;
+        let actor = cx.actor();
+        let post = |st: &_| guard::permits(actor, st, Action::Post);
         guard::decide(cx.node, &room, post).await?;
         check_content(cx.node, &content)?;
         let message = find_message(cx.node, &room, id).await?;
         let author = message.user.id.as_str();
-        let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Edit { author })?);
+        let rule = |st: &_| guard::permits(actor, st, Action::Edit { author });
         let decided = guard::decide(cx.node, &room, rule).await?;
         let frame = ServerEvent::MessageEdited {
             seq: 0,
@@ -113,27 +116,30 @@ impl Run for Edit {
             }
         })
         .await?;
-        cx.ack(published.seq(), Some(id), None);
-        Ok(())
+        Ok(Ack {
+            seq: published.seq(),
+            id: Some(id),
+            ts: None,
+        })
     }
 }
 
 impl Run for Delete {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let Delete { room, id } = self;
-        let who = cx.who();
+        let actor = cx.actor();
         // Moderators may delete from outside the room: reading it is enough to start.
-        let read = |st: &_| Ok(Access::of_state(st, who).check(Action::Read)?);
+        let read = |st: &_| guard::permits(actor, st, Action::Read);
         guard::decide(cx.node, &room, read).await?;
         let message = find_message(cx.node, &room, id).await?;
         let author = message.user.id.as_str();
-        let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Delete { author })?);
+        let rule = |st: &_| guard::permits(actor, st, Action::Delete { author });
         let decided = guard::decide(cx.node, &room, rule).await?;
         let frame = ServerEvent::MessageDeleted {
             seq: 0,
             room: room.clone(),
             id,
-            by: who.user.clone(),
+            by: cx.by().clone(),
         }
         .to_json();
         let node = cx.node;
@@ -146,34 +152,38 @@ impl Run for Delete {
             }
         })
         .await?;
-        cx.ack(published.seq(), Some(id), None);
         pins::unpin_deleted(node, &room, id).await;
-        Ok(())
+        Ok(Ack {
+            seq: published.seq(),
+            id: Some(id),
+            ts: None,
+        })
     }
 }
 
-impl Run for Typing {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+impl RunOnSession for Typing {
+    async fn run(self, cx: &mut SessionCx<'_>) -> Result<Option<ServerEvent>> {
         let room = self.room;
-        must_be_in(cx, &room).await?;
-        let who = cx.who();
-        let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Post)?);
+        must_be_in(cx.node, cx.caller, &room).await?;
+        let who = &cx.caller.identity;
+        let rule = |st: &_| guard::permits(Actor::User(who), st, Action::Post);
         let decided = guard::decide(cx.node, &room, rule).await?;
         let node = cx.node;
         guard::act(node, &room, rule, decided, |v| {
             let (room, user) = (&room, &who.user);
             async move { node.typing(room, user, v).await }
         })
-        .await
+        .await?;
+        Ok(None)
     }
 }
 
-impl Run for StopTyping {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
-        must_be_in(cx, &self.room).await?;
+impl RunOnSession for StopTyping {
+    async fn run(self, cx: &mut SessionCx<'_>) -> Result<Option<ServerEvent>> {
+        must_be_in(cx.node, cx.caller, &self.room).await?;
         cx.node
             .stop_typing(&self.room, cx.caller.user(), true)
             .await;
-        Ok(())
+        Ok(None)
     }
 }

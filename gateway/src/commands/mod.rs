@@ -10,11 +10,21 @@
 //! | [`sanctions`] | `ban`, `unban`, `mute`, `unmute` |
 //! | [`pins`] | `pin`, `unpin` |
 //! | [`receipts`] | `read` |
+//! | [`refresh`] | `refresh` (a new token for the connection) |
 //!
 //! Every permission decision goes through [`guard`], which asks the rules in
 //! `history_service::access` on this node's cached room state and makes the broker confirm
-//! that the state has not changed since. Failures become one typed [`CommandError`], mapped
-//! once to an `error` frame that echoes the command's `ref`.
+//! that the state has not changed since. Failures become one typed [`CommandError`].
+//!
+//! **Who sends a command, and where its answer goes.** A command runs for an [`Origin`]: a
+//! user's connection, or the application's backend through the server API
+//! ([`crate::server_api`]). Both run the same code: the same validation, events, seqs and
+//! persistence. Only the guard tells them apart ([`guard::Actor`]): a user is held to the
+//! room's rules, the server to none (beyond what keeps a room whole). A command returns its
+//! answer ([`Ack`], or a session command's own frame) instead of sending it: [`handle`] sends
+//! it to the session as `ack` (or an `error`) echoing the command's `ref`, the server API
+//! turns it into JSON. Commands that act on the connection itself (`join`, `leave`, `typing`,
+//! `read`, `refresh`...) exist for sessions only ([`RunOnSession`]).
 //!
 //! Room-state changes (the commands of `rooms`, `members`, `sanctions`) are decided on state
 //! read from the store, written to the store, then published as an event that replaces the
@@ -28,6 +38,7 @@ pub mod members;
 pub mod messages;
 pub mod pins;
 pub mod receipts;
+pub mod refresh;
 pub mod rooms;
 pub mod sanctions;
 
@@ -42,12 +53,14 @@ use history_service::StoreError;
 use proto::auth::Identity;
 use proto::client::{DecodeError, DecodeErrorKind};
 use proto::{Command, ErrorCode, Inbound, MessageId, Ref, RoomId, ServerEvent, Timestamp, UserRef};
+use serde::Serialize;
 
 use crate::broker::{new_state_version, Broker, BrokerError, StateCheck};
 use crate::hub::SessionHandle;
 use crate::node::Node;
 use crate::room_state::LoadError;
 
+pub use guard::Actor;
 pub use join::{join, leave_room};
 pub use rooms::list_rooms;
 
@@ -74,6 +87,16 @@ impl Caller {
     /// Queues a direct answer to this session.
     pub fn send(&self, ev: &ServerEvent) {
         self.handle.send(Bytes::from(ev.to_json()));
+    }
+
+    /// True while the session is in the room. The hub is the truth: a ban, kick or room
+    /// deletion takes sessions out of the room there; the session's own list catches up here.
+    fn in_room(&mut self, node: &Node, room: &RoomId) -> bool {
+        if node.hub.contains(room, self.handle.id) {
+            return true;
+        }
+        self.rooms.remove(room);
+        false
     }
 }
 
@@ -145,35 +168,119 @@ impl From<DecodeError> for CommandError {
     }
 }
 
-/// Where a command runs: the node, the session it came from, and the `ref` its answer echoes.
+/// Where a command comes from.
+pub enum Origin<'a> {
+    /// A user's connection.
+    Session(&'a mut Caller),
+    /// The application's backend (the server API), acting as `as_user`: the author of the
+    /// messages it publishes, the `by` of the room events it causes.
+    Server { as_user: UserRef },
+}
+
+/// Where a command runs: the node, and where the command comes from.
 pub struct Cx<'a> {
+    pub node: &'a Arc<Node>,
+    pub origin: Origin<'a>,
+}
+
+impl Cx<'_> {
+    /// Who the guard decides for.
+    pub fn actor(&self) -> Actor<'_> {
+        match &self.origin {
+            Origin::Session(caller) => Actor::User(&caller.identity),
+            Origin::Server { .. } => Actor::Server,
+        }
+    }
+
+    /// The user the command's events name as their author or `by`.
+    pub fn by(&self) -> &UserRef {
+        match &self.origin {
+            Origin::Session(caller) => caller.user(),
+            Origin::Server { as_user } => as_user,
+        }
+    }
+
+    /// A session must be in the room ([`must_be_in`]). The server is in no room: the guard's
+    /// decision finds the room, or answers `not_found`.
+    async fn must_be_in(&mut self, room: &RoomId) -> Result {
+        match &mut self.origin {
+            Origin::Session(caller) => must_be_in(self.node, caller, room).await,
+            Origin::Server { .. } => Ok(()),
+        }
+    }
+}
+
+/// In the room, or the reason why not: the room does not exist (or was deleted) → `not_found`,
+/// the user is banned → `banned`, else `forbidden` (join first). The reason is read from the
+/// store: a refusal is rare, and this node's copy may predate a deletion or a ban.
+async fn must_be_in(node: &Node, caller: &mut Caller, room: &RoomId) -> Result {
+    if caller.in_room(node, room) {
+        return Ok(());
+    }
+    let actor = Actor::User(&caller.identity);
+    guard::decide_fresh(node, room, |st| {
+        match guard::permits(actor, st, history_service::access::Action::Read) {
+            Err(e) if e.code == ErrorCode::Banned => Err(e),
+            _ => Ok(()),
+        }
+    })
+    .await?;
+    Err(err(ErrorCode::Forbidden, "join the room first"))
+}
+
+/// The answer to a command that acts on a room: the seq of the event it published (plus the
+/// message's `id` and `ts` for messages). A session gets it as `ack {ref, seq, id?, ts?}`,
+/// the server API as this JSON object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Ack {
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<Timestamp>,
+}
+
+impl Ack {
+    fn seq(seq: u64) -> Self {
+        Self {
+            seq,
+            id: None,
+            ts: None,
+        }
+    }
+
+    fn into_event(self, r#ref: Option<Ref>) -> ServerEvent {
+        ServerEvent::Ack {
+            r#ref,
+            id: self.id,
+            seq: Some(self.seq),
+            ts: self.ts,
+        }
+    }
+}
+
+/// A command any origin may send: what it does, and its answer.
+pub trait Run {
+    fn run(self, cx: &mut Cx<'_>) -> impl Future<Output = Result<Ack>> + Send;
+}
+
+/// A session's command, and the `ref` its answer echoes.
+pub struct SessionCx<'a> {
     pub node: &'a Arc<Node>,
     pub caller: &'a mut Caller,
     pub r#ref: Option<Ref>,
 }
 
-impl Cx<'_> {
-    pub fn who(&self) -> &Identity {
-        &self.caller.identity
-    }
-
-    /// `ack {ref, seq}` (plus `id` and `ts` for messages).
-    fn ack(&self, seq: u64, id: Option<MessageId>, ts: Option<Timestamp>) {
-        self.caller.send(&ServerEvent::Ack {
-            r#ref: self.r#ref.clone(),
-            id,
-            seq: Some(seq),
-            ts,
-        });
-    }
+/// A command that acts on the connection itself (joining, typing, reading, a new token):
+/// sessions only. Its answer is the frame to send (None: nothing to send).
+pub trait RunOnSession {
+    fn run(
+        self,
+        cx: &mut SessionCx<'_>,
+    ) -> impl Future<Output = Result<Option<ServerEvent>>> + Send;
 }
 
-/// One command: what it does when `cx`'s caller sends it.
-pub trait Run {
-    fn run(self, cx: &mut Cx<'_>) -> impl Future<Output = Result> + Send;
-}
-
-/// Runs one decoded (or undecodable) frame.
+/// Runs one decoded (or undecodable) frame of a session and sends its answer.
 pub async fn handle(
     node: &Arc<Node>,
     caller: &mut Caller,
@@ -182,7 +289,7 @@ pub async fn handle(
     let (r#ref, result) = match decoded {
         Ok(Inbound { r#ref, command }) => {
             let name = command.name();
-            let mut cx = Cx {
+            let mut cx = SessionCx {
                 node,
                 caller,
                 r#ref: r#ref.clone(),
@@ -200,70 +307,51 @@ pub async fn handle(
             (e.r#ref.clone(), Err(e.into()))
         }
     };
-    if let Err(e) = result {
-        caller.send(&ServerEvent::error(r#ref, e.code, e.message));
+    match result {
+        Ok(Some(answer)) => caller.send(&answer),
+        Ok(None) => {}
+        Err(e) => caller.send(&ServerEvent::error(r#ref, e.code, e.message)),
     }
 }
 
-async fn dispatch(cx: &mut Cx<'_>, command: Command) -> Result {
+async fn dispatch(cx: &mut SessionCx<'_>, command: Command) -> Result<Option<ServerEvent>> {
     match command {
         Command::Join(c) => c.run(cx).await,
         Command::Leave(c) => c.run(cx).await,
-        Command::Message(c) => c.run(cx).await,
-        Command::Edit(c) => c.run(cx).await,
-        Command::Delete(c) => c.run(cx).await,
+        Command::Message(c) => acked(cx, c).await,
+        Command::Edit(c) => acked(cx, c).await,
+        Command::Delete(c) => acked(cx, c).await,
         Command::Typing(c) => c.run(cx).await,
         Command::StopTyping(c) => c.run(cx).await,
         Command::Read(c) => c.run(cx).await,
-        Command::Pin(c) => c.run(cx).await,
-        Command::Unpin(c) => c.run(cx).await,
-        Command::CreateRoom(c) => c.run(cx).await,
-        Command::UpdateRoom(c) => c.run(cx).await,
-        Command::DeleteRoom(c) => c.run(cx).await,
-        Command::AddMember(c) => c.run(cx).await,
-        Command::RemoveMember(c) | Command::Kick(c) => c.run(cx).await,
-        Command::Ban(c) => c.run(cx).await,
-        Command::Unban(c) => c.run(cx).await,
-        Command::Mute(c) => c.run(cx).await,
-        Command::Unmute(c) => c.run(cx).await,
-        Command::SetRole(c) => c.run(cx).await,
+        Command::Pin(c) => acked(cx, c).await,
+        Command::Unpin(c) => acked(cx, c).await,
+        Command::CreateRoom(c) => acked(cx, c).await,
+        Command::UpdateRoom(c) => acked(cx, c).await,
+        Command::DeleteRoom(c) => acked(cx, c).await,
+        Command::AddMember(c) => acked(cx, c).await,
+        Command::RemoveMember(c) | Command::Kick(c) => acked(cx, c).await,
+        Command::Ban(c) => acked(cx, c).await,
+        Command::Unban(c) => acked(cx, c).await,
+        Command::Mute(c) => acked(cx, c).await,
+        Command::Unmute(c) => acked(cx, c).await,
+        Command::SetRole(c) => acked(cx, c).await,
+        Command::Refresh(c) => c.run(cx).await,
         Command::ListRooms => rooms::ListRooms.run(cx).await,
-        Command::Ping => {
-            cx.caller.send(&ServerEvent::Pong {
-                r#ref: cx.r#ref.clone(),
-            });
-            Ok(())
-        }
+        Command::Ping => Ok(Some(ServerEvent::Pong {
+            r#ref: cx.r#ref.clone(),
+        })),
     }
 }
 
-/// True while the session is in the room. The hub is the truth: a ban, kick or room deletion
-/// takes sessions out of the room there; the session's own list catches up here.
-fn in_room(node: &Node, caller: &mut Caller, room: &RoomId) -> bool {
-    if node.hub.contains(room, caller.handle.id) {
-        return true;
-    }
-    caller.rooms.remove(room);
-    false
-}
-
-/// In the room, or the reason why not: the room does not exist (or was deleted) → `not_found`,
-/// the user is banned → `banned`, else `forbidden` (join first). The reason is read from the
-/// store: a refusal is rare, and this node's copy may predate a deletion or a ban.
-async fn must_be_in(cx: &mut Cx<'_>, room: &RoomId) -> Result {
-    if in_room(cx.node, cx.caller, room) {
-        return Ok(());
-    }
-    let who = cx.who();
-    guard::decide_fresh(cx.node, room, |st| {
-        let access = history_service::access::Access::of_state(st, who);
-        if access.banned() {
-            return Err(err(ErrorCode::Banned, "you are banned from this room"));
-        }
-        Ok(())
-    })
-    .await?;
-    Err(err(ErrorCode::Forbidden, "join the room first"))
+/// Runs a command any origin may send for a session: its answer is an `ack`.
+async fn acked(cx: &mut SessionCx<'_>, command: impl Run) -> Result<Option<ServerEvent>> {
+    let mut run = Cx {
+        node: cx.node,
+        origin: Origin::Session(cx.caller),
+    };
+    let ack = command.run(&mut run).await?;
+    Ok(Some(ack.into_event(cx.r#ref.clone())))
 }
 
 /// Limits on what clients write.
@@ -332,16 +420,15 @@ fn user_ref(state: &RoomState, id: &str) -> UserRef {
         })
 }
 
-/// Publishes a room-state event (already written to the store) with a new state version, and
-/// acknowledges the caller with its seq.
-async fn publish_change(cx: &Cx<'_>, ev: &ServerEvent) -> Result {
+/// Publishes a room-state event (already written to the store) with a new state version;
+/// answers with its seq.
+async fn publish_change(node: &Node, ev: &ServerEvent) -> Result<Ack> {
     let room = ev
         .room()
         .expect("room-state events name their room")
         .clone();
     debug_assert!(ev.kind().changes_room_state());
-    let published = cx
-        .node
+    let published = node
         .broker
         .publish_stored(
             &room,
@@ -351,8 +438,6 @@ async fn publish_change(cx: &Cx<'_>, ev: &ServerEvent) -> Result {
         )
         .await;
     // Read your own writes without a retry: the next command here reloads at once.
-    cx.node.rooms.invalidate(&room);
-    let seq = published?.seq();
-    cx.ack(seq, None, None);
-    Ok(())
+    node.rooms.invalidate(&room);
+    Ok(Ack::seq(published?.seq()))
 }

@@ -2,13 +2,14 @@
 //! pin set in the broker ([`Broker::pin_set`]), atomically across nodes, before the event is
 //! published: the store learns of pins only as the persistence log reaches it.
 
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use history_service::Store;
 use proto::client::{Pin, Unpin};
+use proto::rooms::PinView;
 use proto::{ErrorCode, MessageId, RoomId, ServerEvent, Timestamp};
 
 use super::find::find_message;
-use super::{err, guard, Cx, Result, Run};
+use super::{err, guard, Ack, Cx, Result, Run};
 use crate::broker::{Broker, PinChange, PinOutcome, StateCheck};
 use crate::node::Node;
 
@@ -16,20 +17,20 @@ use crate::node::Node;
 pub const MAX_PINS: usize = 50;
 
 impl Run for Pin {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         pin(cx, self.room, self.id, PinChange::Pin).await
     }
 }
 
 impl Run for Unpin {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         pin(cx, self.room, self.id, PinChange::Unpin).await
     }
 }
 
-async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) -> Result {
-    let who = cx.who();
-    let rule = |st: &_| Ok(Access::of_state(st, who).check(Action::Pin)?);
+async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) -> Result<Ack> {
+    let actor = cx.actor();
+    let rule = |st: &_| guard::permits(actor, st, Action::Pin);
     let decided = guard::decide(cx.node, &room, rule).await?;
     let node = cx.node;
     let stored: Vec<MessageId> = node
@@ -45,14 +46,14 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
             seq: 0,
             room: room.clone(),
             message: find_message(node, &room, id).await?,
-            by: who.user.clone(),
+            by: cx.by().clone(),
             pinned_at: Timestamp::now(),
         },
         PinChange::Unpin => ServerEvent::Unpinned {
             seq: 0,
             room: room.clone(),
             id,
-            by: who.user.clone(),
+            by: cx.by().clone(),
         },
     };
     let outcome = guard::act(node, &room, rule, decided, |v| {
@@ -82,10 +83,7 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
         .publish_stored(&room, &ev.to_json(), None, StateCheck::Unchecked)
         .await;
     match published {
-        Ok(p) => {
-            cx.ack(p.seq(), None, None);
-            Ok(())
-        }
+        Ok(p) => Ok(Ack::seq(p.seq())),
         Err(e) => {
             // Not published: give the change back so the pin set matches what the room saw.
             let undo = node
@@ -105,6 +103,57 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
             Err(e.into())
         }
     }
+}
+
+/// The room's pins as of now: the store's, brought up to date by the broker's pin set (`ids`,
+/// see [`crate::broker::Recovery::pins`]) — the store learns of pins from the persistence log,
+/// so in scaled mode a pin acknowledged a moment ago may not be there yet, nor an unpin. Pins
+/// the store does not have yet are read from their `pinned` events in the room's window.
+/// Most recently pinned first.
+pub async fn pins_now(
+    node: &Node,
+    room: &RoomId,
+    stored: Vec<PinView>,
+    ids: Option<Vec<MessageId>>,
+) -> Vec<PinView> {
+    let Some(ids) = ids else {
+        return stored;
+    };
+    let mut pins: Vec<PinView> = stored
+        .into_iter()
+        .filter(|p| ids.contains(&p.message.id))
+        .collect();
+    let missing: Vec<MessageId> = ids
+        .into_iter()
+        .filter(|id| !pins.iter().any(|p| p.message.id == *id))
+        .collect();
+    if !missing.is_empty() {
+        match node.broker.recover(room, Some(0), None).await {
+            Ok(window) => {
+                for (_, frame) in window.events.iter().rev() {
+                    if let Ok(ServerEvent::Pinned {
+                        message,
+                        by,
+                        pinned_at,
+                        ..
+                    }) = serde_json::from_slice(frame)
+                    {
+                        let fresh = !pins.iter().any(|p| p.message.id == message.id);
+                        if missing.contains(&message.id) && fresh {
+                            pins.push(PinView {
+                                message,
+                                by,
+                                pinned_at,
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %room, "pins not yet stored are left out"),
+        }
+    }
+    pins.sort_by_key(|p| std::cmp::Reverse(p.pinned_at));
+    pins
 }
 
 /// A deleted message leaves the room's pin set (the store unpins it as it stores the delete).

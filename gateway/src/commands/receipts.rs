@@ -8,24 +8,22 @@ use history_service::Store;
 use proto::client::Read;
 use proto::{ErrorCode, RoomId, ServerEvent, UserRef};
 
-use super::{err, must_be_in, Cx, Result, Run};
+use super::{err, must_be_in, Ack, Result, RunOnSession, SessionCx};
 use crate::broker::Broker;
 use crate::node::Node;
 use crate::receipts::{Step, WINDOW};
 
-impl Run for Read {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+impl RunOnSession for Read {
+    async fn run(self, cx: &mut SessionCx<'_>) -> Result<Option<ServerEvent>> {
         let Read { room, seq } = self;
-        must_be_in(cx, &room).await?;
+        must_be_in(cx.node, cx.caller, &room).await?;
         if seq == 0 {
             return Err(err(ErrorCode::Invalid, "seq must be at least 1"));
         }
         let seq = read(cx.node, &room, cx.caller.user(), seq).await;
         // Reads are frequent: answered only when the client asks (sends a `ref`).
-        if cx.r#ref.is_some() {
-            cx.ack(seq, None, None);
-        }
-        Ok(())
+        let r#ref = cx.r#ref.clone();
+        Ok(r#ref.is_some().then(|| Ack::seq(seq).into_event(r#ref)))
     }
 }
 

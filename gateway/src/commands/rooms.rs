@@ -1,7 +1,7 @@
 //! `create_room`, `update_room`, `delete_room`, `list_rooms`.
 
 use bytes::Bytes;
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use history_service::Store;
 use proto::auth::Identity;
 use proto::client::{CreateRoom, DeleteRoom, UpdateRoom};
@@ -10,8 +10,8 @@ use proto::rooms::{RoomInfo, RoomSummary, Visibility};
 use proto::{ErrorCode, ServerEvent, Timestamp, UserRef};
 
 use super::{
-    check_max_members, check_text, err, guard, publish_change, Cx, Result, Run, MAX_NAME_CHARS,
-    MAX_TOPIC_CHARS,
+    check_max_members, check_text, err, guard, publish_change, Ack, Cx, Result, Run, RunOnSession,
+    SessionCx, MAX_NAME_CHARS, MAX_TOPIC_CHARS,
 };
 use crate::broker::{new_state_version, Broker, StateCheck};
 use crate::node::Node;
@@ -53,12 +53,14 @@ pub async fn create(node: &Node, info: RoomInfo, owner: &UserRef) -> Result<u64>
 }
 
 impl Run for CreateRoom {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    /// The room's owner is the session's user, or the server's `as_user`.
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let name = self.name.unwrap_or_else(|| self.room.to_string());
         let topic = self.topic.unwrap_or_default();
         check_text("name", &name, MAX_NAME_CHARS)?;
         check_text("topic", &topic, MAX_TOPIC_CHARS)?;
         check_max_members(self.max_members)?;
+        let owner = cx.by();
         let info = RoomInfo {
             id: self.room,
             name,
@@ -66,20 +68,19 @@ impl Run for CreateRoom {
             visibility: self.visibility,
             max_members: self.max_members,
             members_can_pin: false,
-            owner: Some(cx.caller.user().id.clone()),
+            owner: Some(owner.id.clone()),
             created_at: Timestamp::now(),
         };
-        let seq = create(cx.node, info, cx.caller.user()).await?;
-        cx.ack(seq, None, None);
-        Ok(())
+        let seq = create(cx.node, info, owner).await?;
+        Ok(Ack::seq(seq))
     }
 }
 
 impl Run for UpdateRoom {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
-        let who = cx.who();
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
+        let actor = cx.actor();
         let decided = guard::decide_fresh(cx.node, &self.room, |st| {
-            Ok(Access::of_state(st, who).check(Action::UpdateRoom)?)
+            guard::permits(actor, st, Action::UpdateRoom)
         })
         .await?;
         let mut info = decided.state.info.clone();
@@ -102,38 +103,37 @@ impl Run for UpdateRoom {
             info.members_can_pin = p;
         }
         cx.node.rooms.store().update_room(&info).await?;
-        publish_change(cx, &ServerEvent::RoomUpdated { seq: 0, room: info }).await
+        publish_change(cx.node, &ServerEvent::RoomUpdated { seq: 0, room: info }).await
     }
 }
 
 impl Run for DeleteRoom {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
-        let who = cx.who();
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
+        let actor = cx.actor();
         guard::decide_fresh(cx.node, &self.room, |st| {
-            Ok(Access::of_state(st, who).check(Action::DeleteRoom)?)
+            guard::permits(actor, st, Action::DeleteRoom)
         })
         .await?;
         cx.node.rooms.store().delete_room(&self.room).await?;
         let ev = ServerEvent::RoomDeleted {
             seq: 0,
             room: self.room,
-            by: who.user.clone(),
+            by: cx.by().clone(),
         };
-        publish_change(cx, &ev).await
+        publish_change(cx.node, &ev).await
     }
 }
 
 /// `list_rooms`.
 pub struct ListRooms;
 
-impl Run for ListRooms {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
-        let rooms = list_rooms(cx.node, cx.who()).await?;
-        cx.caller.send(&ServerEvent::Rooms {
+impl RunOnSession for ListRooms {
+    async fn run(self, cx: &mut SessionCx<'_>) -> Result<Option<ServerEvent>> {
+        let rooms = list_rooms(cx.node, &cx.caller.identity).await?;
+        Ok(Some(ServerEvent::Rooms {
             r#ref: cx.r#ref.clone(),
             rooms,
-        });
-        Ok(())
+        }))
     }
 }
 

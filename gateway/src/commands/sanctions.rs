@@ -2,7 +2,7 @@
 //! the user's sessions out of the room on every node as it is delivered.
 
 use bytes::Bytes;
-use history_service::access::{Access, Action};
+use history_service::access::Action;
 use history_service::store::Ban as BanRow;
 use history_service::Store;
 use proto::client::{Ban, Mute, Unban, Unmute};
@@ -10,11 +10,11 @@ use proto::envelope::NodeTarget;
 use proto::{ErrorCode, ServerEvent, Timestamp};
 
 use super::members::role_of;
-use super::{check_reason, err, guard, publish_change, until_of, user_ref, Cx, Result, Run};
+use super::{check_reason, err, guard, publish_change, until_of, user_ref, Ack, Cx, Result, Run};
 use crate::broker::Broker;
 
 impl Run for Ban {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let Ban {
             room,
             user,
@@ -23,18 +23,18 @@ impl Run for Ban {
         } = self;
         check_reason(&reason)?;
         let until = until_of(duration_s)?;
-        let who = cx.who();
+        let actor = cx.actor();
         let target = user.as_str();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
             let role = role_of(st, target);
-            Ok(Access::of_state(st, who).check(Action::Ban { target, role })?)
+            guard::permits(actor, st, Action::Ban { target, role })
         })
         .await?;
         let banned = user_ref(&decided.state, &user);
         let store = cx.node.rooms.store();
         let row = BanRow {
             user: banned.clone(),
-            by: who.user.clone(),
+            by: cx.by().clone(),
             reason: reason.clone(),
             until,
             at: Timestamp::now(),
@@ -45,20 +45,20 @@ impl Run for Ban {
             seq: 0,
             room,
             user: banned,
-            by: who.user.clone(),
+            by: cx.by().clone(),
             reason,
             until,
         };
-        publish_change(cx, &ev).await
+        publish_change(cx.node, &ev).await
     }
 }
 
 impl Run for Unban {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let Unban { room, user } = self;
-        let who = cx.who();
+        let actor = cx.actor();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
-            Ok(Access::of_state(st, who).check(Action::Unban)?)
+            guard::permits(actor, st, Action::Unban)
         })
         .await?;
         if !decided.state.bans.iter().any(|b| b.user.id == user) {
@@ -69,32 +69,33 @@ impl Run for Unban {
             seq: 0,
             room,
             user: user_ref(&decided.state, &user),
-            by: who.user.clone(),
+            by: cx.by().clone(),
         };
-        publish_change(cx, &ev).await?;
-        // The unbanned user is out of the room: their connections learn it this way.
-        let frame = Bytes::from(ev.to_json());
+        let ack = publish_change(cx.node, &ev).await?;
+        // The unbanned user is out of the room: their connections learn it this way (with its
+        // seq, as the room has it).
+        let frame = Bytes::from(proto::envelope::with_seq(&ev.to_json(), ack.seq));
         let target = NodeTarget::User(&user);
         if let Err(e) = cx.node.broker.publish_node(target, frame).await {
             tracing::debug!(error = %e, "could not tell an unbanned user");
         }
-        Ok(())
+        Ok(ack)
     }
 }
 
 impl Run for Mute {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let Mute {
             room,
             user,
             duration_s,
         } = self;
         let until = until_of(duration_s)?;
-        let who = cx.who();
+        let actor = cx.actor();
         let target = user.as_str();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
             let role = role_of(st, target);
-            Ok(Access::of_state(st, who).check(Action::Mute { target, role })?)
+            guard::permits(actor, st, Action::Mute { target, role })
         })
         .await?;
         if role_of(&decided.state, &user).is_none() {
@@ -106,19 +107,19 @@ impl Run for Mute {
             seq: 0,
             room,
             user: user_ref(&decided.state, &user),
-            by: who.user.clone(),
+            by: cx.by().clone(),
             until,
         };
-        publish_change(cx, &ev).await
+        publish_change(cx.node, &ev).await
     }
 }
 
 impl Run for Unmute {
-    async fn run(self, cx: &mut Cx<'_>) -> Result {
+    async fn run(self, cx: &mut Cx<'_>) -> Result<Ack> {
         let Unmute { room, user } = self;
-        let who = cx.who();
+        let actor = cx.actor();
         let decided = guard::decide_fresh(cx.node, &room, |st| {
-            Ok(Access::of_state(st, who).check(Action::Unmute)?)
+            guard::permits(actor, st, Action::Unmute)
         })
         .await?;
         if role_of(&decided.state, &user).is_none() {
@@ -130,8 +131,8 @@ impl Run for Unmute {
             seq: 0,
             room,
             user: user_ref(&decided.state, &user),
-            by: who.user.clone(),
+            by: cx.by().clone(),
         };
-        publish_change(cx, &ev).await
+        publish_change(cx.node, &ev).await
     }
 }

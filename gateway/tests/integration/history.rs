@@ -91,12 +91,19 @@ async fn history_pages_cover_every_message_once_and_survive_a_restart() {
             "tombstone has no content"
         );
     };
-    let tombstone = |pages: &[(u64, Value)]| {
-        pages
+    // Every message, the edit and the delete applied — read in one walk through the pages
+    // (a walk that began before the last batch was stored sees it only on some pages).
+    let applied = |pages: &[(u64, Value)]| {
+        let all = pages.len() == sent.len();
+        let tombstone = pages
             .iter()
-            .any(|p| p.0 == *deleted_seq && p.1 == Value::Null)
+            .any(|p| p.0 == *deleted_seq && p.1 == Value::Null);
+        let edited = pages
+            .iter()
+            .any(|p| p.0 == sent[10].0 && p.1 == json!("m10 (edited)"));
+        all && tombstone && edited
     };
-    check(settled_pages(&server, "log", 10, tombstone).await);
+    check(settled_pages(&server, "log", 10, applied).await);
 
     // page=N: pages of 50, page 1 newest
     let p1 = get(&server, "/api/messages?room=log&page=1").await;

@@ -1,11 +1,14 @@
-//! `CHAT_INTERNAL_LISTEN`: health, readiness and metrics (and history-service's internal API)
-//! move to a second port, and the public port stops answering them. The real binaries, as a
-//! deployment starts them.
+//! `CHAT_INTERNAL_LISTEN`: health, readiness and metrics (and history-service's internal API,
+//! the gateway's server API) move to a second port, and the public port stops answering them.
+//! The real binaries, as a deployment starts them.
 
 use std::net::SocketAddr;
 
 use crate::cluster::procs::{self, Backend, INTERNAL_TOKEN};
 use crate::support::*;
+
+/// The server API's key in the gateway test.
+const API_KEY: &str = "listeners-test-server-api-key-0123456789";
 
 async fn status(addr: SocketAddr, path: &str) -> u16 {
     http()
@@ -32,11 +35,15 @@ async fn gateway_serves_probes_and_metrics_only_on_the_internal_port() {
     };
     let internal: SocketAddr = format!("127.0.0.1:{}", procs::free_port()).parse().unwrap();
     let data = procs::tempdir("gw-internal");
+    let keys = data.join("api-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::write(keys.join("app"), API_KEY).unwrap();
     let mut env = vec![
         ("CHAT_LISTEN", "127.0.0.1:0".to_string()),
         ("CHAT_INTERNAL_LISTEN", internal.to_string()),
         ("CHAT_DATA_DIR", data.display().to_string()),
         ("CHAT_DRAIN_SECONDS", "1".to_string()),
+        ("CHAT_API_KEYS_DIR", keys.display().to_string()),
     ];
     if let Some(b) = &backend {
         env.push(("CHAT_REDIS_URL", b.redis.url()));
@@ -67,6 +74,23 @@ async fn gateway_serves_probes_and_metrics_only_on_the_internal_port() {
         .await
         .unwrap();
     assert!(metrics.contains("chat_connections"), "{metrics}");
+    // The server API: on the internal port only, and only with a key.
+    let presence = "/server/v1/rooms/lobby/presence";
+    assert_eq!(
+        status(public, presence).await,
+        404,
+        "no server API on the public port"
+    );
+    assert_eq!(status(internal, presence).await, 401, "a key is required");
+    let online = http()
+        .get(format!("http://{internal}{presence}"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(online.status(), 200);
+    let online: serde_json::Value = online.json().await.unwrap();
+    assert_eq!(online["count"], 1, "{online}");
     assert!(
         try_connect_url(&format!("ws://{internal}/ws?token={}", token("ida")))
             .await

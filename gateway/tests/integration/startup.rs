@@ -57,6 +57,9 @@ async fn each_startup_failure_is_one_line_naming_the_setting() {
     let not_a_key = files.join("key.pem");
     std::fs::write(&not_a_key, "not a PEM key").unwrap();
     let redis = format!("redis://user:hunter2@127.0.0.1:{}", closed_port());
+    let short_keys = files.join("api-keys");
+    std::fs::create_dir_all(&short_keys).unwrap();
+    std::fs::write(short_keys.join("app"), "hunter2\n").unwrap();
 
     // (setting, value, what the line must also contain)
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
@@ -103,6 +106,21 @@ async fn each_startup_failure_is_one_line_naming_the_setting() {
         ),
         ("CHAT_HISTORY_URL", "history:8081".into(), vec!["http://"]),
         ("CHAT_DRAIN_SECONDS", "soon".into(), vec!["--drain-seconds"]),
+        (
+            "CHAT_API_KEYS_DIR",
+            "/nonexistent/api-keys".into(),
+            vec!["/nonexistent/api-keys"],
+        ),
+        (
+            "CHAT_API_KEYS_DIR",
+            short_keys.display().to_string(),
+            vec!["app is 7 bytes", "at least 32", "openssl rand"],
+        ),
+        (
+            "CHAT_TOKEN_EXPIRING_SECONDS",
+            "0".into(),
+            vec!["between 1 and 86400"],
+        ),
     ];
     for (setting, value, wanted) in cases {
         let (status, err) = exit_of(&[(setting, value.clone())]).await;

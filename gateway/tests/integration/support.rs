@@ -273,8 +273,16 @@ impl Client {
     }
 
     pub async fn connect_addr(addr: SocketAddr, user: &str, path: &str) -> Client {
-        let url = format!("ws://{addr}{path}?token={}", token(user));
-        let ws = try_connect_url(&url).await.expect("upgrade accepted");
+        Self::connect_url(&format!("ws://{addr}{path}?token={}", token(user)), user).await
+    }
+
+    /// Connects to `/ws` on `addr` with `token` (for `user`).
+    pub async fn connect_with_token(addr: SocketAddr, user: &str, token: &str) -> Client {
+        Self::connect_url(&format!("ws://{addr}/ws?token={token}"), user).await
+    }
+
+    async fn connect_url(url: &str, user: &str) -> Client {
+        let ws = try_connect_url(url).await.expect("upgrade accepted");
         let mut c = Client::from_ws(ws, user);
         c.hello = c.recv_type("hello").await;
         c
@@ -399,14 +407,23 @@ impl Client {
 
     /// Waits for the close frame and returns its code (skipping other frames).
     pub async fn expect_close(&mut self) -> u16 {
+        self.expect_close_frame().await.0
+    }
+
+    /// Waits for the close frame and returns its code and reason (skipping other frames).
+    pub async fn expect_close_frame(&mut self) -> (u16, String) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Err(_) => panic!("{}: not closed within {WAIT:?}", self.user),
                 Ok(None) => panic!("{}: ended without a close frame", self.user),
                 Ok(Some(Err(e))) => panic!("{}: error before close: {e}", self.user),
-                Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
-                Ok(Some(Ok(Message::Close(None)))) => return u16::from(CloseCode::Status),
+                Ok(Some(Ok(Message::Close(Some(f))))) => {
+                    return (u16::from(f.code), f.reason.to_string())
+                }
+                Ok(Some(Ok(Message::Close(None)))) => {
+                    return (u16::from(CloseCode::Status), String::new())
+                }
                 Ok(Some(Ok(_))) => {}
             }
         }

@@ -1,4 +1,4 @@
-//! The public HTTP API of PROTOCOL.md, on a real socket (an in-process service on port 0).
+//! The public HTTP API (docs/protocol.md), on a real socket (an in-process service on port 0).
 
 use history_service::store::{Ban, Store};
 use proto::rooms::{Role, Visibility};

@@ -3,7 +3,7 @@
 //! - `contract`: the `Store` contract, written once, run against SQLite, against
 //!   `RemoteStore` → internal API → SQLite over real HTTP, and against ScyllaDB when
 //!   `SCYLLA_URI` is set (otherwise those tests print `SKIPPED: ...` and pass).
-//! - `http`: the public HTTP API of PROTOCOL.md on a real socket.
+//! - `http`: the public HTTP API (docs/protocol.md) on a real socket.
 //! - `consumer`: the persistence-stream consumer against a real `redis-server`.
 //! - `binary`: the `history-service` executable itself (flags, `listening on`, SIGTERM).
 //! - `telemetry`: traces over OTLP/HTTP to a fake collector (traceparent from the stream),

@@ -413,7 +413,9 @@ impl Broker for Arc<RedisBroker> {
                     },
                 );
                 waited?;
-                metrics::histogram!("chat_broker_publish_seconds").record(started.elapsed());
+                crate::telemetry::hot()
+                    .publish_seconds
+                    .record(started.elapsed());
                 return Ok(Published::Fresh { seq });
             }
             "2" => return Err(BrokerError::Stale),
@@ -484,15 +486,15 @@ impl Broker for Arc<RedisBroker> {
     async fn persist(&self, frame: Bytes) -> Result<(), BrokerError> {
         // Read receipts go to the stream of their room's partition.
         let room = room_of_frame(&frame).ok_or_else(|| unavailable("a receipt without a room"))?;
-        let _: String = call(
-            redis::cmd("XADD")
-                .arg(self.keys(&room).persist())
-                .arg("*")
-                .arg("f")
-                .arg(&frame[..]),
-            &mut self.conn(),
-        )
-        .await?;
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(self.keys(&room).persist())
+            .arg("*")
+            .arg("f")
+            .arg(&frame[..]);
+        if let Some(tp) = crate::telemetry::current_traceparent() {
+            xadd.arg("tp").arg(tp);
+        }
+        let _: String = call(&xadd, &mut self.conn()).await?;
         Ok(())
     }
 
@@ -555,6 +557,7 @@ impl Broker for Arc<RedisBroker> {
             last_seq: w.last,
             version: w.version,
             epoch: w.epoch,
+            pins: w.pins,
             events,
             complete,
         })
@@ -663,6 +666,8 @@ pub(super) struct WindowRead {
     version: StateVersion,
     /// Redis time (ms) of the read.
     now: u64,
+    /// The room's pin set (see [`Recovery::pins`]).
+    pins: Option<Vec<MessageId>>,
     /// Stored events after the `since` asked for, in order.
     pub events: Vec<(u64, Bytes)>,
 }
@@ -692,17 +697,28 @@ impl RedisBroker {
             .key(keys.key("ep"))
             .key(keys.key("log"))
             .key(keys.key("state"))
+            .key(keys.key("pins"))
             .arg(since.map_or(-1, |s| s as i64))
             .arg(self.window);
         let out: Vec<String> = self.invoke(&mut self.conn(), inv).await?;
         if out.first().map(String::as_str) != Some("1") {
             return Ok(Window::Unseeded(out.get(1).cloned()));
         }
-        let mut events = Vec::with_capacity(out.len().saturating_sub(5));
+        let mut events = Vec::with_capacity(out.len().saturating_sub(6));
         let (last, version, now) = (field(&out, 2)?, field(&out, 3)?, field(&out, 4)?);
+        let pins = match out.get(5).map(String::as_str) {
+            Some("-") => None,
+            Some(list) => Some(
+                list.split(',')
+                    .filter(|id| !id.is_empty())
+                    .map(|id| id.parse().map(MessageId).map_err(unavailable))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => return Err(unavailable("short reply")),
+        };
         let mut out = out.into_iter();
         let epoch = out.nth(1).unwrap_or_default();
-        for frame in out.skip(3) {
+        for frame in out.skip(4) {
             let frame = Bytes::from(frame.into_bytes());
             let seq = bus::peek(&frame).map_or(0, |p| p.seq);
             events.push((seq, frame));
@@ -712,6 +728,7 @@ impl RedisBroker {
             last,
             version,
             now,
+            pins,
             events,
         }))
     }

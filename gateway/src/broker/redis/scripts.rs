@@ -55,9 +55,10 @@ redis.call('SPUBLISH', ARGV[2], ARGV[3])
 return 1
 "#;
 
-/// KEYS: epoch, seq, ep, log, state version. ARGV: since (-1: none), window size. Returns
-/// {'1', epoch, last seq, state version, Redis time (ms), up to ARGV[2] frames after
-/// ARGV[1]...}, or '3'/'4' as PUBLISH.
+/// KEYS: epoch, seq, ep, log, state version, pin set. ARGV: since (-1: none), window size.
+/// Returns {'1', epoch, last seq, state version, Redis time (ms), pinned ids ('-': no pin
+/// set; else comma-separated), up to ARGV[2] frames after ARGV[1]...}, or '3'/'4' as
+/// PUBLISH.
 pub const RECOVER: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'id')
 if not epoch then return {'3'} end
@@ -65,8 +66,16 @@ if redis.call('GET', KEYS[3]) ~= epoch then return {'4', epoch} end
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[1])
 local t = redis.call('TIME')
+local pins = '-'
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  local ids = {}
+  for _, k in ipairs(redis.call('HKEYS', KEYS[6])) do
+    if k ~= '_' then ids[#ids + 1] = k end
+  end
+  pins = table.concat(ids, ',')
+end
 local out = {'1', epoch, tostring(last), redis.call('GET', KEYS[5]) or '0',
-  string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+  string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)), pins}
 if since >= 0 and since < last then
   local evs = redis.call('XRANGE', KEYS[4], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
   for _, e in ipairs(evs) do out[#out + 1] = e[2][2] end

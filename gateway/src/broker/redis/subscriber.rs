@@ -3,9 +3,11 @@
 //! on one of them. One task owns them all: it subscribes as told, delivers into the hub, and
 //! when a connection is lost (or a slot moved away: Redis unsubscribes its channels) it
 //! reads where the rooms live now, subscribes them there, and fills each room's gap from its
-//! window — so local delivery stays gapless and in order.
+//! window — so local delivery stays gapless and in order. Pushes already received are
+//! delivered as one corked batch (up to [`READ_BATCH`]): each session's frames of the batch go
+//! out in one write ([`crate::cork`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -32,6 +34,18 @@ pub(super) enum SubCmd {
     /// The partition is in a new epoch: report the highest seq delivered of its rooms, and
     /// close their sessions (their clients rejoin in the new epoch and fill from history).
     EpochChanged(u16, Arc<str>),
+}
+
+/// Pushes delivered as one batch at most (see the module docs).
+const READ_BATCH: usize = 256;
+
+/// A room event that arrived after a gap in its room's seqs: the gap is filled from the
+/// window first.
+struct Gap {
+    room: RoomId,
+    seen: u64,
+    seq: u64,
+    frame: Bytes,
 }
 
 /// A connection to one primary; `gen` tells its pushes from an earlier connection's.
@@ -110,7 +124,17 @@ pub(super) async fn run(
             },
             push = pushed.recv() => match push {
                 None => return,
-                Some((gen, push)) => sub.pushed(gen, push).await,
+                Some(first) => {
+                    // Everything already received, as one batch.
+                    let mut batch = VecDeque::from([first]);
+                    while batch.len() < READ_BATCH {
+                        match pushed.try_recv() {
+                            Ok(p) => batch.push_back(p),
+                            Err(_) => break,
+                        }
+                    }
+                    sub.pushed(batch).await;
+                }
             },
             _ = tokio::time::sleep(wait) => {}
         }
@@ -330,19 +354,46 @@ impl Subscriber {
         fixed
     }
 
-    async fn pushed(&mut self, gen: u64, push: PushInfo) {
+    /// Delivers a batch of pushes corked; a gap needs an await (the window read), so the cork
+    /// ends before it and a new one starts after.
+    async fn pushed(&mut self, mut batch: VecDeque<(u64, PushInfo)>) {
+        while !batch.is_empty() {
+            let gap = crate::cork::corked(|| {
+                while let Some((gen, push)) = batch.pop_front() {
+                    if let Some(gap) = self.route(gen, push) {
+                        return Some(gap);
+                    }
+                }
+                None
+            });
+            if let Some(Gap {
+                room,
+                seen,
+                seq,
+                frame,
+            }) = gap
+            {
+                self.catch_up(&room, seen, None).await;
+                if self.last.get(&room).is_none_or(|s| seq > *s) {
+                    self.last.insert(room.clone(), seq);
+                    self.hub.deliver(&room, seq, &frame, None);
+                }
+            }
+        }
+    }
+
+    /// Handles one push, or returns the gap that must be filled before its event.
+    fn route(&mut self, gen: u64, push: PushInfo) -> Option<Gap> {
         match push.kind {
             PushKind::SMessage => {
                 let mut data = push.data.into_iter();
                 let (Some(Value::BulkString(ch)), Some(Value::BulkString(payload))) =
                     (data.next(), data.next())
                 else {
-                    return;
+                    return None;
                 };
-                let Some(room) = keys::room_of_channel(&ch) else {
-                    return;
-                };
-                self.deliver(&room, Bytes::from(payload)).await;
+                let room = keys::room_of_channel(&ch)?;
+                return self.deliver(room, Bytes::from(payload));
             }
             PushKind::Message => {
                 if let Some(Value::BulkString(payload)) = push.data.get(1) {
@@ -350,25 +401,20 @@ impl Subscriber {
                 }
             }
             PushKind::Disconnection => {
-                let Some(addr) = self
+                let addr = self
                     .conns
                     .iter()
                     .find(|(_, c)| c.gen == gen)
-                    .map(|(a, _)| a.clone())
-                else {
-                    return;
-                };
+                    .map(|(a, _)| a.clone())?;
                 self.drop_conn(&addr);
             }
             PushKind::SUnsubscribe => {
                 // Not asked for (an asked-for one removed the room first): the slot moved to
                 // another primary.
                 let Some(Value::BulkString(ch)) = push.data.first() else {
-                    return;
+                    return None;
                 };
-                let Some(room) = keys::room_of_channel(ch) else {
-                    return;
-                };
+                let room = keys::room_of_channel(ch)?;
                 let on = self
                     .conns
                     .iter()
@@ -382,6 +428,7 @@ impl Subscriber {
             }
             _ => {}
         }
+        None
     }
 
     /// Closes the connection to `addr` (it failed): its subscriptions are lost.
@@ -418,6 +465,10 @@ impl Subscriber {
                 frame,
             }) => self.hub.deliver_user(u, &Bytes::copy_from_slice(frame)),
             Some(NodeMessage {
+                target: NodeTarget::Disconnect(u),
+                frame,
+            }) => self.hub.disconnect_user(u, &String::from_utf8_lossy(frame)),
+            Some(NodeMessage {
                 target: NodeTarget::RoomState(r),
                 frame,
             }) => {
@@ -434,28 +485,32 @@ impl Subscriber {
         }
     }
 
-    /// A live room frame: delivered in seq order, a gap filled from the window first.
-    async fn deliver(&mut self, room: &RoomId, frame: Bytes) {
+    /// A live room frame: delivered in seq order, or the gap to fill from the window first.
+    fn deliver(&mut self, room: RoomId, frame: Bytes) -> Option<Gap> {
         let Some(peek) = bus::peek(&frame) else {
             tracing::warn!(%room, "undecodable room frame");
-            return;
+            return None;
         };
         if peek.seq == 0 {
-            self.hub.deliver(room, 0, &frame, bus::excluded_user(&peek));
-            return;
+            self.hub
+                .deliver(&room, 0, &frame, bus::excluded_user(&peek));
+            return None;
         }
-        match self.last.get(room).copied() {
-            Some(seen) if peek.seq <= seen => return, // already delivered by a catch-up
+        match self.last.get(&room).copied() {
+            Some(seen) if peek.seq <= seen => return None, // already delivered by a catch-up
             Some(seen) if peek.seq > seen + 1 => {
-                self.catch_up(room, seen, None).await;
-                if self.last.get(room).is_some_and(|s| peek.seq <= *s) {
-                    return;
-                }
+                return Some(Gap {
+                    room,
+                    seen,
+                    seq: peek.seq,
+                    frame,
+                })
             }
             _ => {}
         }
         self.last.insert(room.clone(), peek.seq);
-        self.hub.deliver(room, peek.seq, &frame, None);
+        self.hub.deliver(&room, peek.seq, &frame, None);
+        None
     }
 
     /// Delivers a room's events after `seen` from its window; when the window no longer
