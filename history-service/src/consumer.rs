@@ -13,12 +13,14 @@
 //!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 STREAMS <stream> >`. Reads do not
 //!    block (a blocking read would hold the connection every partition shares): an empty
 //!    read waits a little longer each time, up to `idle_max`, before the next.
-//! 3. With `wait_replicas` (`CHAT_REDIS_WAIT_REPLICAS`), `WAIT` until that many replicas have
-//!    everything read so far: an entry the primary had not replicated yet may vanish in a
-//!    failover, and its seq be given to another message; stored, it would keep that seq.
 //!    After a read that was not a full batch, a short linger (`linger`, 25 ms) lets the next
 //!    batch gather, so a busy stream costs one read, one store transaction and one
 //!    acknowledgement per batch rather than per entry.
+//! 3. With `wait_replicas` (`CHAT_REDIS_WAIT_REPLICAS`), `WAIT` until that many replicas have
+//!    everything read so far: an entry the primary had not replicated yet may vanish in a
+//!    failover, and its seq be given to another message; stored, it would keep that seq. When
+//!    the replicas do not confirm in time, the batch is dropped and this consumer's pending
+//!    entries are read again — after a failover from the new primary, without what it lost.
 //! 4. Decode each frame; an undecodable one is logged, counted
 //!    (`chat_stream_undecodable_total`) and acknowledged — retrying cannot fix it.
 //! 5. `store.apply(batch)`; `XACK` only after it succeeded. On a store error nothing is acked:
@@ -325,7 +327,15 @@ impl<S: Store> Partition<'_, S> {
                 // Continue the backlog after the last entry seen.
                 cursor = ids.last().map(|e| e.id.clone()).unwrap_or_default();
             }
-            self.replicated().await;
+            if !self.replicated().await {
+                // Read again what this consumer holds, from the primary serving the stream
+                // now: after a failover it lacks what the old primary did not replicate, and
+                // that must not be stored (its seq may go to another event).
+                cursor = "0".into();
+                tokio::time::sleep(redis_backoff).await;
+                redis_backoff = (redis_backoff * 2).min(c.retry_max);
+                continue;
+            }
             let full = ids.len() >= c.batch;
             self.process(ids).await;
             if !full && !c.linger.is_zero() {
@@ -334,28 +344,26 @@ impl<S: Store> Partition<'_, S> {
         }
     }
 
-    /// With `CHAT_REDIS_WAIT_REPLICAS`, waits until that many replicas have what was read.
-    async fn replicated(&mut self) {
+    /// With `CHAT_REDIS_WAIT_REPLICAS`, whether that many replicas have what was read (`WAIT`
+    /// after the read: replication is in order, so the entries read are replicated once the
+    /// read's own write is). False: the batch is not stored, and is read again.
+    async fn replicated(&mut self) -> bool {
         let settings = &self.consumer.settings;
         if settings.wait_replicas == 0 {
-            return;
+            return true;
         }
-        let mut backoff = self.consumer.config.retry_min;
-        loop {
-            match self
-                .conn
-                .wait_replicas(&self.stream, settings.wait_replicas, settings.wait_timeout)
-                .await
-            {
-                Ok(n) if n >= settings.wait_replicas => return,
-                Ok(n) => {
-                    tracing::warn!(replicas = n, stream = %self.stream, "entries not replicated yet; not storing them")
-                }
-                Err(e) => self.consumer.redis_failed(&self.stream, "WAIT", &e),
+        match self
+            .conn
+            .wait_replicas(&self.stream, settings.wait_replicas, settings.wait_timeout)
+            .await
+        {
+            Ok(n) if n >= settings.wait_replicas => return true,
+            Ok(n) => {
+                tracing::warn!(replicas = n, stream = %self.stream, "entries not replicated yet; not storing them")
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.consumer.config.retry_max);
+            Err(e) => self.consumer.redis_failed(&self.stream, "WAIT", &e),
         }
+        false
     }
 
     /// Stores a batch (retrying until it succeeds), then acknowledges it, in one `store_batch`

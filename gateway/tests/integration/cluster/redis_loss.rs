@@ -228,8 +228,9 @@ async fn with_wait_a_primary_killed_under_traffic_loses_nothing_and_keeps_the_or
     let primary = cluster.primary_of(room_slot()).await;
     cluster.kill(primary).await;
     cluster.wait_failover(room_slot(), primary).await;
-    progress(&shared, 40, "kill -9 of the room's primary").await;
+    // Acknowledgements need a replica of the new primary: the old one, back.
     cluster.restart(primary).await;
+    progress(&shared, 40, "kill -9 of the room's primary").await;
     cluster.wait_healthy().await;
     progress(&shared, 20, "old primary back as a replica").await;
     let tallies = finish(&shared, running).await;
