@@ -406,23 +406,25 @@ impl RedisBroker {
         self.invoke::<i64>(&mut self.conn(), inv).await.map(drop)
     }
 
-    /// Whether another event holds `s`'s seq in the window kept from before the reset.
-    async fn seq_taken(&self, s: &Sent) -> bool {
+    /// What Redis holds at `s`'s seq: `Some(true)` `s` itself, `Some(false)` another event,
+    /// None nothing (or it cannot tell). The room's window is checked, then the window kept
+    /// aside when the room was seeded in the new epoch.
+    async fn at_seq(&self, s: &Sent) -> Option<bool> {
         let keys = self.keys(&s.room);
         let id = format!("{}-1", s.seq);
-        let found: Result<StreamEntries, _> = call(
-            redis::cmd("XRANGE")
-                .arg(keys.key("oldlog"))
-                .arg(&id)
-                .arg(&id),
-            &mut self.conn(),
-        )
-        .await;
         let frame = with_seq(&s.frame, s.seq);
-        found.is_ok_and(|f| {
-            f.first()
-                .is_some_and(|(_, fields)| fields.get("f") != Some(&frame))
-        })
+        for window in ["log", "oldlog"] {
+            let found: StreamEntries = call(
+                redis::cmd("XRANGE").arg(keys.key(window)).arg(&id).arg(&id),
+                &mut self.conn(),
+            )
+            .await
+            .ok()?;
+            if let Some((_, fields)) = found.first() {
+                return Some(fields.get("f") == Some(&frame));
+            }
+        }
+        None
     }
 }
 
@@ -457,8 +459,10 @@ async fn reconcile(
             continue;
         };
         let missing = match &event {
+            // Redis still holding it at its seq: it is in the stream, on its way to the store
+            // (with `CHAT_REDIS_WAIT_REPLICAS` the history service waits for a replica).
             ServerEvent::Message { id, .. } => match broker.store.message(&s.room, *id).await {
-                Ok(found) => found.is_none(),
+                Ok(found) => found.is_none() && broker.at_seq(&s).await != Some(true),
                 Err(e) => {
                     tracing::error!(error = %e, room = %s.room, seq = s.seq, "cannot check a message against the store");
                     continue;
@@ -467,7 +471,7 @@ async fn reconcile(
             ServerEvent::MessageEdited { .. }
             | ServerEvent::MessageDeleted { .. }
             | ServerEvent::Pinned { .. }
-            | ServerEvent::Unpinned { .. } => broker.seq_taken(&s).await,
+            | ServerEvent::Unpinned { .. } => broker.at_seq(&s).await == Some(false),
             _ => false,
         };
         if !missing {

@@ -82,14 +82,23 @@ impl Behind for Backend {
 pub struct ClusterBackend {
     pub cluster: super::redis_cluster::RedisCluster,
     pub histories: Vec<History>,
+    /// Redis settings on top of the cluster's URL, for every process ([`Behind::redis_env`]).
+    settings: Vec<(&'static str, String)>,
 }
 
 impl ClusterBackend {
     pub async fn start() -> ClusterBackend {
+        Self::start_with(&[]).await
+    }
+
+    /// With Redis `settings` (`CHAT_REDIS_WAIT_REPLICAS`…) for the history services and the
+    /// gateways started on it.
+    pub async fn start_with(settings: &[(&'static str, &str)]) -> ClusterBackend {
         let cluster = super::redis_cluster::RedisCluster::start().await;
         let mut b = ClusterBackend {
             cluster,
             histories: Vec::new(),
+            settings: settings.iter().map(|(k, v)| (*k, v.to_string())).collect(),
         };
         for name in ["history-1", "history-2"] {
             // Both replicas on one store: the second is a reader of the first's file, as two
@@ -114,6 +123,9 @@ impl Behind for ClusterBackend {
                 super::redis_cluster::TEST_PARTITIONS.to_string(),
             ),
         ]
+        .into_iter()
+        .chain(self.settings.iter().cloned())
+        .collect()
     }
     fn history_url(&self) -> String {
         self.histories[0].url()

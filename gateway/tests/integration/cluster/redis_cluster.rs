@@ -245,6 +245,43 @@ impl RedisCluster {
         self.nodes[i].spawn().await;
     }
 
+    /// Starts node `i` again as a new, empty node (no cluster config: it claims no slots, not
+    /// even for a moment) and makes it a replica of node `primary`.
+    pub async fn rejoin_as_replica(&mut self, i: usize, primary: usize) {
+        let _ = std::fs::remove_file(self.nodes[i].dir.join("nodes.conf"));
+        self.nodes[i].spawn().await;
+        let mut conn = self.nodes[i].conn().await;
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut self.nodes[primary].conn().await)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(self.nodes[primary].port)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                .arg("REPLICATE")
+                .arg(&id)
+                .query_async(&mut conn)
+                .await;
+            if r.is_ok() {
+                return;
+            }
+            // It does not know the primary yet: the handshake is under way.
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {i} never became a replica: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until the node serving `slot` is not node `i` (its replica took over).
     pub async fn wait_failover(&self, slot: u16, from: usize) -> usize {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -93,14 +93,13 @@ fn room_slot() -> u16 {
     slot_of(&partitions::stream(partitions::of(ROOM, TEST_PARTITIONS)))
 }
 
-/// Two gateways (with `env` on top of the test's) on a Redis Cluster, behind nginx; the room
-/// exists.
-async fn cluster_shape(env: &[(&str, &str)]) -> (ClusterBackend, Vec<Gateway>, Nginx) {
-    let backend = ClusterBackend::start().await;
-    let env: Vec<(&str, &str)> = ENV.iter().chain(env).copied().collect();
+/// Two gateways on a Redis Cluster (every process with the Redis `settings`), behind nginx;
+/// the room exists.
+async fn cluster_shape(settings: &[(&'static str, &str)]) -> (ClusterBackend, Vec<Gateway>, Nginx) {
+    let backend = ClusterBackend::start_with(settings).await;
     let gateways = vec![
-        Gateway::start(&backend, "g1", &env).await,
-        Gateway::start(&backend, "g2", &env).await,
+        Gateway::start(&backend, "g1", &ENV).await,
+        Gateway::start(&backend, "g2", &ENV).await,
     ];
     let addrs: Vec<_> = gateways.iter().map(|g| g.addr).collect();
     let lb = Nginx::start(&addrs, backend.histories[0].addr).await;
@@ -135,7 +134,7 @@ async fn counted(backend: &ClusterBackend, gateways: &[Gateway]) -> Counted {
 /// and the replica takes over without them. With `wait` (`CHAT_REDIS_WAIT_REPLICAS=1`) the
 /// writes the replica misses are never acknowledged.
 async fn failover_losing_writes(wait: bool) -> (super::chaos::Checked, Counted) {
-    let env: &[(&str, &str)] = if wait {
+    let env: &[(&'static str, &str)] = if wait {
         &[("CHAT_REDIS_WAIT_REPLICAS", "1")]
     } else {
         &[]
@@ -169,8 +168,10 @@ async fn failover_losing_writes(wait: bool) -> (super::chaos::Checked, Counted) 
     let now = cluster.wait_failover(room_slot(), primary).await;
     assert_eq!(now, replica, "the replica took over");
     if wait {
-        // Acknowledgements need a replica of the new primary: the old one, back.
-        cluster.restart(primary).await;
+        // Acknowledgements need a replica of the new primary: the old node, back empty as a
+        // new replica (restarted on its old cluster config it would serve its old slots for a
+        // moment, and take writes no replica ever gets).
+        cluster.rejoin_as_replica(primary, now).await;
     }
     progress(&shared, 60, "failover to the replica that missed writes").await;
     if !wait {
