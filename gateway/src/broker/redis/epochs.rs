@@ -428,6 +428,22 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Whether the store will still get `s` with its seq: Redis holds it there, and the store
+    /// has not reached that seq yet (with `CHAT_REDIS_WAIT_REPLICAS` the history service waits
+    /// for a replica before storing). Once the store holds a later seq, another event took
+    /// `s`'s seq there.
+    async fn on_its_way(&self, s: &Sent) -> bool {
+        if self.at_seq(s).await != Some(true) {
+            return false;
+        }
+        self.store
+            .last_seq(&s.room)
+            .await
+            .is_ok_and(|last| last < s.seq)
+    }
+}
+
 /// How long [`reconcile`] waits for the history service to store what was appended again.
 const RECONCILE_WAIT: Duration = Duration::from_secs(60);
 
@@ -459,10 +475,9 @@ async fn reconcile(
             continue;
         };
         let missing = match &event {
-            // Redis still holding it at its seq: it is in the stream, on its way to the store
-            // (with `CHAT_REDIS_WAIT_REPLICAS` the history service waits for a replica).
             ServerEvent::Message { id, .. } => match broker.store.message(&s.room, *id).await {
-                Ok(found) => found.is_none() && broker.at_seq(&s).await != Some(true),
+                Ok(Some(_)) => false,
+                Ok(None) => !broker.on_its_way(&s).await,
                 Err(e) => {
                     tracing::error!(error = %e, room = %s.room, seq = s.seq, "cannot check a message against the store");
                     continue;

@@ -543,10 +543,15 @@ impl Broker for Arc<RedisBroker> {
         };
         let same_epoch = epoch.is_none_or(|e| e == w.epoch);
         if since.is_some() && !same_epoch {
-            // A client of the numbering before a reset fills its gap from history: let the
-            // history service store what is in the stream first (what was appended again,
-            // and what the new numbering published since).
-            self.await_history(&keys, w.now).await;
+            // A client of the numbering before a reset fills its gap from history: the history
+            // service stores what is in the stream first (what was appended again, and what
+            // the new numbering published since), or the join is answered `unavailable` and
+            // retried — answered now, the client would miss what history lacks for good.
+            if !self.await_history(&keys, w.now).await {
+                return Err(unavailable(
+                    "history has not stored the events from before the reset yet",
+                ));
+            }
         }
         let complete = match since {
             None => true,
@@ -735,8 +740,8 @@ impl RedisBroker {
 
     /// Waits (a few seconds at most) until the history service stored everything appended to
     /// the room's partition stream before Redis time `now` (ms; consumers delete what they
-    /// stored).
-    async fn await_history(&self, keys: &RoomKeys, now: u64) {
+    /// stored); false when it did not.
+    async fn await_history(&self, keys: &RoomKeys, now: u64) -> bool {
         let deadline = std::time::Instant::now() + AWAIT_HISTORY;
         while std::time::Instant::now() < deadline {
             let oldest: Vec<(String, redis::Value)> = match call(
@@ -751,7 +756,7 @@ impl RedisBroker {
             .await
             {
                 Ok(entries) => entries,
-                Err(_) => return,
+                Err(_) => return false,
             };
             // Entry ids start with the Redis time (ms) they were appended at.
             let caught_up = oldest
@@ -759,11 +764,12 @@ impl RedisBroker {
                 .and_then(|(id, _)| EntryId::parse(id))
                 .is_none_or(|id| id.0 > now);
             if caught_up {
-                return;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tracing::warn!(stream = %keys.persist(), "history did not catch up in time; recovering from what it has");
+        tracing::warn!(stream = %keys.persist(), "history did not catch up in time; the join is answered unavailable");
+        false
     }
 }
 
