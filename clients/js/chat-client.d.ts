@@ -69,7 +69,10 @@ export interface Joined {
   ref?: Ref;
   room: RoomInfo;
   seq: number;
+  /** Users online: everyone in a room of up to 100, else 100 of them. */
   online: UserRef[];
+  /** How many users are online (exact). */
+  online_count: number;
   pins: PinView[];
   recovered: boolean;
   role?: Role;
@@ -87,7 +90,16 @@ export interface Typing { type: 'typing'; room: RoomId; user: UserRef }
 export interface StopTyping { type: 'stop_typing'; room: RoomId; user: UserRef }
 export interface PresenceJoin { type: 'join'; room: RoomId; user: UserRef }
 export interface PresenceLeave { type: 'leave'; room: RoomId; user: UserRef }
-export interface OnlineUsers { type: 'online_users'; room: RoomId; users: UserRef[]; count: number }
+/**
+ * Who is online: `count` exact, `users` up to 100. A big room (more online than the server's
+ * CHAT_PRESENCE_COALESCE_ABOVE) gets no `join`/`leave` per user; its `online_users` (at most
+ * one per interval and node) say who came and went since the last one instead: `joined` and
+ * `left` list up to 20 users each, `joined_count` and `left_count` count all of them.
+ */
+export interface OnlineUsers {
+  type: 'online_users'; room: RoomId; users: UserRef[]; count: number;
+  joined?: UserRef[]; joined_count?: number; left?: UserRef[]; left_count?: number;
+}
 /** `seq` is the user's read marker, not an event position. */
 export interface Receipt { type: 'receipt'; room: RoomId; user: UserRef; seq: number }
 export interface Pinned { type: 'pinned'; seq: number; room: RoomId; message: MessageView; by: UserRef; pinned_at: Timestamp }
@@ -122,8 +134,9 @@ export interface ChatEvents {
   notice: Notice; reconnect: Reconnect; token_expiring: TokenExpiring;
   /** The connection state; `delayMs` when a reconnect is scheduled. */
   state: { state: ClientState; attempt?: number; delayMs?: number; reason?: string };
-  /** The close code and reason (`token expired`, or why the application disconnected the user). */
-  disconnected: { code: number; reason: string };
+  /** The close code and reason (`token expired`, or why the application disconnected the
+   * user); `retryAfterMs`: when the server said to come back (`retry_after_ms` in the reason). */
+  disconnected: { code: number; reason: string; retryAfterMs: number | null };
   /** The live connection could not take a new token (it closes at the old one's expiry). */
   refresh_failed: ChatError;
   /** Out of a room the client kept (banned, removed, deleted, made private, re-join refused). */
@@ -227,3 +240,6 @@ export function tokenClaims(token: string): Record<string, unknown> | null;
 
 /** A random id (a UUID where the platform has them), as used for `client_msg_id`. */
 export function newId(): string;
+
+/** The `retry_after_ms=N` a close frame's reason carries (ms), or null. */
+export function retryHint(reason: string | null | undefined): number | null;

@@ -11,8 +11,9 @@
 //     matched by `ref`;
 //   - events are the server's frames, by `type` (`on('message', fn)`), plus `state` and
 //     `lost` (see below);
-//   - reconnects by itself: exponential backoff with full jitter, the server's retry hint
-//     honoured (`reconnect {after_ms}` before a drain close);
+//   - reconnects by itself: exponential backoff with full jitter, the server's retry hints
+//     honoured (`reconnect {after_ms}` before a drain close, `retry_after_ms=N` in a close
+//     frame's reason);
 //   - recovers: every room it is in is re-joined with `since` = the last seq it saw, so the
 //     server replays what was missed (`joined.recovered === false`: fill from `history()`);
 //   - never loses a message: unacknowledged messages are sent again with the same
@@ -44,6 +45,12 @@ export function roomOf(frame) {
   const r = frame?.room;
   if (r == null) return null;
   return typeof r === 'object' ? (r.id == null ? null : String(r.id)) : String(r);
+}
+
+/** The `retry_after_ms=N` a close reason carries (ms), or null. */
+export function retryHint(reason) {
+  const m = /(?:^|[;\s])retry_after_ms=(\d{1,9})(?:$|[;\s])/.exec(String(reason ?? ''));
+  return m ? Number(m[1]) : null;
 }
 
 /** The claims of a JWT (unverified: the signature is the server's business), or null. */
@@ -377,6 +384,11 @@ export class ChatClient {
 
   socketGone(ws, code, reason = '') {
     this.stopHeartbeat();
+    // The close says when to come back (`...; retry_after_ms=N`): a draining node spreads its
+    // clients' returns this way, and so does a node closing a whole room at once. A
+    // `reconnect` frame's later time stands.
+    const hint = retryHint(reason);
+    if (hint != null) this.moveAt = Math.max(this.moveAt, Date.now() + hint);
     clearTimeout(this.timers.move);
     for (const r of this.rooms.values()) { r.joined = false; r.joining = false; }
     // Answers to what was in flight will not come. Messages stay in the outbox (sent again
@@ -389,7 +401,7 @@ export class ChatClient {
     }
     if (this.state === 'closed') return;
     if (!ws.gotHello) this.failedHandshakes++;
-    this.emit('disconnected', { code, reason });
+    this.emit('disconnected', { code, reason, retryAfterMs: hint });
     // Refused handshakes (a WebSocket cannot see the 401) or a policy close (the token
     // expired, the application disconnected the user): ask over HTTP whether the token — a
     // new one, from a token function — is still good, now and then.

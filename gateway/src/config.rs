@@ -119,6 +119,14 @@ pub struct Config {
     /// offline within this (plus one refresh period).
     #[arg(long, env = "CHAT_PRESENCE_TTL_SECONDS", default_value_t = 30)]
     pub presence_ttl_seconds: u64,
+    /// Rooms with more users online than this get presence coalesced: no `join`/`leave` per
+    /// user, one `online_users` per interval listing who came and went (0: every room).
+    #[arg(long, env = "CHAT_PRESENCE_COALESCE_ABOVE", default_value_t = 100)]
+    pub presence_coalesce_above: u64,
+    /// Milliseconds between two `online_users` of a room from one node, at most one per
+    /// interval (leading and trailing edge).
+    #[arg(long, env = "CHAT_PRESENCE_INTERVAL_MS", default_value_t = 500)]
+    pub presence_interval_ms: u64,
     /// Shared token for the history service's internal API.
     #[arg(long, env = "CHAT_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
@@ -161,6 +169,9 @@ impl Config {
         }
         if self.presence_ttl_seconds < 3 {
             return Err("CHAT_PRESENCE_TTL_SECONDS must be at least 3".into());
+        }
+        if !(50..=60_000).contains(&self.presence_interval_ms) {
+            return Err("CHAT_PRESENCE_INTERVAL_MS must be between 50 and 60000".into());
         }
         if self.heartbeat_seconds == 0 {
             return Err("CHAT_HEARTBEAT_SECONDS must be > 0".into());
@@ -232,6 +243,10 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_seconds)
+    }
+
+    pub fn presence_interval(&self) -> Duration {
+        Duration::from_millis(self.presence_interval_ms)
     }
 
     pub fn token_expiring(&self) -> Duration {

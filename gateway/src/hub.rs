@@ -87,6 +87,12 @@ impl SessionHandle {
         self.outbox.close(code);
     }
 
+    /// Asks the session to close with `code`, its client to come back in `retry_ms`.
+    pub fn close_with_retry(&self, code: u16, retry_ms: u32) {
+        self.outbox
+            .close_with(code, &crate::writer::close_reason(code, Some(retry_ms)));
+    }
+
     /// [`Self::close`] with the close frame's reason (see [`Outbox::close_with`]).
     pub fn close_with(&self, code: u16, reason: &str) {
         self.outbox.close_with(code, reason);
@@ -112,6 +118,9 @@ struct Room {
 pub trait StateObserver: Send + Sync {
     /// Before the event reaches any local session: drop cached state.
     fn state_changed(&self, room: &RoomId);
+    /// A stored event that may change a pinned message's view passed (see
+    /// `EventKind::changes_pins`): drop the room's cached pins.
+    fn pins_changed(&self, room: &RoomId);
     /// After a `room_updated` reached the room's sessions: its settings changed (a room made
     /// private must let its readers go).
     fn updated(&self, room: &RoomId);
@@ -358,12 +367,13 @@ impl Hub {
         except_user: Option<&str>,
     ) -> usize {
         let started = std::time::Instant::now();
-        let state_event = (seq > 0)
-            .then(|| crate::bus::kind_of(frame))
-            .flatten()
-            .filter(|k| k.changes_room_state());
+        let kind = (seq > 0).then(|| crate::bus::kind_of(frame)).flatten();
+        let state_event = kind.filter(|k| k.changes_room_state());
         if let (Some(_), Some(o)) = (state_event, self.observer.get()) {
             o.state_changed(room);
+        }
+        if let (Some(_), Some(o)) = (kind.filter(|k| k.changes_pins()), self.observer.get()) {
+            o.pins_changed(room);
         }
         let mut shard = self.room_shard(room).write().expect("hub lock");
         let Some(entry) = shard.get_mut(room) else {

@@ -11,8 +11,9 @@
 //!   decision goes through [`commands::guard`] (rules: `history_service::access`) on the
 //!   node's cached [`room_state`], confirmed by the broker's state version.
 //! - [`node`]: per-process state shared by sessions (hub, broker, room state, ids, drain
-//!   state, typing, [`online`] announcements, [`receipts`] coalescing, token [`expiry`]), and
-//!   the policy around what the hub and the broker report.
+//!   state, typing, [`online`] announcements, [`receipts`] coalescing, [`pin_views`] for
+//!   joins, store calls of join storms in [`batch`]es, token [`expiry`]), and the policy
+//!   around what the hub and the broker report.
 //! - [`hub`]: sharded local registry room → sessions and user → sessions; local fan-out.
 //! - [`broker`]: the cluster seam — seq assignment, recovery window, presence, pub/sub —
 //!   in memory (one node) or on Redis (many); [`bus`] reads frames that arrive from it.
@@ -24,6 +25,7 @@
 //! [`hub`] enqueues the same bytes to each local member's queue → [`writer`] writes them.
 
 pub mod api_keys;
+pub mod batch;
 pub mod broker;
 pub mod bus;
 pub mod commands;
@@ -36,6 +38,7 @@ pub mod node;
 pub mod online;
 pub mod outbox;
 pub mod persist;
+pub mod pin_views;
 pub mod reassembly;
 pub mod receipts;
 pub mod room_state;

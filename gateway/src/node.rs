@@ -17,12 +17,16 @@ use proto::{RoomId, ServerEvent, UserRef};
 use tokio::sync::Semaphore;
 
 use history_service::keys::Authenticator;
-use history_service::{AnyStore, HistoryApi};
+use history_service::store::MemberPut;
+use history_service::{AnyStore, HistoryApi, Store, StoreError};
 
+use crate::batch::Batcher;
 use crate::broker::{AnyBroker, Broker, BrokerError, Events, StateVersion};
 use crate::config::Config;
 use crate::expiry::Expiry;
 use crate::hub::{Hub, StateObserver};
+use crate::online::Change;
+use crate::pin_views::PinViews;
 use crate::receipts::Receipts;
 use crate::room_state::{MemberChange, RoomStates};
 
@@ -45,8 +49,17 @@ pub struct Node {
     pub expiry: Arc<Expiry>,
     /// Coalesces `online_users` announcements per room.
     pub online: crate::online::Online,
+    /// Rooms' pinned messages for `joined.pins`, read once per room.
+    pub pins: PinViews,
+    /// First-time memberships (public joins), stored in batches: one store call (scaled out:
+    /// one round trip to the history service) for every join waiting at the time.
+    pub members: Batcher<MemberPut, bool>,
+    /// Read markers for `joined.unread`, read in batches likewise.
+    pub markers: Batcher<(RoomId, String), Option<u64>>,
     pub ids: MessageIdGen,
     pub connections: Arc<Semaphore>,
+    /// The clock of every session's rate limiter (see `session`).
+    pub clock: governor::clock::DefaultClock,
     next_session: AtomicU64,
     draining: AtomicBool,
     /// (room, user) → generation of the user's latest `typing`; expiry compares generations.
@@ -69,23 +82,46 @@ impl Node {
             HistoryApi::new(store.clone(), verifier.clone())
                 .with_internal_token(config.internal_token.clone()),
         );
-        let node = Arc::new(Self {
-            name,
-            verifier,
-            hub,
-            broker,
-            rooms: RoomStates::new(store),
-            history,
-            receipts: Receipts::default(),
-            expiry: Expiry::start(config.token_expiring()),
-            online: Default::default(),
-            ids,
-            connections,
-            next_session: AtomicU64::new(1),
-            draining: AtomicBool::new(false),
-            typing: Mutex::default(),
-            typing_gen: AtomicU64::new(0),
-            config,
+        let markers = {
+            let store = store.clone();
+            Batcher::spawn(move |keys: Vec<(RoomId, String)>| {
+                let store = store.clone();
+                async move { store.markers_of(&keys).await }
+            })
+        };
+        let node = Arc::new_cyclic(|me: &Weak<Node>| {
+            let me = me.clone();
+            let members = Batcher::spawn(move |puts: Vec<MemberPut>| {
+                let me = me.clone();
+                async move {
+                    let node = me.upgrade().ok_or_else(|| {
+                        StoreError::Unavailable("the node is shutting down".into())
+                    })?;
+                    node.put_members(puts).await
+                }
+            });
+            Self {
+                name,
+                verifier,
+                hub,
+                broker,
+                rooms: RoomStates::new(store),
+                history,
+                receipts: Receipts::default(),
+                expiry: Expiry::start(config.token_expiring()),
+                online: Default::default(),
+                pins: PinViews::default(),
+                members,
+                markers,
+                ids,
+                connections,
+                clock: Default::default(),
+                next_session: AtomicU64::new(1),
+                draining: AtomicBool::new(false),
+                typing: Mutex::default(),
+                typing_gen: AtomicU64::new(0),
+                config,
+            }
         });
         let observer = Arc::new(Observer(Arc::downgrade(&node)));
         node.hub.observe(observer.clone());
@@ -119,19 +155,38 @@ impl Node {
         !self.is_draining() && self.broker.healthy()
     }
 
-    /// A membership changed without a room event (someone joined or left a public room, after
-    /// the store has it): this node updates its cached state in place, every other node drops
-    /// its cached state of the room. The announcement names this node (its worker id) so that
-    /// it does not drop its own, just-updated copy when the announcement comes back. Best
-    /// effort: a node that misses it holds a stale member list until the room's next state
-    /// event, and moderation reads fresh state anyway.
-    pub async fn membership_changed(&self, room: &RoomId, change: MemberChange) {
-        self.rooms.apply_member(room, &change);
+    /// Memberships changed without a room event (someone joined or left a public room, after
+    /// the store has it): this node updates its cached state in place, and so does every
+    /// other node from the announcement, which carries the changes (a node that cannot read
+    /// them drops its copy instead). The announcement names this node (its worker id) so that
+    /// it does not apply its own changes twice. Best effort: a node that misses it holds a
+    /// stale member list until the room's next state event (or [`crate::room_state::MAX_AGE`]),
+    /// and moderation reads fresh state anyway.
+    pub async fn membership_changed(&self, room: &RoomId, changes: &[MemberChange]) {
+        self.rooms.apply_members(room, changes);
         let target = proto::envelope::NodeTarget::RoomState(room.as_str());
-        let origin = Bytes::from(self.broker.worker_id().to_string());
-        if let Err(e) = self.broker.publish_node(target, origin).await {
+        let note = crate::room_state::MemberNote {
+            origin: self.broker.worker_id(),
+            changes,
+        };
+        if let Err(e) = self.broker.publish_node(target, note.encode()).await {
             tracing::warn!(error = %e, %room, "could not announce a membership change");
         }
+    }
+
+    /// Stores a batch of first-time memberships ([`Self::members`]) and announces them, one
+    /// announcement per room.
+    async fn put_members(&self, puts: Vec<MemberPut>) -> Result<Vec<bool>, StoreError> {
+        let stored = self.rooms.store().put_members(&puts).await?;
+        let mut by_room: HashMap<&RoomId, Vec<MemberChange>> = HashMap::new();
+        for (p, _) in puts.iter().zip(&stored).filter(|(_, ok)| **ok) {
+            let change = MemberChange::Put(p.user.clone(), p.role);
+            by_room.entry(&p.room).or_default().push(change);
+        }
+        for (room, changes) in by_room {
+            self.membership_changed(room, &changes).await;
+        }
+        Ok(stored)
     }
 
     /// Publishes an ephemeral event to a room; failures are logged, not returned (best effort).
@@ -159,10 +214,33 @@ impl Node {
             .await
     }
 
-    /// The room's presence changed: announce its online users now, or at the end of the
-    /// room's open window (see [`crate::online`]).
-    pub async fn online_changed(self: &Arc<Self>, room: &RoomId) {
-        if !self.online.lead(room) {
+    /// A user came online in a room or went offline; `online` is the room's online count
+    /// after the change. A small room is told at once (`join`/`leave`); a big one's change is
+    /// folded into its next `online_users` (see [`crate::online`]).
+    pub async fn presence_changed(self: &Arc<Self>, room: &RoomId, change: Change, online: u64) {
+        if online > self.config.presence_coalesce_above {
+            self.online_changed(room, Some(change)).await;
+            return;
+        }
+        let notice = match change {
+            Change::Joined(user) => ServerEvent::Join {
+                room: room.clone(),
+                user,
+            },
+            Change::Left(user) => ServerEvent::Leave {
+                room: room.clone(),
+                user,
+            },
+        };
+        self.publish_ephemeral(room, &notice).await;
+        self.online_changed(room, None).await;
+    }
+
+    /// The room's presence changed (`folded`: a big room's change, see
+    /// [`Self::presence_changed`]): announce its online users now, or at the end of the room's
+    /// open window (see [`crate::online`]).
+    pub async fn online_changed(self: &Arc<Self>, room: &RoomId, folded: Option<Change>) {
+        if !self.online.lead(room, folded) {
             return;
         }
         self.publish_online(room).await;
@@ -170,7 +248,7 @@ impl Node {
         let room = room.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(crate::online::WINDOW).await;
+                tokio::time::sleep(node.config.presence_interval()).await;
                 if !node.online.trail(&room) {
                     return;
                 }
@@ -179,19 +257,29 @@ impl Node {
         });
     }
 
-    /// Announces the room's online users (capped list, exact count).
+    /// Announces the room's online users (capped list, exact count), with the big-room changes
+    /// folded since the last announcement.
     pub async fn publish_online(&self, room: &RoomId) {
-        let Ok(mut users) = self.broker.presence(room).await else {
+        let changes = self.online.take_changes(room);
+        let Ok(online) = self.broker.presence(room, ONLINE_LIST_MAX).await else {
             return;
         };
-        let count = users.len() as u64;
-        users.truncate(ONLINE_LIST_MAX);
+        // A big room's announcements always say what changed (nothing, at times), so that its
+        // clients know they get no `join`/`leave` one by one.
+        let changes = changes.or_else(|| {
+            (online.count > self.config.presence_coalesce_above).then(Default::default)
+        });
+        let (joined, left) = changes.unzip();
         self.publish_ephemeral(
             room,
             &ServerEvent::OnlineUsers {
                 room: room.clone(),
-                users,
-                count,
+                users: online.users,
+                count: online.count,
+                joined_count: joined.as_ref().map(|c| c.count),
+                joined: joined.map(|c| c.users),
+                left_count: left.as_ref().map(|c| c.count),
+                left: left.map(|c| c.users),
             },
         )
         .await;
@@ -272,31 +360,36 @@ impl Events for Observer {
         let Some(node) = self.0.upgrade() else { return };
         let room = room.clone();
         tokio::spawn(async move {
+            let online = match node.broker.presence(&room, 0).await {
+                Ok(o) => o.count,
+                Err(_) => 0,
+            };
             // Their node is gone, and with it their display names: the id stands in.
             for id in users {
                 let user = UserRef {
                     name: id.clone(),
                     id,
                 };
-                let leave = ServerEvent::Leave {
-                    room: room.clone(),
-                    user,
-                };
-                node.publish_ephemeral(&room, &leave).await;
+                node.presence_changed(&room, Change::Left(user), online)
+                    .await;
             }
-            node.online_changed(&room).await;
         });
     }
 
-    fn room_state_changed(&self, room: &RoomId) {
-        if let Some(node) = self.0.upgrade() {
-            node.rooms.invalidate(room);
+    fn room_state_changed(&self, room: &RoomId, note: &[u8]) {
+        let Some(node) = self.0.upgrade() else { return };
+        match crate::room_state::MemberNote::decode(note) {
+            // Its own announcement: the node updated its copy as it made the changes.
+            Some((origin, _)) if origin == node.broker.worker_id() => {}
+            Some((_, Some(changes))) => node.rooms.apply_members(room, &changes),
+            _ => node.rooms.invalidate(room),
         }
     }
 
     fn reconnected(&self) {
         if let Some(node) = self.0.upgrade() {
             node.rooms.clear();
+            node.pins.clear();
         }
     }
 }
@@ -305,6 +398,12 @@ impl StateObserver for Observer {
     fn state_changed(&self, room: &RoomId) {
         if let Some(node) = self.0.upgrade() {
             node.rooms.invalidate(room);
+        }
+    }
+
+    fn pins_changed(&self, room: &RoomId) {
+        if let Some(node) = self.0.upgrade() {
+            node.pins.invalidate(room);
         }
     }
 
@@ -360,14 +459,14 @@ impl Node {
         }
         let mut changed = false;
         for user in users {
-            changed |= self
-                .broker
-                .presence_remove(room, &user.id)
-                .await
-                .unwrap_or(false);
+            changed |= matches!(
+                self.broker.presence_remove(room, &user.id).await,
+                Ok(Some(_))
+            );
         }
+        // The eviction's own event told the room who left.
         if changed {
-            self.online_changed(room).await;
+            self.online_changed(room, None).await;
         }
     }
 }

@@ -344,15 +344,14 @@ async fn existing(api: &Api, room: String) -> Result<RoomId, ApiError> {
 
 async fn presence(State(api): State<Api>, Path(room): Path<String>) -> Answer {
     let room = existing(&api, room).await?;
-    let mut users = api
+    let online = api
         .node
         .broker
-        .presence(&room)
+        .presence(&room, MAX_PRESENCE_USERS)
         .await
         .map_err(CommandError::from)?;
-    let count = users.len();
-    users.truncate(MAX_PRESENCE_USERS);
-    Ok(Json(serde_json::json!({ "users": users, "count": count })).into_response())
+    let body = serde_json::json!({ "users": online.users, "count": online.count });
+    Ok(Json(body).into_response())
 }
 
 async fn history(

@@ -105,17 +105,18 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         identity.admin,
         outbox.clone(),
     );
-    node.hub.register(handle.clone());
-    node.expiry.watch(&handle, identity.exp);
-    metrics::gauge!("chat_connections").increment(1.0);
-
     let quota = Quota::per_second(NonZeroU32::new(node.config.messages_per_s).expect("validated"))
         .allow_burst(NonZeroU32::new(node.config.burst).expect("validated"));
-    let caller = Caller::new(handle, identity);
+    let caller = Caller::new(handle.clone(), identity);
     let admission = Admission {
-        limiter: RateLimiter::direct(quota),
+        // The node's clock: a clock of its own per session would be calibrated (CPUID, which
+        // traps to the hypervisor on a VM) on every connect.
+        limiter: RateLimiter::direct_with_clock(quota, node.clock.clone()),
         strikes: 0,
     };
+    // `hello` is queued before the session is registered: once registered, site-wide
+    // announcements (`room_created`, `notice`) reach it from other threads, and one of them
+    // must never come first.
     caller.send(&ServerEvent::Hello {
         session_id: format!("{}-{}", node.name, id),
         user: caller.identity.user.clone(),
@@ -123,10 +124,12 @@ fn open(start: Start, id: u64, connect: tracing::Span) -> Box<Session> {
         heartbeat_s: node.config.heartbeat_seconds as u32,
         limits: node.limits(),
     });
+    node.expiry.watch(&handle, caller.identity.exp);
+    node.hub.register(handle);
+    metrics::gauge!("chat_connections").increment(1.0);
     // Registered before this check, so a drain either sees this session or is seen here.
     if node.is_draining() {
-        caller.send(&ServerEvent::Reconnect { after_ms: 0 });
-        caller.handle.close(close::RESTARTING);
+        crate::shutdown::turn_away(&caller.handle);
     }
 
     // fastwebsockets reads frames; the writer encodes its own (see `writer`), so the write half
@@ -318,8 +321,8 @@ fn admit(admission: &mut Admission, caller: &Caller, r#ref: Option<proto::Ref>) 
             true
         }
         Err(not_until) => {
-            use governor::clock::{Clock, DefaultClock};
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(admission.limiter.clock().now());
             admission.strikes += 1;
             metrics::counter!("chat_rate_limited_total").increment(1);
             if admission.strikes > MAX_STRIKES {

@@ -28,31 +28,26 @@ pub async fn signal() {
 }
 
 /// Drains the node: readiness turns 503, sessions are told to reconnect at jittered times
-/// within the drain window and closed with 1012 at that time, so a node's clients spread
-/// their reconnects instead of stampeding. Returns when every session has ended or the
-/// window (plus a little grace) is over.
+/// spread evenly over three quarters of the drain window ([`plan`]), and closed with 1012 at
+/// that time (the close's reason says to come back at once: `retry_after_ms=0`), so a node's
+/// clients arrive at the other nodes at a steady rate instead of stampeding. Returns when
+/// every session has ended or the window (plus a little grace) is over.
 pub async fn drain(node: Arc<Node>) {
     tracing::info!(seconds = node.config.drain_seconds, "draining");
     node.start_drain();
     // A session registered after this snapshot sees the node draining and closes itself
     // (`session::open` registers, then checks).
     let window_ms = node.config.drain_seconds * 1000 * 3 / 4;
-    let mut plan: Vec<(u64, SessionHandle)> = node
-        .hub
-        .all_sessions()
-        .into_iter()
-        .map(|handle| {
-            let after_ms = rand::random_range(0..=window_ms);
-            handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
-            (after_ms, handle)
-        })
-        .collect();
-    plan.sort_unstable_by_key(|(after_ms, _)| *after_ms);
+    let plan = plan(node.hub.all_sessions(), window_ms);
+    for (after_ms, handle) in &plan {
+        let after_ms = *after_ms;
+        handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
+    }
     let started = tokio::time::Instant::now();
     let close_on_time = async {
         for (after_ms, handle) in plan {
             tokio::time::sleep_until(started + Duration::from_millis(after_ms)).await;
-            handle.close(close::RESTARTING);
+            handle.close_with_retry(close::RESTARTING, 0);
         }
         std::future::pending::<()>().await
     };
@@ -71,4 +66,76 @@ pub async fn drain(node: Arc<Node>) {
     })
     .await;
     tracing::info!("drained");
+}
+
+/// When each session goes, in ms from now, in time order: the window is cut into one slot
+/// per session and each session leaves at a random moment of its own slot (the sessions
+/// shuffled over the slots) — jittered, yet as many per second all through the window, where
+/// independent random times would bunch up here and there.
+pub fn plan(mut sessions: Vec<SessionHandle>, window_ms: u64) -> Vec<(u64, SessionHandle)> {
+    use rand::seq::SliceRandom;
+    sessions.shuffle(&mut rand::rng());
+    let n = sessions.len().max(1) as u64;
+    sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, handle)| {
+            let (from, to) = (i as u64 * window_ms / n, (i as u64 + 1) * window_ms / n);
+            let at = if to > from {
+                rand::random_range(from..to)
+            } else {
+                from
+            };
+            (at, handle)
+        })
+        .collect()
+}
+
+/// A session that opened after the drain began: told to reconnect within
+/// [`LATE_SPREAD_MS`] (jittered) and closed now, its close carrying the same hint.
+pub fn turn_away(handle: &SessionHandle) {
+    let after_ms = rand::random_range(0..=LATE_SPREAD_MS);
+    handle.send(Bytes::from(ServerEvent::Reconnect { after_ms }.to_json()));
+    handle.close_with_retry(close::RESTARTING, after_ms as u32);
+}
+
+/// Sessions turned away while the node drains come back within this many ms.
+pub const LATE_SPREAD_MS: u64 = 1000;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proto::UserRef;
+
+    use super::*;
+    use crate::outbox::Outbox;
+
+    #[test]
+    fn a_drain_spreads_its_closes_evenly_over_the_window() {
+        let sessions: Vec<SessionHandle> = (0..40)
+            .map(|id| {
+                let user = Arc::new(UserRef {
+                    id: format!("u{id}"),
+                    name: "u".into(),
+                });
+                SessionHandle::new(id, user, false, Arc::new(Outbox::new(16)))
+            })
+            .collect();
+        let plan = plan(sessions, 4000);
+        let times: Vec<u64> = plan.iter().map(|(t, _)| *t).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "in time order");
+        assert!(times.iter().all(|t| *t < 4000));
+        // One per 100 ms slot: every quarter of the window holds exactly a quarter of them.
+        for q in 0..4u64 {
+            let within = times
+                .iter()
+                .filter(|t| (q * 1000..(q + 1) * 1000).contains(*t))
+                .count();
+            assert_eq!(within, 10, "quarter {q}");
+        }
+        let mut ids: Vec<u64> = plan.iter().map(|(_, h)| h.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..40).collect::<Vec<_>>(), "every session once");
+    }
 }

@@ -66,6 +66,11 @@ pub fn install_metrics() -> &'static PrometheusHandle {
                     Matcher::Full("chat_outbound_queue_depth".into()),
                     DEPTH_BUCKETS,
                 )
+                .expect("static buckets are valid")
+                .set_buckets_for_metric(
+                    Matcher::Full("chat_store_call_batch_size".into()),
+                    DEPTH_BUCKETS,
+                )
                 .expect("static buckets are valid"),
         );
         describe_metrics();
@@ -113,6 +118,11 @@ pub fn describe_metrics() {
         "chat_broker_publish_seconds",
         Unit::Seconds,
         "Round trip of the Redis publish script (seq, recovery window, persistence, publish)."
+    );
+    describe_histogram!(
+        "chat_store_call_batch_size",
+        Unit::Count,
+        "Join-storm store requests (memberships, read markers) sent in one store call."
     );
     describe_histogram!(
         "chat_store_batch_seconds",

@@ -66,7 +66,7 @@ impl Writer {
                         // The socket is not given back: nothing is written after the close frame.
                         let (mut io, _) = self.outbox.take(&mut buf, 0)?;
                         let given = self.outbox.close_reason();
-                        let reason = given.as_deref().unwrap_or(close_reason(code));
+                        let reason = given.map_or_else(|| close_reason(code, None), String::from);
                         encode(&mut buf, Frame::close(code, reason.as_bytes()));
                         let _ = write_out(&mut io, &buf, &self.outbox).await;
                         return Some(code);
@@ -120,16 +120,27 @@ async fn write_out(io: &mut SocketWrite, buf: &[u8], outbox: &Outbox) -> std::io
     }
 }
 
-fn close_reason(code: u16) -> &'static str {
+/// The close frame's reason. Closes a client should come back from tell it when:
+/// `; retry_after_ms=<n>` — the hint given with the close, else a jittered default, so that
+/// the clients of a room or a node closed together do not all come back at once.
+pub fn close_reason(code: u16, retry: Option<u32>) -> String {
     use proto::errors::close::*;
-    match code {
-        POLICY => "policy violation",
-        TOO_BIG => "frame too large",
-        INTERNAL => "internal error",
-        RESTARTING => "node restarting",
-        SLOW_CONSUMER => "client too slow",
-        1001 => "idle timeout",
-        1007 => "invalid utf-8",
-        _ => "",
+    let (text, spread_ms) = match code {
+        POLICY => ("policy violation", None),
+        TOO_BIG => ("frame too large", None),
+        INTERNAL => ("internal error", Some(RETRY_SPREAD_MS)),
+        RESTARTING => ("node restarting", Some(RETRY_SPREAD_MS)),
+        SLOW_CONSUMER => ("client too slow", Some(RETRY_SPREAD_MS)),
+        1001 => ("idle timeout", None),
+        1007 => ("invalid utf-8", None),
+        _ => ("", None),
+    };
+    match retry.or_else(|| spread_ms.map(|ms| rand::random_range(0..ms))) {
+        Some(ms) => format!("{text}; retry_after_ms={ms}"),
+        None => text.to_string(),
     }
 }
+
+/// Closes that come in bunches without a hint of their own (a room whose gap the node could
+/// not fill, slow consumers of one burst) spread their clients' returns over this long.
+pub const RETRY_SPREAD_MS: u32 = 2000;

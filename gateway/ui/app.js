@@ -572,7 +572,7 @@ function onJoined(f, meta) {
   room.access = null;
   clearTimeout(room.bannedTimer);
   saveRooms();
-  if (Array.isArray(f.online)) setOnline(room, f.online);
+  if (Array.isArray(f.online)) setOnline(room, f.online, f.online_count);
   if (Array.isArray(f.pins)) setPins(room, f.pins);
   if (typeof f.unread === 'number' && typeof f.seq === 'number') noteMarker(room, f.seq - f.unread);
   const joinedSeq = typeof f.seq === 'number' ? f.seq : null;
@@ -729,7 +729,7 @@ function onPresenceLeave(f) {
   if (!room) return;
   const u = normUser(f.user);
   const wasOnline = room.online.delete(u.id);
-  room.online_count = room.online.size;
+  if (wasOnline) room.online_count = Math.max(room.online.size, (room.online_count || 1) - 1);
   clearTyping(room, u.id);
   if (u.id !== S.me.id && wasOnline) addSystem(room, `${u.name} left.`, null, 'presence');
   renderRoomItem(room);
@@ -739,12 +739,14 @@ function onPresenceLeave(f) {
 function onOnlineUsers(f) {
   const room = getRoom(f.room, false);
   if (!room) return;
-  if (Array.isArray(f.users)) setOnline(room, f.users);
-  room.online_count = typeof f.count === 'number' ? f.count : room.online.size;
+  if (Array.isArray(f.users)) setOnline(room, f.users, f.count);
+  // A big room: who came and went arrives here, folded, instead of one notice per person.
+  if (typeof f.joined_count === 'number' || typeof f.left_count === 'number') notePresenceWave(room, f);
   renderRoomItem(room);
   if (room.id === S.current) { renderMembers(); renderHeader(); }
 }
-function setOnline(room, users) {
+/** `users` may be a part of who is online (big rooms); `count` is how many are. */
+function setOnline(room, users, count) {
   room.online.clear();
   for (const raw of users) {
     const u = normUser(raw);
@@ -752,7 +754,50 @@ function setOnline(room, users) {
     rememberUser(u);
     room.online.set(u.id, u.name);
   }
-  room.online_count = room.online.size;
+  room.online_count = typeof count === 'number' ? Math.max(count, room.online.size) : room.online.size;
+}
+
+/**
+ * A big room's coming and going, as one line that grows while nothing else is said: "Ann,
+ * Bob and 41 others joined · 3 left" rather than a line per person.
+ */
+function notePresenceWave(room, f) {
+  const others = (list) => (Array.isArray(list) ? list.map(normUser).filter((u) => u.id && u.id !== S.me.id) : []);
+  const joined = others(f.joined);
+  const left = others(f.left);
+  // The count may include me (my own join): take me out when I am listed.
+  const mine = (list) => (Array.isArray(list) && list.some((u) => normUser(u).id === S.me.id) ? 1 : 0);
+  const jn = Math.max(0, (f.joined_count || 0) - mine(f.joined));
+  const ln = Math.max(0, (f.left_count || 0) - mine(f.left));
+  if (!jn && !ln) return;
+  const last = room.items[room.items.length - 1];
+  let w = room.wave;
+  if (!w || last !== w.item) {
+    w = room.wave = { joined: new Map(), left: new Map(), jn: 0, ln: 0, item: null };
+  }
+  for (const u of joined) w.joined.set(u.id, u.name);
+  for (const u of left) w.left.set(u.id, u.name);
+  w.jn += jn;
+  w.ln += ln;
+  const text = waveText(w);
+  if (w.item) {
+    $('.system-text', w.item.el).textContent = text;
+    return;
+  }
+  w.item = addSystem(room, text, null, 'presence');
+}
+function waveText(w) {
+  const names = (map, n) => {
+    const shown = [...map.values()].slice(0, 3);
+    const rest = n - shown.length;
+    if (!shown.length) return `${n} ${n === 1 ? 'person' : 'people'}`;
+    if (rest <= 0) return shown.length === 1 ? shown[0] : `${shown.slice(0, -1).join(', ')} and ${shown.at(-1)}`;
+    return `${shown.join(', ')} and ${rest} ${rest === 1 ? 'other' : 'others'}`;
+  };
+  const parts = [];
+  if (w.jn) parts.push(`${names(w.joined, w.jn)} joined`);
+  if (w.ln) parts.push(`${names(w.left, w.ln)} left`);
+  return `${parts.join(' · ')}.`;
 }
 
 function onReceipt(f) {
@@ -1453,14 +1498,20 @@ function renderMembers() {
       canAct ? memberActions(room, id, name, m, muted, reader) : null);
     rows.push(li);
   };
+  // A big room's server lists only some of who is online (the count is exact): the rest of
+  // its members cannot be called offline.
+  const partial = live && (room.online_count || 0) > room.online.size;
   if (live) {
     const online = [...room.online].sort((a, b) => a[1].localeCompare(b[1]));
-    if (online.length) rows.push(h('li', { class: 'member-group', role: 'presentation' }, `Online — ${online.length}`));
+    const count = Math.max(online.length, room.online_count || 0);
+    if (online.length) rows.push(h('li', { class: 'member-group', role: 'presentation' }, `Online — ${count}`));
     for (const [id, name] of online) entry(id, name, 'online');
+    if (partial) rows.push(h('li', { class: 'member-note member-more' }, `and ${count - online.length} more online`));
   }
   const rest = [...room.members.values()].filter((m) => !seen.has(m.id)).sort((a, b) => a.name.localeCompare(b.name));
-  if (rest.length) rows.push(h('li', { class: 'member-group', role: 'presentation' }, `${live ? 'Offline' : 'Members'} — ${rest.length}`));
-  for (const m of rest) entry(m.id, m.name, live ? 'offline' : 'unknown');
+  const restLabel = live && !partial ? 'Offline' : 'Members';
+  if (rest.length) rows.push(h('li', { class: 'member-group', role: 'presentation' }, `${restLabel} — ${rest.length}`));
+  for (const m of rest) entry(m.id, m.name, live && !partial ? 'offline' : 'unknown');
   if (!live) rows.push(h('li', { class: 'member-note' }, room.access ? 'You are not in this room.' : 'Join the room to see who is online.'));
   else if (!rows.length) rows.push(h('li', { class: 'member-empty' }, 'Nobody here yet.'));
   const focused = list.contains(document.activeElement) ? document.activeElement : null;
@@ -1660,7 +1711,9 @@ function addSystem(room, text, seq, kind = 'info') {
   const now = new Date().toISOString();
   const node = h('li', { class: `system system-${kind}`, dataset: { seq: typeof seq === 'number' ? seq : null } },
     h('span', { class: 'system-text' }, text), h('time', { class: 'time', datetime: now, title: fmtFull(now) }, fmtTime(now)));
-  mutateTimeline(room, () => insertItem(room, { key, kind: 'sys', el: node }));
+  const item = { key, kind: 'sys', el: node };
+  mutateTimeline(room, () => insertItem(room, item));
+  return item;
 }
 
 function setEdge(room, state) {

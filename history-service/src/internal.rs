@@ -28,7 +28,7 @@ use proto::{MessageId, RoomId, ServerEvent, Timestamp, UserRef};
 use serde::{Deserialize, Serialize};
 
 use crate::http::HistoryApi;
-use crate::store::{Ban, Page, Store, StoreError};
+use crate::store::{Ban, MemberPut, Page, Store, StoreError};
 
 /// The header carrying the shared internal token.
 pub const TOKEN_HEADER: &str = "x-chat-internal-token";
@@ -77,6 +77,19 @@ pub(crate) struct PutMemberReq {
     pub room: RoomId,
     pub user: UserRef,
     pub role: Role,
+}
+
+/// Entries of one batched call at most (the gateway sends fewer).
+pub const MAX_BATCH: usize = 1000;
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct PutMembersReq {
+    pub puts: Vec<MemberPut>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct MarkersOfReq {
+    pub keys: Vec<(RoomId, String)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -144,6 +157,8 @@ pub fn internal_router<S: Store>(api: Arc<HistoryApi<S>>) -> Router {
         .route(&format!("{PREFIX}/room_state"), post(room_state::<S>))
         .route(&format!("{PREFIX}/rooms"), post(rooms::<S>))
         .route(&format!("{PREFIX}/put_member"), post(put_member::<S>))
+        .route(&format!("{PREFIX}/put_members"), post(put_members::<S>))
+        .route(&format!("{PREFIX}/markers_of"), post(markers_of::<S>))
         .route(&format!("{PREFIX}/remove_member"), post(remove_member::<S>))
         .route(&format!("{PREFIX}/set_mute"), post(set_mute::<S>))
         .route(&format!("{PREFIX}/put_ban"), post(put_ban::<S>))
@@ -274,6 +289,34 @@ async fn put_member<S: Store>(
     Ok(Json(
         api.store().put_member(&r.room, &r.user, r.role).await?,
     ))
+}
+
+fn check_batch(len: usize) -> Result<(), Failure> {
+    if len > MAX_BATCH {
+        return Err(Failure(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_BATCH} entries per call"),
+        ));
+    }
+    Ok(())
+}
+
+async fn put_members<S: Store>(
+    State(api): Api<S>,
+    body: Result<Json<PutMembersReq>, JsonRejection>,
+) -> Reply<Vec<bool>> {
+    let Json(r) = body?;
+    check_batch(r.puts.len())?;
+    Ok(Json(api.store().put_members(&r.puts).await?))
+}
+
+async fn markers_of<S: Store>(
+    State(api): Api<S>,
+    body: Result<Json<MarkersOfReq>, JsonRejection>,
+) -> Reply<Vec<Option<u64>>> {
+    let Json(r) = body?;
+    check_batch(r.keys.len())?;
+    Ok(Json(api.store().markers_of(&r.keys).await?))
 }
 
 async fn remove_member<S: Store>(

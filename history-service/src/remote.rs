@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::internal::{self, *};
-use crate::store::{Ban, Page, RoomAccess, RoomState, Store, StoreError};
+use crate::store::{Ban, MemberPut, Page, RoomAccess, RoomState, Store, StoreError};
 
 /// Connecting to the service at most this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -193,6 +193,26 @@ impl Store for RemoteStore {
                 room: room.clone(),
                 user: user.clone(),
                 role,
+            },
+        )
+        .await
+    }
+
+    async fn put_members(&self, puts: &[MemberPut]) -> Result<Vec<bool>, StoreError> {
+        self.call(
+            "put_members",
+            &PutMembersReq {
+                puts: puts.to_vec(),
+            },
+        )
+        .await
+    }
+
+    async fn markers_of(&self, keys: &[(RoomId, String)]) -> Result<Vec<Option<u64>>, StoreError> {
+        self.call(
+            "markers_of",
+            &MarkersOfReq {
+                keys: keys.to_vec(),
             },
         )
         .await

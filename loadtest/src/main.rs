@@ -11,10 +11,9 @@
 //! - `idle`: opening many connections with bounded concurrency; `connect` (rate, latency) and
 //!   `idle` (server RSS per held connection, from `/proc/<pid>/status`).
 //! - `history`: append rate and paginated history read latency.
-//! - `floor`: the machine's floor — CPU per `write()` of a small frame on loopback TCP.
-//! - `stats`: sharded HDR histograms and step counters.
-//! - `servers`: what the servers spent in a step: CPU per process and role (`/proc`), Redis
-//!   `INFO commandstats`, Prometheus counters.
+//! - `storm`: `fill` (one room filled by every connection, then fan-out in it) and `rollout`
+//!   (a gateway drained and restarted under load; clients reconnect as the web UI's does).
+//! - `stats`: sharded HDR histograms and `/proc` samples.
 //!
 //! Everything is bounded: connection counts ([`MAX_CONNECTIONS`]), durations
 //! ([`MAX_SECONDS`]), handshake steps (15 s each), and targets must be on 127.0.0.1.
@@ -26,6 +25,7 @@ mod history;
 mod idle;
 mod servers;
 mod stats;
+mod storm;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -133,6 +133,11 @@ enum Mode {
     Connect(idle::ConnectArgs),
     /// Append messages (closed loop) and read history pages; report rates and latencies.
     History(history::HistoryArgs),
+    /// Every connection joins one room: time to fill, frames per join, CPU; then fan-out in it.
+    Fill(storm::FillArgs),
+    /// Drain one gateway under load and restart it: time until every client is back and
+    /// joined, missed events after recovery, peak CPU.
+    Rollout(storm::RolloutArgs),
     /// The machine's floor: CPU per write() of a small WebSocket frame to loopback sockets.
     Floor(floor::FloorArgs),
 }
@@ -155,6 +160,8 @@ fn main() -> Result<()> {
             Mode::Idle(a) => idle::idle(c, a).await,
             Mode::Connect(a) => idle::connect(c, a).await,
             Mode::History(a) => history::history(c, a).await,
+            Mode::Fill(a) => storm::fill(c, a).await,
+            Mode::Rollout(a) => storm::rollout(c, a).await,
             Mode::Floor(a) => floor::floor(a).await,
         }
     })?;

@@ -77,7 +77,7 @@ impl FromStr for MetricsUrl {
 }
 
 /// CPU time (utime + stime) and RSS of one process.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct ProcSample {
     pub cpu_us: u64,
     pub rss_kb: u64,
@@ -212,10 +212,10 @@ impl Probes {
         units: &[(&str, u64)],
     ) -> Map<String, Value> {
         let mut out = Map::new();
-        let window_us = after.at.duration_since(before.at).as_micros().max(1) as f64;
+        let window = after.at.duration_since(before.at);
         out.insert(
             "server_cpu".into(),
-            cpu_report(&self.procs, &before.procs, &after.procs, window_us, units),
+            cpu_report(&self.procs, &before.procs, &after.procs, window, units),
         );
         if let (Some(b), Some(a)) = (&before.redis, &after.redis) {
             let r = delta(b, a, |b, a| redis_report(b, a, units));
@@ -255,13 +255,15 @@ fn role(name: &str) -> &str {
     }
 }
 
-fn cpu_report(
+/// CPU of each process and role between two samples taken `window` apart, per unit of work.
+pub fn cpu_report(
     procs: &[ServerProc],
     before: &[Option<ProcSample>],
     after: &[Option<ProcSample>],
-    window_us: f64,
+    window: Duration,
     units: &[(&str, u64)],
 ) -> Value {
+    let window_us = window.as_micros().max(1) as f64;
     let pct = |us: u64| (us as f64 / window_us * 1000.0).round() / 10.0;
     let entry = |us: u64| {
         let mut o = Map::new();
@@ -525,7 +527,7 @@ mod tests {
             &procs,
             &[s(0), s(0), s(0)],
             &[s(300_000), s(100_000), s(100_000)],
-            1_000_000.0,
+            Duration::from_secs(1),
             &[("message", 1000), ("delivery", 4000)],
         );
         assert_eq!(r["roles"]["gw"]["cpu_us"], json!(400_000));

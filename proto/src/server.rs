@@ -66,7 +66,11 @@ pub enum ServerEvent {
         /// `since`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<String>,
+        /// Users online in the room: all of them in a room of up to 100, else 100 of them.
         online: Vec<UserRef>,
+        /// How many users are online in the room (exact).
+        #[serde(default)]
+        online_count: u64,
         pins: Vec<PinView>,
         recovered: bool,
         /// The caller's role, when a member.
@@ -129,6 +133,18 @@ pub enum ServerEvent {
         room: RoomId,
         users: Vec<UserRef>,
         count: u64,
+        /// Big rooms, whose users are not announced one by one (`join`/`leave`): some of the
+        /// users who came online since the node's previous announcement...
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined: Option<Vec<UserRef>>,
+        /// ...and how many (exact).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined_count: Option<u64>,
+        /// Likewise for users who went offline.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        left: Option<Vec<UserRef>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        left_count: Option<u64>,
     },
     /// `user` has read the room up to `seq` (here `seq` is the read marker, not an event seq).
     Receipt {
@@ -407,6 +423,13 @@ impl EventKind {
             "token_expiring" => TokenExpiring,
             _ => return None,
         })
+    }
+
+    /// A stored event that may change a pinned message's view: a pin or unpin, an edit, a
+    /// delete.
+    pub fn changes_pins(self) -> bool {
+        use EventKind::*;
+        matches!(self, Pinned | Unpinned | MessageEdited | MessageDeleted)
     }
 
     /// A stored event that changes the room's state — settings, membership, roles, bans,

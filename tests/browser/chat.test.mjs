@@ -459,6 +459,52 @@ test('online counts update in the sidebar and the header', { timeout: 60_000 }, 
   await noErrors(ann);
 });
 
+test('a big room: one line for many comings and goings, the exact count, the people list in part', { timeout: 120_000 }, async (t) => {
+  // Above 100 people online (CHAT_PRESENCE_COALESCE_ABOVE) the server stops announcing each
+  // one and folds them into its `online_users` updates.
+  const CROWD = 130;
+  const ann = await signIn(t, `Ann ${RUN}`);
+  const room = `big-${RUN}`;
+  await openRoom(ann, room);
+  const crowd = await browser.newContext();
+  t.after(() => crowd.close());
+  const opener = await crowd.newPage();
+  await opener.goto(`${BASE_URL}/`);
+  // The crowd: plain WebSockets from one page, each its own user.
+  const joined = await opener.evaluate(async ({ n, room, run }) => {
+    const open = async (i) => {
+      const res = await fetch('/api/dev/token', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ name: `Crowd ${i} ${run}` }) });
+      const { token } = await res.json();
+      const ws = new WebSocket(`${location.origin.replace(/^http/, 'ws')}/ws?token=${token}`);
+      await new Promise((resolve, reject) => {
+        ws.onmessage = (ev) => {
+          const f = JSON.parse(ev.data);
+          if (f.type === 'hello') ws.send(JSON.stringify({ type: 'join', room, ref: 'j' }));
+          if (f.type === 'joined') resolve();
+        };
+        ws.onerror = reject;
+      });
+      (window.crowd ||= []).push(ws);
+    };
+    for (let i = 0; i < n; i += 26) await Promise.all(Array.from({ length: Math.min(26, n - i) }, (_, k) => open(i + k)));
+    return window.crowd.length;
+  }, { n: CROWD, room, run: RUN });
+  assert.equal(joined, CROWD);
+  const headerCount = () => ann.page.textContent('#online-count');
+  await until(async () => (await headerCount()) === String(CROWD + 1), { what: `count ${CROWD + 1}` });
+  // Past 100 the comings are one line that grows, naming a few.
+  const wave = ann.page.locator('#message-list .system', { hasText: /and \d+ others? joined/ });
+  await wave.first().waitFor();
+  // The people list shows whom the server listed, and says how many more.
+  await ann.page.locator('#online-users .member-group', { hasText: `Online — ${CROWD + 1}` }).waitFor({ state: 'attached' });
+  await ann.page.locator('#online-users .member-more', { hasText: /and \d+ more online/ }).waitFor({ state: 'attached' });
+  await shot(ann.page, 'big-room');
+  await opener.evaluate(() => { for (const ws of window.crowd) ws.close(); });
+  await until(async () => (await headerCount()) === '1', { what: 'count back to 1' });
+  await ann.page.locator('#message-list .system', { hasText: /left/ }).first().waitFor();
+  await noErrors(ann);
+});
+
 test('typing line appears and disappears', { timeout: 60_000 }, async (t) => {
   const ann = await signIn(t, `Ann ${RUN}`);
   const bob = await signIn(t, `Bob ${RUN}`);

@@ -167,7 +167,11 @@ for (const mode of MODES) {
       const once = bobs.filter((m) => m.ev.content === 'exactly once');
       assert.equal(once.length, 1);
       assert.equal(once[0].ev.id, ack.id, 'the ack of the resend names the stored message');
-      const page = await bob.history(room);
+      // Scaled out, the history service stores a moment after the acks: wait for the newest.
+      const page = await until(async () => {
+        const p = await bob.history(room);
+        return p.messages[0]?.id === next.id && p;
+      }, { what: 'the history service to store the next message' });
       assert.deepEqual(page.messages.map((m) => m.content).reverse(), ['exactly once', 'next']);
     });
 
@@ -248,6 +252,27 @@ for (const mode of MODES) {
       assert.ok(next[0] >= moveAt - 5, `no attempt before the hint (${next[0] - moveAt} ms)`);
     });
 
+    test('a drain close\'s retry hint is honoured by a client that never saw `reconnect`', { timeout: 60_000 }, async () => {
+      const gw = await servers.newGateway();
+      const room = `hint-${mode}-${RUN}`;
+      const gate = gated();
+      // Without the hint the next attempt would wait random() × 60 s = 59.4 s.
+      const ann = await client('Ann', 0, { url: gw.url, WebSocket: gate.WebSocket, backoffStartMs: 60_000, backoffCapMs: 60_000, random: () => 0.99 });
+      await ann.join(room);
+      gate.lose = (f) => f.type === 'reconnect';
+      const gone = ann.once('disconnected');
+      const scheduled = ann.once('state', (s) => s.state === 'reconnecting' && s.delayMs != null);
+      const stopped = gw.stop('SIGTERM');
+      const d = await gone;
+      assert.equal(d.code, 1012);
+      assert.match(d.reason, /retry_after_ms=0\b/);
+      assert.equal(d.retryAfterMs, 0);
+      assert.equal((await scheduled).delayMs, 0, 'back at once, as the close said');
+      ann.close();
+      await stopped;
+      await gw.restart();
+    });
+
     test('a refused token stops the reconnecting until refresh() gives a new one', async () => {
       const url = urlFor(0);
       const good = await devToken(url, `Ann ${RUN}`);
@@ -291,7 +316,7 @@ for (const mode of MODES) {
       renew = false;
       const unauthorized = c.once('unauthorized');
       const closed = await c.once('disconnected');
-      assert.deepEqual(closed, { code: 1008, reason: 'token expired' });
+      assert.deepEqual(closed, { code: 1008, reason: 'token expired', retryAfterMs: null });
       assert.ok(Date.now() >= Date.parse(second.expires_at), 'not before the expiry');
       await unauthorized;
       assert.equal(c.state, 'unauthorized');

@@ -13,8 +13,8 @@ use proto::envelope::{with_seq, NodeTarget};
 use proto::{MessageId, RoomId, UserRef};
 
 use super::{
-    Broker, BrokerError, Dedupe, Events, PinChange, PinOutcome, Published, Recovery, StateCheck,
-    StateVersion,
+    Broker, BrokerError, Dedupe, Events, Online, PinChange, PinOutcome, Published, Recovery,
+    StateCheck, StateVersion,
 };
 use crate::hub::Hub;
 use crate::persist::PersistQueue;
@@ -103,6 +103,17 @@ fn shard_of(room: &RoomId) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     room.hash(&mut h);
     (h.finish() as usize) % SHARDS
+}
+
+/// A room's online users as [`Online`] holds them: all, sorted, when at most `list`; else any
+/// `list` of them (sorted), without sorting the whole room.
+fn online(users: &HashMap<String, (UserRef, usize)>, list: usize) -> Online {
+    let mut some: Vec<UserRef> = users.values().take(list).map(|(u, _)| u.clone()).collect();
+    some.sort_by(|a, b| a.id.cmp(&b.id));
+    Online {
+        count: users.len() as u64,
+        users: some,
+    }
 }
 
 /// Rounds a publisher delivers for others before it hands the rest to a task of its own.
@@ -363,20 +374,26 @@ impl Broker for MemoryBroker {
         })
     }
 
-    async fn presence_add(&self, room: &RoomId, user: &UserRef) -> Result<bool, BrokerError> {
+    async fn presence_add(
+        &self,
+        room: &RoomId,
+        user: &UserRef,
+        list: usize,
+    ) -> Result<(bool, Online), BrokerError> {
         let mut shard = self.shard(room);
         let users = shard.presence.entry(room.clone()).or_default();
         let e = users
             .entry(user.id.clone())
             .or_insert_with(|| (user.clone(), 0));
         e.1 += 1;
-        Ok(e.1 == 1)
+        let first = e.1 == 1;
+        Ok((first, online(users, list)))
     }
 
-    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<bool, BrokerError> {
+    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<Option<u64>, BrokerError> {
         let mut shard = self.shard(room);
         let Some(users) = shard.presence.get_mut(room) else {
-            return Ok(false);
+            return Ok(None);
         };
         let gone = match users.get_mut(user) {
             Some(e) if e.1 > 1 => {
@@ -389,21 +406,20 @@ impl Broker for MemoryBroker {
             }
             None => false,
         };
+        let count = users.len() as u64;
         if users.is_empty() {
             shard.presence.remove(room);
         }
-        Ok(gone)
+        Ok(gone.then_some(count))
     }
 
-    async fn presence(&self, room: &RoomId) -> Result<Vec<UserRef>, BrokerError> {
+    async fn presence(&self, room: &RoomId, list: usize) -> Result<Online, BrokerError> {
         let shard = self.shard(room);
-        let mut users: Vec<UserRef> = shard
+        Ok(shard
             .presence
             .get(room)
-            .map(|u| u.values().map(|(u, _)| u.clone()).collect())
-            .unwrap_or_default();
-        users.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(users)
+            .map(|users| online(users, list))
+            .unwrap_or_default())
     }
 
     async fn pin_set(

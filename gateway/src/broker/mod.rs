@@ -75,8 +75,9 @@ pub trait Events: Send + Sync + 'static {
     /// it (it died). They are offline now.
     fn presence_expired(&self, room: &RoomId, users: Vec<String>);
     /// Another node changed `room`'s state without a room event (a membership from a public
-    /// join or leave).
-    fn room_state_changed(&self, room: &RoomId);
+    /// join or leave); `note` is what that node published with it
+    /// ([`NodeTarget::RoomState`]'s frame), unread by the broker.
+    fn room_state_changed(&self, room: &RoomId, note: &[u8]);
     /// The broker's connection was lost and is back: what it reports may have been missed
     /// in between.
     fn reconnected(&self);
@@ -130,6 +131,15 @@ pub struct Recovery {
     /// False when `since` is older than the window, or from another epoch: the client must
     /// use history.
     pub complete: bool,
+}
+
+/// Who is online in a room: the exact count, and some of them — everyone, sorted by id, when
+/// they fit the number asked for; else that many of them (big rooms are listed in part:
+/// listing every one of 10 000 users on every join would cost O(users) per join).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Online {
+    pub count: u64,
+    pub users: Vec<UserRef>,
 }
 
 /// A change to a room's pin set.
@@ -217,25 +227,29 @@ pub trait Broker: Send + Sync + 'static {
         epoch: Option<&str>,
     ) -> impl Future<Output = Result<Recovery, BrokerError>> + Send;
 
-    /// Marks `user` online in `room` from this node; true when the user was not online before.
+    /// Marks `user` online in `room` from this node, in the same step as reading who is
+    /// online now (up to `list` users): true when the user was not online before.
     fn presence_add(
         &self,
         room: &RoomId,
         user: &UserRef,
-    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+        list: usize,
+    ) -> impl Future<Output = Result<(bool, Online), BrokerError>> + Send;
 
-    /// Marks one of `user`'s connections in `room` gone; true when the user is now offline.
+    /// Marks one of `user`'s connections in `room` gone: the room's online count when the
+    /// user is now offline, None while they are still online.
     fn presence_remove(
         &self,
         room: &RoomId,
         user: &str,
-    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+    ) -> impl Future<Output = Result<Option<u64>, BrokerError>> + Send;
 
-    /// Users online in `room` across all nodes.
+    /// Who is online in `room` across all nodes: the count, and up to `list` of them.
     fn presence(
         &self,
         room: &RoomId,
-    ) -> impl Future<Output = Result<Vec<UserRef>, BrokerError>> + Send;
+        list: usize,
+    ) -> impl Future<Output = Result<Online, BrokerError>> + Send;
 
     /// Applies a pin change to the room's pin set, atomically across nodes, before the
     /// `pinned`/`unpinned` event is published: the store learns of pins only as the
@@ -325,14 +339,19 @@ impl Broker for AnyBroker {
     ) -> Result<Recovery, BrokerError> {
         delegate!(self, b => b.recover(room, since, epoch).await)
     }
-    async fn presence_add(&self, room: &RoomId, user: &UserRef) -> Result<bool, BrokerError> {
-        delegate!(self, b => b.presence_add(room, user).await)
+    async fn presence_add(
+        &self,
+        room: &RoomId,
+        user: &UserRef,
+        list: usize,
+    ) -> Result<(bool, Online), BrokerError> {
+        delegate!(self, b => b.presence_add(room, user, list).await)
     }
-    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<bool, BrokerError> {
+    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<Option<u64>, BrokerError> {
         delegate!(self, b => b.presence_remove(room, user).await)
     }
-    async fn presence(&self, room: &RoomId) -> Result<Vec<UserRef>, BrokerError> {
-        delegate!(self, b => b.presence(room).await)
+    async fn presence(&self, room: &RoomId, list: usize) -> Result<Online, BrokerError> {
+        delegate!(self, b => b.presence(room, list).await)
     }
     async fn pin_set(
         &self,

@@ -8,7 +8,7 @@
 //! state read now (and backed out when the answer changed).
 
 use history_service::access::Action;
-use history_service::store::RoomState;
+use history_service::store::{MemberPut, RoomState};
 use history_service::Store;
 use proto::client::{Join, Leave};
 use proto::rooms::{Role, RoomInfo, Visibility};
@@ -20,6 +20,7 @@ use super::{
 };
 use crate::broker::Broker;
 use crate::node::Node;
+use crate::online::Change;
 use crate::room_state::MemberChange;
 
 impl RunOnSession for Join {
@@ -117,27 +118,30 @@ async fn try_join(
             }
         }
     }
-    let role = role_of(&decided.state, &caller.user().id);
-    let role = become_member(node, caller, room, &decided.state, role).await;
-    let role = match role {
-        Ok(role) => role,
+    // The membership, the read marker and the pins, at once: each is batched with other
+    // joins' or cached per room, so a join storm makes a few store calls, not three per join.
+    let marker_key = (room.clone(), caller.user().id.clone());
+    let state = async {
+        tokio::try_join!(
+            become_member(
+                node,
+                caller,
+                room,
+                &decided.state,
+                role_of(&decided.state, &caller.user().id)
+            ),
+            async { Ok(node.markers.call(marker_key).await?) },
+            pins::joined_pins(node, room, recovery.pins.clone()),
+        )
+    };
+    let (role, marker, pins) = match state.await {
+        Ok(r) => r,
         Err(e) => {
             back_out(node, caller, room).await;
             return Err(e);
         }
     };
     let info = decided.state.info.clone();
-    let store = node.rooms.store();
-    let user_id = caller.user().id.clone();
-    let read = tokio::try_join!(store.pins(room), store.marker(room, &user_id));
-    let (pins, marker) = match read {
-        Ok(r) => r,
-        Err(e) => {
-            back_out(node, caller, room).await;
-            return Err(e.into());
-        }
-    };
-    let pins = pins::pins_now(node, room, pins, recovery.pins.clone()).await;
 
     let recovered = since.is_some() && recovery.complete;
     if recovered {
@@ -150,11 +154,12 @@ async fn try_join(
     }
     node.hub
         .seen_up_to(room, caller.handle.id, recovery.last_seq);
-    let newly_online = node
+    // Marking the user online reads who is online in the same step (capped for big rooms).
+    let (newly_online, online) = node
         .broker
-        .presence_add(room, caller.user())
+        .presence_add(room, caller.user(), crate::node::ONLINE_LIST_MAX)
         .await
-        .unwrap_or(false);
+        .unwrap_or_default();
     if !node.hub.contains(room, caller.handle.id) {
         // A ban, kick or deletion took this session out while it was joining (its held
         // events went with it): undo the presence and say so instead of a dead `joined`.
@@ -166,21 +171,14 @@ async fn try_join(
     }
     caller.rooms.insert(room.clone());
     joining.joined();
-    if newly_online {
-        let join = ServerEvent::Join {
-            room: room.clone(),
-            user: caller.user().clone(),
-        };
-        node.publish_ephemeral(room, &join).await;
-        node.online_changed(room).await;
-    }
-    let online = node.broker.presence(room).await.unwrap_or_default();
+    let online_count = online.count;
     let joined = ServerEvent::Joined {
         r#ref,
         room: info,
         seq: recovery.last_seq,
         epoch: Some(recovery.epoch),
-        online,
+        online: online.users,
+        online_count,
         pins,
         recovered,
         role,
@@ -191,6 +189,12 @@ async fn try_join(
         caller.send(&joined);
         node.hub.release(room, caller.handle.id);
     });
+    // The room hears of the newcomer after the newcomer has its answer: the announcement is
+    // not on the join's critical path.
+    if newly_online {
+        let change = Change::Joined(caller.user().clone());
+        node.presence_changed(room, change, online_count).await;
+    }
     Ok(())
 }
 
@@ -239,9 +243,16 @@ async fn become_member(
     let Some(r) = role.or(joins_public.then_some(Role::Member)) else {
         return Ok(role);
     };
-    node.rooms.store().put_member(room, user, r).await?;
-    node.membership_changed(room, MemberChange::Put(user.clone(), r))
-        .await;
+    // Batched with other joins' memberships; the batch updates this node's copy of the room
+    // and tells the other nodes (see `Node::put_members`).
+    let put = MemberPut {
+        room: room.clone(),
+        user: user.clone(),
+        role: r,
+    };
+    if !node.members.call(put).await? {
+        return Err(err(ErrorCode::NotFound, format!("no room {room}")));
+    }
     Ok(Some(r))
 }
 
@@ -267,7 +278,7 @@ impl RunOnSession for Leave {
             {
                 let user = cx.caller.user().id.clone();
                 node.rooms.store().remove_member(&room, &user).await?;
-                node.membership_changed(&room, MemberChange::Removed(user))
+                node.membership_changed(&room, &[MemberChange::Removed(user)])
                     .await;
             }
         }
@@ -295,18 +306,9 @@ pub async fn leave_room(node: &std::sync::Arc<Node>, caller: &Caller, room: &Roo
         }
         Some(false) => {}
     }
-    if node
-        .broker
-        .presence_remove(room, &caller.user().id)
-        .await
-        .unwrap_or(false)
-    {
+    if let Ok(Some(online)) = node.broker.presence_remove(room, &caller.user().id).await {
         node.stop_typing(room, caller.user(), false).await;
-        let leave = ServerEvent::Leave {
-            room: room.clone(),
-            user: caller.user().clone(),
-        };
-        node.publish_ephemeral(room, &leave).await;
-        node.online_changed(room).await;
+        let change = Change::Left(caller.user().clone());
+        node.presence_changed(room, change, online).await;
     }
 }

@@ -105,6 +105,30 @@ async fn pin(cx: &mut Cx<'_>, room: RoomId, id: MessageId, change: PinChange) ->
     }
 }
 
+/// `joined.pins`: this node's copy of the room's pins when it holds exactly the broker's pin
+/// set `ids`, else [`pins_now`] read from the store (and cached when complete). See
+/// [`crate::pin_views`].
+pub async fn joined_pins(
+    node: &Node,
+    room: &RoomId,
+    ids: Option<Vec<MessageId>>,
+) -> super::Result<Vec<PinView>> {
+    if let Some(pins) = node.pins.get(room, ids.as_deref()) {
+        return Ok(pins.to_vec());
+    }
+    let generation = node.pins.generation();
+    let stored = node.rooms.store().pins(room).await?;
+    let wanted = ids.as_ref().map(Vec::len);
+    let pins = pins_now(node, room, stored, ids).await;
+    // A view not found yet (the store behind, the window past it) is looked for again next
+    // time instead of being left out of every later join.
+    if wanted.is_none_or(|n| n == pins.len()) {
+        node.pins
+            .put(room, std::sync::Arc::new(pins.clone()), generation);
+    }
+    Ok(pins)
+}
+
 /// The room's pins as of now: the store's, brought up to date by the broker's pin set (`ids`,
 /// see [`crate::broker::Recovery::pins`]) — the store learns of pins from the persistence log,
 /// so in scaled mode a pin acknowledged a moment ago may not be there yet, nor an unpin. Pins

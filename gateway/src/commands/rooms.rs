@@ -149,11 +149,11 @@ pub async fn list_rooms(node: &Node, who: &Identity) -> Result<Vec<RoomSummary>>
     let store = node.rooms.store();
     for r in &mut rooms {
         let (online, marker, log) = tokio::join!(
-            node.broker.presence(&r.id),
+            node.broker.presence(&r.id, 0),
             store.marker(&r.id, &who.user.id),
             node.broker.recover(&r.id, None, None)
         );
-        r.online_count = online.map_or(0, |u| u.len() as u64);
+        r.online_count = online.map_or(0, |o| o.count);
         r.unread = match (marker, log) {
             (Ok(Some(m)), Ok(log)) => Some(log.last_seq.saturating_sub(m)),
             _ => None,

@@ -22,4 +22,5 @@ mod rooms;
 mod server_api;
 mod slow_and_floods;
 mod startup;
+mod storms;
 mod telemetry;

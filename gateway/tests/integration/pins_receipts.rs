@@ -132,6 +132,12 @@ async fn pins_most_recent_first_in_the_api_and_in_joined() {
         .call(json!({"type": "edit", "room": "board", "id": ids[0], "content": "m1 edited"}))
         .await);
     await_pins(&server, "board", |p| p == ["m3", "m2", "m1 edited"]).await;
+    // ... and in a later join's pins (a node's copy of the room's pins is dropped by the edit)
+    let mut cat = Client::connect(&server, "cat").await;
+    assert_eq!(
+        contents(&cat.join("board").await["pins"]),
+        ["m3", "m2", "m1 edited"]
+    );
     server.stop().await;
 }
 

@@ -8,7 +8,7 @@ use proto::{MessageId, RoomId, ServerEvent, Timestamp, UserRef};
 
 use super::scylla::{DriverSettings, ScyllaConfig, ScyllaStore};
 use super::sqlite::SqliteStore;
-use super::{Ban, Page, RoomAccess, RoomState, Store, StoreError};
+use super::{Ban, MemberPut, Page, RoomAccess, RoomState, Store, StoreError};
 use crate::remote::RemoteStore;
 
 pub enum AnyStore {
@@ -175,6 +175,14 @@ impl Store for AnyStore {
         role: Role,
     ) -> Result<(), StoreError> {
         delegate!(self, s => s.put_member(room, user, role).await)
+    }
+
+    async fn put_members(&self, puts: &[MemberPut]) -> Result<Vec<bool>, StoreError> {
+        delegate!(self, s => s.put_members(puts).await)
+    }
+
+    async fn markers_of(&self, keys: &[(RoomId, String)]) -> Result<Vec<Option<u64>>, StoreError> {
+        delegate!(self, s => s.markers_of(keys).await)
     }
 
     async fn remove_member(&self, room: &RoomId, user: &str) -> Result<(), StoreError> {

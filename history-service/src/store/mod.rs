@@ -131,6 +131,14 @@ impl Ban {
     }
 }
 
+/// One membership to store ([`Store::put_members`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberPut {
+    pub room: RoomId,
+    pub user: UserRef,
+    pub role: Role,
+}
+
 /// What an access check on one room needs about one user: cheap point reads, unlike
 /// [`RoomState`], which lists every member.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -220,6 +228,22 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
+    /// Several read markers at once, one answer per `(room, user)` asked, in order: a join
+    /// storm's marker reads, batched by the gateway into one call (one round trip to the
+    /// history service instead of one per join). The default reads them concurrently with
+    /// [`Store::marker`].
+    fn markers_of(
+        &self,
+        keys: &[(RoomId, String)],
+    ) -> impl Future<Output = Result<Vec<Option<u64>>, StoreError>> + Send {
+        async move {
+            futures_util::future::try_join_all(
+                keys.iter().map(|(room, user)| self.marker(room, user)),
+            )
+            .await
+        }
+    }
+
     /// Creates a room with its creator as owner; `Conflict` when the id is taken (also by a
     /// deleted room: ids are not reused, so old history never leaks into a new room).
     /// `info.owner` is stored as `owner.id` whatever it said.
@@ -255,6 +279,25 @@ pub trait Store: Send + Sync + 'static {
         user: &UserRef,
         role: Role,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Several [`Store::put_member`]s at once (first-time joins of public rooms, batched by
+    /// the gateway): one answer per entry, in order — true when stored, false when its room is
+    /// absent or deleted. The default runs them concurrently (SQLite commits them together).
+    fn put_members(
+        &self,
+        puts: &[MemberPut],
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        async move {
+            let each = puts.iter().map(|p| async move {
+                match self.put_member(&p.room, &p.user, p.role).await {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::NotFound) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            });
+            futures_util::future::try_join_all(each).await
+        }
+    }
 
     /// Removes a membership (and its mute). Removing a non-member is a no-op.
     fn remove_member(

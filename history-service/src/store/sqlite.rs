@@ -1097,6 +1097,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn markers_of(&self, keys: &[(RoomId, String)]) -> Result<Vec<Option<u64>>, StoreError> {
+        let keys = keys.to_vec();
+        // One reader for the whole batch, one prepared statement.
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT seq FROM read_markers WHERE room = ?1 AND user_id = ?2")?;
+            keys.iter()
+                .map(|(room, user)| {
+                    stmt.query_row([room.as_str(), user.as_str()], |r| r.get::<_, i64>(0))
+                        .optional()
+                        .map(|seq| seq.map(|s| s as u64))
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn create_room(&self, info: &RoomInfo, owner: &UserRef) -> Result<(), StoreError> {
         self.write(WriteOp::CreateRoom(info.clone(), owner.clone()))
             .await

@@ -68,8 +68,8 @@ use proto::{MessageId, RoomId, Timestamp, UserRef};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Broker, BrokerError, Dedupe, Events, PinChange, PinOutcome, Published, Recovery, StateCheck,
-    StateVersion,
+    Broker, BrokerError, Dedupe, Events, Online, PinChange, PinOutcome, Published, Recovery,
+    StateCheck, StateVersion,
 };
 use crate::bus;
 use crate::hub::Hub;
@@ -255,7 +255,9 @@ impl RedisBroker {
                 inv.key(keys.key("presence"))
                     .key(keys.key("users"))
                     .key(keys.key("names"))
-                    .arg(now);
+                    .key(keys.presence_rooms())
+                    .arg(now)
+                    .arg(room.as_str());
                 let gone: Vec<String> = self.invoke(&mut self.conn(), inv).await?;
                 if !gone.is_empty() {
                     changed.push((room, gone));
@@ -568,7 +570,12 @@ impl Broker for Arc<RedisBroker> {
         })
     }
 
-    async fn presence_add(&self, room: &RoomId, user: &UserRef) -> Result<bool, BrokerError> {
+    async fn presence_add(
+        &self,
+        room: &RoomId,
+        user: &UserRef,
+        list: usize,
+    ) -> Result<(bool, Online), BrokerError> {
         let keys = self.keys(room);
         let mut inv = self.scripts.presence_add.prepare_invoke();
         inv.key(keys.key("presence"))
@@ -579,15 +586,18 @@ impl Broker for Arc<RedisBroker> {
             .arg(&self.node)
             .arg(self.presence_expiry())
             .arg(&user.name)
-            .arg(room.as_str());
-        let first: i64 = self.invoke(&mut self.conn(), inv).await?;
-        Ok(first == 1)
+            .arg(room.as_str())
+            .arg(list);
+        let out = parse_list(&self.invoke::<String>(&mut self.conn(), inv).await?)?;
+        let first = out.first().is_some_and(|f| f == "1");
+        let online = parse_online(out.get(1..).unwrap_or_default())?;
+        Ok((first, online))
     }
 
-    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<bool, BrokerError> {
+    async fn presence_remove(&self, room: &RoomId, user: &str) -> Result<Option<u64>, BrokerError> {
         // Another local connection of the same user keeps the node's entry.
         if !self.hub.sessions_in(room, user).is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let keys = self.keys(room);
         let mut inv = self.scripts.presence_remove.prepare_invoke();
@@ -596,22 +606,16 @@ impl Broker for Arc<RedisBroker> {
             .key(keys.key("names"))
             .arg(user)
             .arg(&self.node);
-        let gone: i64 = self.invoke(&mut self.conn(), inv).await?;
-        Ok(gone == 1)
+        let (gone, count): (String, u64) = self.invoke(&mut self.conn(), inv).await?;
+        Ok((gone == "1").then_some(count))
     }
 
-    async fn presence(&self, room: &RoomId) -> Result<Vec<UserRef>, BrokerError> {
-        let names: HashMap<String, String> = call(
-            redis::cmd("HGETALL").arg(self.keys(room).key("names")),
-            &mut self.conn(),
-        )
-        .await?;
-        let mut users: Vec<UserRef> = names
-            .into_iter()
-            .map(|(id, name)| UserRef { id, name })
-            .collect();
-        users.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(users)
+    async fn presence(&self, room: &RoomId, list: usize) -> Result<Online, BrokerError> {
+        let mut inv = self.scripts.presence_list.prepare_invoke();
+        inv.key(self.keys(room).key("names")).arg(list);
+        parse_online(&parse_list(
+            &self.invoke::<String>(&mut self.conn(), inv).await?,
+        )?)
     }
 
     async fn pin_set(
@@ -782,6 +786,30 @@ fn room_of_frame(frame: &[u8]) -> Option<RoomId> {
     serde_json::from_slice::<Receipt>(frame)
         .ok()
         .map(|r| r.room)
+}
+
+/// A presence script's JSON-encoded list of strings.
+fn parse_list(json: &str) -> Result<Vec<String>, BrokerError> {
+    serde_json::from_str(json).map_err(unavailable)
+}
+
+/// Reads a presence script's `count, id, name, ...` reply.
+fn parse_online(out: &[String]) -> Result<Online, BrokerError> {
+    let (count, pairs) = out
+        .split_first()
+        .ok_or_else(|| unavailable("short reply"))?;
+    let mut users: Vec<UserRef> = pairs
+        .chunks_exact(2)
+        .map(|p| UserRef {
+            id: p[0].clone(),
+            name: p[1].clone(),
+        })
+        .collect();
+    users.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Online {
+        count: count.parse().map_err(unavailable)?,
+        users,
+    })
 }
 
 /// Refreshes presence every third of its TTL; announces users whose node died.

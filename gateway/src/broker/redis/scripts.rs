@@ -223,28 +223,82 @@ return 'absent'
 
 /// KEYS: presence, users, names, the partition's presence rooms. ARGV: user, node, expiry,
 /// name, room.
-pub const PRESENCE_ADD: &str = r#"
-local added = redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\n' .. ARGV[2])
+/// Lua: `online(out, names, max)` appends the room's online count to `out`, then up to `max`
+/// (id, name) pairs from its names hash: all of them when they fit (HGETALL), else the first
+/// `max` an HSCAN finds — a big room is listed in part rather than read whole on every join.
+/// The scripts return the list JSON-encoded, one string: parsing 200 reply items per join
+/// was a tenth of a join storm's gateway CPU.
+macro_rules! online_lua {
+    () => {
+        r#"
+local function online(out, names, max)
+  local count = redis.call('HLEN', names)
+  out[#out + 1] = tostring(count)
+  if max <= 0 then return out end
+  if count <= max then
+    for _, v in ipairs(redis.call('HGETALL', names)) do out[#out + 1] = v end
+    return out
+  end
+  local cursor, n = '0', 0
+  repeat
+    local r = redis.call('HSCAN', names, cursor, 'COUNT', max)
+    cursor = r[1]
+    for i = 1, #r[2], 2 do
+      if n < max then
+        out[#out + 1] = r[2][i]
+        out[#out + 1] = r[2][i + 1]
+        n = n + 1
+      end
+    end
+  until cursor == '0' or n >= max
+  return out
+end
+"#
+    };
+}
+
+/// KEYS: presence, users, names, the partition's presence rooms. ARGV: user, node, expiry,
+/// name, room, list size. Lists the room for the sweep (every time: the sweep takes a room
+/// off the list once nobody is left in it). Returns `["1" newly online / "0", count, id,
+/// name, ...]` as JSON.
+pub const PRESENCE_ADD: &str = concat!(
+    online_lua!(),
+    r#"
+local first = '0'
+if redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\n' .. ARGV[2]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 then first = '1' end
+end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[5])
-if added == 1 then
-  return redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 and 1 or 0
-end
-return 0
-"#;
+return cjson.encode(online({first}, KEYS[3], tonumber(ARGV[6])))
+"#
+);
 
+/// KEYS: names. ARGV: list size. Returns `[count, id, name, ...]` as JSON.
+pub const PRESENCE_LIST: &str = concat!(
+    online_lua!(),
+    r#"
+return cjson.encode(online({}, KEYS[1], tonumber(ARGV[1])))
+"#
+);
+
+/// Returns {'1', online count} when the user is now offline, else {'0', count}.
 pub const PRESENCE_REMOVE: &str = r#"
+local gone = '0'
 if redis.call('ZREM', KEYS[1], ARGV[1] .. '\n' .. ARGV[2]) == 1 then
   if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
     redis.call('HDEL', KEYS[2], ARGV[1])
     redis.call('HDEL', KEYS[3], ARGV[1])
-    return 1
+    gone = '1'
   end
 end
-return 0
+return {gone, tostring(redis.call('HLEN', KEYS[3]))}
 "#;
 
 /// Removes presence entries whose node stopped refreshing them; returns users now offline.
+/// KEYS: presence, users, names, the partition's presence rooms. ARGV: now, room. A room
+/// nobody is in any more leaves the sweep's list (else every room ever joined would be swept
+/// by every node forever); the next join lists it again.
 pub const PRESENCE_SWEEP: &str = r#"
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local gone = {}
@@ -256,6 +310,9 @@ for _, m in ipairs(dead) do
     redis.call('HDEL', KEYS[3], user)
     gone[#gone + 1] = user
   end
+end
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[4], ARGV[2])
 end
 return gone
 "#;
@@ -272,6 +329,7 @@ pub struct Scripts {
     pub confirm: redis::Script,
     pub verify: redis::Script,
     pub presence_add: redis::Script,
+    pub presence_list: redis::Script,
     pub presence_remove: redis::Script,
     pub presence_sweep: redis::Script,
     pub pin: redis::Script,
@@ -290,6 +348,7 @@ impl Scripts {
             confirm: redis::Script::new(CONFIRM),
             verify: redis::Script::new(VERIFY),
             presence_add: redis::Script::new(PRESENCE_ADD),
+            presence_list: redis::Script::new(PRESENCE_LIST),
             presence_remove: redis::Script::new(PRESENCE_REMOVE),
             presence_sweep: redis::Script::new(PRESENCE_SWEEP),
             pin: redis::Script::new(PIN),

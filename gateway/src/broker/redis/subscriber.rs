@@ -472,13 +472,11 @@ impl Subscriber {
                 target: NodeTarget::RoomState(r),
                 frame,
             }) => {
-                // The frame names the announcing node; it updated its own cache.
                 let Some(b) = self.broker.upgrade() else {
                     return;
                 };
-                let own = frame == b.worker.to_string().as_bytes();
-                if let (false, Ok(room), Some(events)) = (own, RoomId::new(r), b.events.get()) {
-                    events.room_state_changed(&room);
+                if let (Ok(room), Some(events)) = (RoomId::new(r), b.events.get()) {
+                    events.room_state_changed(&room, frame);
                 }
             }
             None => tracing::warn!("undecodable node message"),
