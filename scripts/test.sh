@@ -42,6 +42,10 @@ step "the whole gateway suite again in scaled mode (two gateway nodes, Redis, hi
 # cluster:: starts its own multi-process clusters in both runs; it runs once, above.
 CHAT_TEST_SCALED=1 cargo test -p gateway --test integration --locked -- --skip cluster:: --test-threads=2
 
+step "the contract suite on a Redis Cluster (3 primaries + 3 replicas, two history-service replicas; a few minutes)"
+CHAT_TEST_SCALED=1 CHAT_TEST_REDIS=cluster cargo test -p gateway --test integration --locked -- \
+    rooms:: messaging:: recovery:: authorization:: pins_receipts:: --skip cluster:: --test-threads=2
+
 step "soak (${CHAT_SOAK_SECONDS:=60} s of steady traffic on a real gateway: no RSS or queue growth, no errors)"
 CHAT_SOAK_SECONDS=$CHAT_SOAK_SECONDS cargo test -p gateway --test integration --locked -- \
     --exact cluster::soak::soak_has_no_growth_trend_and_no_errors --nocapture

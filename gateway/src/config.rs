@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use history_service::keys::KeySettings;
+use history_service::redis_conn::RedisArgs;
 
 use crate::api_keys::ApiKeys;
 use history_service::secrets;
@@ -28,12 +29,8 @@ pub struct Config {
     /// no longer serves; unset → everything on one address.
     #[arg(long, env = "CHAT_INTERNAL_LISTEN")]
     pub internal_listen: Option<SocketAddr>,
-    /// Redis URL for the scaled-out broker; unset → in-process broker (single node).
-    #[arg(long, env = "CHAT_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    /// File holding `CHAT_REDIS_URL` (it may carry a password): a mounted Secret.
-    #[arg(long, env = "CHAT_REDIS_URL_FILE")]
-    pub redis_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// History service URL; unset → history in-process on the embedded store.
     #[arg(long, env = "CHAT_HISTORY_URL")]
     pub history_url: Option<String>,
@@ -184,14 +181,7 @@ impl Config {
                 "CHAT_TOKEN_EXPIRING_SECONDS must be between 1 and {MAX_TOKEN_EXPIRING_SECONDS}"
             ));
         }
-        if let Some(url) = &self.redis_url {
-            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
-                return Err(format!(
-                    "CHAT_REDIS_URL must start with redis:// (got {url})"
-                ));
-            }
-            redis::Client::open(url.as_str()).map_err(|e| format!("CHAT_REDIS_URL: {e}"))?;
-        }
+        self.redis.settings()?;
         if let Some(url) = &self.history_url {
             history_service::remote::RemoteStore::new(url, None)
                 .map_err(|e| format!("CHAT_HISTORY_URL: {e}"))?;
@@ -221,11 +211,7 @@ impl Config {
             self.internal_token.take(),
             self.internal_token_file.take().as_deref(),
         )?;
-        self.redis_url = secrets::setting(
-            "CHAT_REDIS_URL",
-            self.redis_url.take(),
-            self.redis_url_file.take().as_deref(),
-        )?;
+        self.redis.load_secret_file()?;
         if let (None, Some(dir)) = (&self.api_keys, &self.api_keys_dir) {
             self.api_keys = Some(ApiKeys::load(dir)?);
         }

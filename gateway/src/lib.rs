@@ -87,7 +87,7 @@ pub async fn build_node(mut config: Config) -> Result<Arc<Node>, StartError> {
     // A joining session holds live events until its replay is sent; bounded like its queue.
     let hub = Arc::new(Hub::new(config.outbound_queue));
     let store = Arc::new(open_store(&config).await?);
-    let broker = match &config.redis_url {
+    let broker = match config.redis.settings().map_err(StartError::Config)? {
         None => {
             let persist = persist::PersistQueue::spawn(apply_to(store.clone()));
             AnyBroker::Memory(MemoryBroker::new(
@@ -97,17 +97,18 @@ pub async fn build_node(mut config: Config) -> Result<Arc<Node>, StartError> {
                 Some(last_seq_from(store.clone())),
             ))
         }
-        Some(url) => AnyBroker::Redis(
+        Some(settings) => AnyBroker::Redis(
             broker::redis::RedisBroker::connect(
-                url,
+                settings.clone(),
                 hub.clone(),
+                store.clone(),
                 config.recovery_window,
                 config.node_name(),
                 std::time::Duration::from_secs(config.presence_ttl_seconds),
             )
             .await
             .map_err(|e| StartError::Redis {
-                addr: redis_addr(url),
+                addr: settings.addr(),
                 error: e.to_string(),
             })?,
         ),
@@ -128,7 +129,7 @@ async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
             })?,
         ),
         None => {
-            if config.redis_url.is_some() {
+            if config.redis.url.is_some() {
                 tracing::warn!(
                     "CHAT_REDIS_URL without CHAT_HISTORY_URL: room state and history live in this \
                      node's own SQLite file, not shared with other nodes; set CHAT_HISTORY_URL"
@@ -147,40 +148,12 @@ async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
     Ok(store)
 }
 
-/// `host:port` of a Redis URL, without the credentials it may hold (for error messages).
-fn redis_addr(url: &str) -> String {
-    redis::Client::open(url)
-        .map(|c| c.get_connection_info().addr().to_string())
-        .unwrap_or_else(|_| "an unparsable URL".into())
-}
-
-/// A room's last stored seq as the store knows it: its newest message, pin or read marker.
-/// (Room-state events are not in the projection; a restart may reuse their seqs, which only
-/// makes a reconnecting client's `since` look newer than the room — answered `recovered:
-/// false`, so it reloads from history.)
+/// A room's last seq as the store knows it (every stored event it was given, room-state
+/// events included): after a restart the room numbers on from there.
 fn last_seq_from(store: Arc<AnyStore>) -> broker::memory::SeedFn {
     Arc::new(move |room| {
         let store = store.clone();
-        Box::pin(async move {
-            let newest = history_service::store::Page::Before {
-                before: None,
-                limit: 1,
-            };
-            let (messages, pins, markers) = tokio::try_join!(
-                store.messages(&room, newest),
-                store.pins(&room),
-                store.markers(&room)
-            )
-            .map_err(|e| e.to_string())?;
-            let seq = messages
-                .iter()
-                .map(|m| m.seq)
-                .chain(pins.iter().map(|p| p.message.seq))
-                .chain(markers.iter().map(|m| m.seq))
-                .max()
-                .unwrap_or(0);
-            Ok(seq)
-        })
+        Box::pin(async move { store.last_seq(&room).await.map_err(|e| e.to_string()) })
     })
 }
 

@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|e| fail(e));
     tracing::info!(
         node = %node.name,
-        mode = if node.config.redis_url.is_some() { "redis" } else { "embedded" },
+        mode = if node.config.redis.url.is_some() { "redis" } else { "embedded" },
         traces = telemetry.exporting(),
         "started"
     );

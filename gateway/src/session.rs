@@ -203,7 +203,11 @@ async fn leave_all(node: &Arc<Node>, caller: &mut Caller, connect: &tracing::Spa
 async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
     if let Some(room) = reader.auto_join.take() {
         let span = command_span("join", Some(&room), &reader.connect);
-        let cmd = proto::client::Join { room, since: None };
+        let cmd = proto::client::Join {
+            room,
+            since: None,
+            epoch: None,
+        };
         let join = commands::join(&reader.node, &mut reader.caller, None, cmd);
         Box::pin(join.instrument(span)).await;
     }

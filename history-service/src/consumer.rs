@@ -1,31 +1,43 @@
-//! The persistence-stream consumer: Redis stream `chat:persist` → [`Store::apply`].
+//! The persistence-stream consumer: the partition streams `chat:{pN}:persist` →
+//! [`Store::apply`].
 //!
-//! Gateways append every stored event (and read receipts) to the stream, field `f` = the JSON
-//! server frame as sent to clients (stored events carry `seq`), optional `tp` = the W3C
-//! traceparent of the request that produced it. The history services read it as consumer
-//! group `history`, each under its own consumer name (the node id):
+//! Gateways append every stored event (and read receipts) to the stream of the room's
+//! partition ([`crate::partitions`]), field `f` = the JSON server frame as sent to clients
+//! (stored events carry `seq`), optional `tp` = the W3C traceparent of the request that
+//! produced it. Every history-service replica runs one loop per partition, all in consumer
+//! group `history` under its own consumer name (the node id), so the replicas share each
+//! partition's entries and the service scales out with them:
 //!
-//! 1. `XGROUP CREATE chat:persist history 0 MKSTREAM` at start (`BUSYGROUP` = already there).
+//! 1. `XGROUP CREATE <stream> history 0 MKSTREAM` at start (`BUSYGROUP` = already there).
 //! 2. First our own pending entries (`XREADGROUP .. 0`: read before a restart, never acked),
-//!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 BLOCK 1000 STREAMS chat:persist >`;
-//!    after a read that was not a full batch, a short linger (`linger`, 25 ms) lets the next
+//!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 STREAMS <stream> >`. Reads do not
+//!    block (a blocking read would hold the connection every partition shares): an empty
+//!    read waits a little longer each time, up to `idle_max`, before the next.
+//!    After a read that was not a full batch, a short linger (`linger`, 25 ms) lets the next
 //!    batch gather, so a busy stream costs one read, one store transaction and one
 //!    acknowledgement per batch rather than per entry.
-//! 3. Decode each frame; an undecodable one is logged, counted
+//! 3. With `wait_replicas` (`CHAT_REDIS_WAIT_REPLICAS`), `WAIT` until that many replicas have
+//!    everything read so far: an entry the primary had not replicated yet may vanish in a
+//!    failover, and its seq be given to another message; stored, it would keep that seq. When
+//!    the replicas do not confirm in time, the batch is dropped and this consumer's pending
+//!    entries are read again — after a failover from the new primary, without what it lost.
+//! 4. Decode each frame; an undecodable one is logged, counted
 //!    (`chat_stream_undecodable_total`) and acknowledged — retrying cannot fix it.
-//! 4. `store.apply(batch)`; `XACK` only after it succeeded. On a store error nothing is acked:
+//! 5. `store.apply(batch)`; `XACK` only after it succeeded. On a store error nothing is acked:
 //!    the same batch is retried with exponential backoff (the stream buffers meanwhile).
 //!    In the same MULTI the acknowledged entries are deleted (`XDEL`), so the stream holds
-//!    only what is not yet stored (see `process` for why XDEL rather than XTRIM).
-//! 5. Every `claim_every`, `XAUTOCLAIM` entries idle longer than `claim_idle` (their consumer
+//!    only what is not yet stored (see `store_and_ack` for why XDEL rather than XTRIM).
+//! 6. Every `claim_every`, `XAUTOCLAIM` entries idle longer than `claim_idle` (their consumer
 //!    died between read and ack) and process them the same way.
 //!
-//! Writes are idempotent and ordered by seq (see [`crate::store`]), so an entry processed
-//! twice — reclaimed from a consumer that was merely slow — changes nothing: every entry ends
-//! up in the store exactly once. Each batch is one `store_batch` span (child of the first
-//! entry's `tp`, linked to the others'; see [`crate::telemetry`]). Metrics: `chat_store_batch_seconds` (apply latency),
-//! `chat_stream_lag` (entries not yet stored: never delivered + delivered but not acked, from
-//! `XINFO GROUPS`), `chat_stream_pending`, `chat_stream_entries_total`.
+//! A room's events are in one partition stream, in seq order. Writes are idempotent and
+//! ordered by seq (see [`crate::store`]), so an entry processed twice — reclaimed from a
+//! consumer that was merely slow — or two replicas' batches of one room applied in either
+//! order end in the same rows: every entry ends up in the store exactly once. Each batch is
+//! one `store_batch` span (child of the first entry's `tp`, linked to the others'; see
+//! [`crate::telemetry`]). Metrics: `chat_store_batch_seconds` (apply latency),
+//! `chat_stream_lag` (entries not yet stored, all partitions: never delivered + delivered but
+//! not acked, from `XINFO GROUPS`), `chat_stream_pending`, `chat_stream_entries_total`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,19 +47,19 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TraceContextExt;
 use proto::ServerEvent;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncTypedCommands, RedisError, Value};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::partitions;
+use crate::redis_conn::{Redis, RedisSettings};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
 /// Links a `store_batch` span records at most (besides its parent).
 const MAX_LINKS: usize = 32;
 
-pub const STREAM: &str = "chat:persist";
 pub const GROUP: &str = "history";
 
 #[derive(Debug, thiserror::Error)]
@@ -60,15 +72,14 @@ pub enum ConsumerError {
 /// Consumer settings; [`ConsumerConfig::new`] has the production defaults.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
-    pub stream: String,
     pub group: String,
     /// This consumer's name in the group: stable per node (its pending entries are its own
     /// after a restart).
     pub consumer: String,
     /// Entries per read (`COUNT`).
     pub batch: usize,
-    /// How long one read blocks (`BLOCK`).
-    pub block: Duration,
+    /// Longest wait between two reads of an idle partition.
+    pub idle_max: Duration,
     /// After a read that returned less than a full batch, how long to wait before the next
     /// one, so entries gather into larger batches: every batch costs a read, a store
     /// transaction and an acknowledgement, whatever its size. Delays when history has an
@@ -88,11 +99,10 @@ pub struct ConsumerConfig {
 impl ConsumerConfig {
     pub fn new(consumer: impl Into<String>) -> Self {
         Self {
-            stream: STREAM.into(),
             group: GROUP.into(),
             consumer: consumer.into(),
             batch: 256,
-            block: Duration::from_millis(1000),
+            idle_max: Duration::from_millis(50),
             linger: Duration::from_millis(25),
             claim_idle: Duration::from_secs(30),
             claim_every: Duration::from_secs(10),
@@ -103,7 +113,7 @@ impl ConsumerConfig {
     }
 }
 
-/// Counters of one consumer, readable while it runs (tests, logs).
+/// Counters of one consumer (all its partitions), readable while it runs (tests, logs).
 #[derive(Debug, Default)]
 pub struct ConsumerStats {
     /// Entries acknowledged after their batch was stored (undecodable ones included).
@@ -117,13 +127,20 @@ pub struct ConsumerStats {
     pub deleted: AtomicU64,
 }
 
-/// Reads the stream into `store` until `shutdown` resolves.
+/// Reads every partition stream into `store` until `shutdown` resolves.
 pub struct Consumer<S> {
-    client: redis::Client,
+    settings: RedisSettings,
     store: Arc<S>,
     config: ConsumerConfig,
     stats: Arc<ConsumerStats>,
+    /// When a partition loop last warned that Redis failed (ms since `started`): every loop
+    /// sees the same outage, one warning in a while is enough.
+    warned: AtomicU64,
+    started: Instant,
 }
+
+/// Redis failures of all partition loops are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// One stream entry, decoded.
 struct Entry {
@@ -131,13 +148,64 @@ struct Entry {
     event: Option<ServerEvent>,
 }
 
-impl<S: Store> Consumer<S> {
-    pub fn new(client: redis::Client, store: Arc<S>, config: ConsumerConfig) -> Self {
+/// Lag and pending entries per partition; the gauges show the sums.
+struct Lag {
+    lag: Vec<AtomicU64>,
+    pending: Vec<AtomicU64>,
+}
+
+impl Lag {
+    fn new(partitions: u16) -> Self {
         Self {
-            client,
+            lag: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            pending: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn set(&self, p: u16, lag: u64, pending: u64) {
+        self.lag[p as usize].store(lag, Ordering::Relaxed);
+        self.pending[p as usize].store(pending, Ordering::Relaxed);
+        let sum = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>();
+        metrics::gauge!("chat_stream_lag").set(sum(&self.lag) as f64);
+        metrics::gauge!("chat_stream_pending").set(sum(&self.pending) as f64);
+    }
+}
+
+/// One partition's loop: its stream, the shared connection, the shared counters.
+struct Partition<'a, S> {
+    p: u16,
+    stream: String,
+    conn: Redis,
+    consumer: &'a Consumer<S>,
+    lag: &'a Lag,
+}
+
+impl<S: Store> Consumer<S> {
+    pub fn new(settings: RedisSettings, store: Arc<S>, config: ConsumerConfig) -> Self {
+        Self {
+            settings,
             store,
             config,
             stats: Arc::default(),
+            warned: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
+        }
+    }
+
+    /// Logs a Redis failure of one partition loop, unless another did a moment ago.
+    fn redis_failed(&self, stream: &str, what: &str, e: &RedisError) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.warned.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, stream, "{what} failed; retrying (every partition, reported once per {WARN_EVERY:?})");
+        } else {
+            tracing::debug!(error = %e, stream, "{what} failed; retrying");
         }
     }
 
@@ -146,40 +214,51 @@ impl<S: Store> Consumer<S> {
     }
 
     /// Runs until `shutdown` resolves. Returns an error only if Redis cannot be reached at
-    /// start; later Redis failures are retried (the connection manager reconnects).
+    /// start; later Redis failures are retried (the connection reconnects by itself).
     ///
     /// Cancel-safe in the way that matters: whatever was read but not yet acknowledged when
     /// it stops stays pending, and is re-read by this consumer name on restart or claimed by
     /// another consumer after `claim_idle`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ConsumerError> {
-        // Blocking reads need a response timeout longer than BLOCK (the default is 500 ms);
-        // this connection is used by this loop only, so the blocking read delays nobody.
-        let cfg = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.config.block + Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(5)));
-        let mut conn = self.client.get_connection_manager_with_config(cfg).await?;
-        self.create_group(&mut conn).await?;
+        // A WAIT may take its whole timeout; the store's own retries are not Redis calls.
+        let response = self.settings.timeout + self.settings.wait_timeout;
+        let conn = self.settings.connect_with(response).await?;
+        let lag = Lag::new(self.settings.partitions);
+        let mut loops = Vec::with_capacity(self.settings.partitions as usize);
+        for p in 0..self.settings.partitions {
+            let part = Partition {
+                p,
+                stream: partitions::stream(p),
+                conn: conn.clone(),
+                consumer: &self,
+                lag: &lag,
+            };
+            part.create_group().await?;
+            loops.push(part.consume());
+        }
         tokio::pin!(shutdown);
         tokio::select! {
             biased;
             _ = &mut shutdown => {}
-            _ = self.consume(&mut conn) => {}
+            _ = futures_util::future::join_all(loops) => {}
         }
         tracing::info!(consumer = %self.config.consumer, "stream consumer stopped");
         Ok(())
     }
+}
 
-    async fn create_group(&self, conn: &mut ConnectionManager) -> Result<(), ConsumerError> {
+impl<S: Store> Partition<'_, S> {
+    async fn create_group(&self) -> Result<(), ConsumerError> {
         // `0`, not `$`: gateways may have appended entries before the first history service
         // ever started, and those are acknowledged messages too. (Only the first creation
         // counts; later starts get BUSYGROUP.) MKSTREAM: the stream may not exist yet.
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(&self.config.stream)
-            .arg(&self.config.group)
+            .arg(&self.stream)
+            .arg(&self.consumer.config.group)
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(conn)
+            .query_async(&mut self.conn.clone())
             .await;
         match created {
             Ok(()) => Ok(()),
@@ -188,29 +267,30 @@ impl<S: Store> Consumer<S> {
         }
     }
 
-    /// The main loop; never returns (stopped by `run`'s select).
-    async fn consume(&self, conn: &mut ConnectionManager) {
-        let c = &self.config;
+    /// The partition's loop; never returns (stopped by `run`'s select).
+    async fn consume(mut self) {
+        let c = &self.consumer.config;
         // Our own pending entries first: read before a crash or restart, never acknowledged.
         let mut cursor = "0".to_owned();
         let mut next_claim = Instant::now() + c.claim_every;
         let mut next_lag = Instant::now();
         let mut redis_backoff = c.retry_min;
+        let mut idle = Duration::from_millis(1);
         loop {
             if Instant::now() >= next_lag {
-                self.update_lag(conn).await;
+                self.update_lag().await;
                 next_lag = Instant::now() + c.lag_every;
             }
             if Instant::now() >= next_claim {
-                self.claim(conn).await;
+                self.claim().await;
                 next_claim = Instant::now() + c.claim_every;
             }
             let opts = StreamReadOptions::default()
                 .group(&c.group, &c.consumer)
-                .count(c.batch)
-                .block(c.block.as_millis() as usize);
-            let read: Result<Option<StreamReadReply>, RedisError> = conn
-                .xread_options(&[c.stream.as_str()], &[cursor.as_str()], &opts)
+                .count(c.batch);
+            let read: Result<Option<StreamReadReply>, RedisError> = self
+                .conn
+                .xread_options(&[self.stream.as_str()], &[cursor.as_str()], &opts)
                 .await;
             let ids = match read {
                 Ok(reply) => {
@@ -221,11 +301,12 @@ impl<S: Store> Consumer<S> {
                 }
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
-                        // The stream or group was deleted under us (FLUSHALL, an operator):
-                        // recreate and carry on.
-                        let _ = self.create_group(conn).await;
+                        // The stream or group was deleted under us (Redis lost its data, an
+                        // operator): recreate and carry on.
+                        let _ = self.create_group().await;
                     }
-                    tracing::warn!(error = %e, "reading the persistence stream failed; retrying");
+                    self.consumer
+                        .redis_failed(&self.stream, "reading the persistence stream", &e);
                     tokio::time::sleep(redis_backoff).await;
                     redis_backoff = (redis_backoff * 2).min(c.retry_max);
                     continue;
@@ -236,31 +317,66 @@ impl<S: Store> Consumer<S> {
                 cursor = ">".into();
                 continue;
             }
-            if !ids.is_empty() {
-                if cursor != ">" {
-                    // Continue the backlog after the last entry seen.
-                    cursor = ids.last().map(|e| e.id.clone()).unwrap_or_default();
-                }
-                let full = ids.len() >= c.batch;
-                self.process(conn, ids).await;
-                if !full && !c.linger.is_zero() {
-                    tokio::time::sleep(c.linger).await;
-                }
+            if ids.is_empty() {
+                tokio::time::sleep(idle).await;
+                idle = (idle * 2).min(c.idle_max);
+                continue;
+            }
+            idle = Duration::from_millis(1);
+            if cursor != ">" {
+                // Continue the backlog after the last entry seen.
+                cursor = ids.last().map(|e| e.id.clone()).unwrap_or_default();
+            }
+            if !self.replicated().await {
+                // Read again what this consumer holds, from the primary serving the stream
+                // now: after a failover it lacks what the old primary did not replicate, and
+                // that must not be stored (its seq may go to another event).
+                cursor = "0".into();
+                tokio::time::sleep(redis_backoff).await;
+                redis_backoff = (redis_backoff * 2).min(c.retry_max);
+                continue;
+            }
+            let full = ids.len() >= c.batch;
+            self.process(ids).await;
+            if !full && !c.linger.is_zero() {
+                tokio::time::sleep(c.linger).await;
             }
         }
+    }
+
+    /// With `CHAT_REDIS_WAIT_REPLICAS`, whether that many replicas have what was read (`WAIT`
+    /// after the read: replication is in order, so the entries read are replicated once the
+    /// read's own write is). False: the batch is not stored, and is read again.
+    async fn replicated(&mut self) -> bool {
+        let settings = &self.consumer.settings;
+        if settings.wait_replicas == 0 {
+            return true;
+        }
+        match self
+            .conn
+            .wait_replicas(&self.stream, settings.wait_replicas, settings.wait_timeout)
+            .await
+        {
+            Ok(n) if n >= settings.wait_replicas => return true,
+            Ok(n) => {
+                tracing::warn!(replicas = n, stream = %self.stream, "entries not replicated yet; not storing them")
+            }
+            Err(e) => self.consumer.redis_failed(&self.stream, "WAIT", &e),
+        }
+        false
     }
 
     /// Stores a batch (retrying until it succeeds), then acknowledges it, in one `store_batch`
     /// span. Its parent is the trace of the batch's first entry that carries a `tp`
     /// (traceparent) field, so a one-message batch shows up in that message's trace; the
     /// other traced entries become links.
-    async fn process(&self, conn: &mut ConnectionManager, raw: Vec<StreamId>) {
+    async fn process(&mut self, raw: Vec<StreamId>) {
         let entries: Vec<Entry> = raw.iter().map(|e| self.decode(e)).collect();
         let span = tracing::info_span!(
             "store_batch",
             otel.kind = "consumer",
             messaging.system = "redis",
-            messaging.destination.name = %self.config.stream,
+            messaging.destination.name = %self.stream,
             entries = entries.len(),
             first = %entries.first().map_or("", |e| e.id.as_str()),
         );
@@ -276,20 +392,23 @@ impl<S: Store> Consumer<S> {
                 span.add_link(cx.span().span_context().clone());
             }
         }
-        self.store_and_ack(conn, entries).instrument(span).await
+        self.store_and_ack(entries).instrument(span).await
     }
 
-    async fn store_and_ack(&self, conn: &mut ConnectionManager, entries: Vec<Entry>) {
+    async fn store_and_ack(&mut self, entries: Vec<Entry>) {
         let events: Vec<ServerEvent> = entries.iter().filter_map(|e| e.event.clone()).collect();
-        let mut backoff = self.config.retry_min;
+        let mut backoff = self.consumer.config.retry_min;
         loop {
             let started = Instant::now();
-            let result = self.store.apply(&events).await;
+            let result = self.consumer.store.apply(&events).await;
             metrics::histogram!("chat_store_batch_seconds").record(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => break,
                 Err(e) => {
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    self.consumer
+                        .stats
+                        .store_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("chat_store_errors_total").increment(1);
                     let level_unavailable = matches!(e, StoreError::Unavailable(_));
                     if level_unavailable {
@@ -298,14 +417,14 @@ impl<S: Store> Consumer<S> {
                         tracing::error!(error = %e, ?backoff, "store failed; batch not acked, retrying");
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.config.retry_max);
+                    backoff = (backoff * 2).min(self.consumer.config.retry_max);
                 }
             }
         }
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         // Acknowledge, then delete the entries, in one MULTI so they never drift apart.
         //
-        // Why delete: nothing else ever shrinks `chat:persist` (the gateways' XADD has no
+        // Why delete: nothing else ever shrinks a persistence stream (the gateways' XADD has no
         // MAXLEN, on purpose: a cap would drop messages whenever this service is down long
         // enough), so acknowledged entries would pile up in Redis memory forever. Why XDEL of
         // exactly these ids and not `XTRIM MINID <lowest pending id>`: MINID trims by id order,
@@ -316,27 +435,31 @@ impl<S: Store> Consumer<S> {
         // `history` is the only consumer group of the stream; another group would need its
         // own entries kept (then trim by the minimum of the groups' acknowledged positions).
         // Both commands are idempotent, so retrying the pair after a failure is safe.
-        let mut backoff = self.config.retry_min;
+        let mut backoff = self.consumer.config.retry_min;
         loop {
             let mut pipe = redis::pipe();
             pipe.atomic()
-                .xack(&self.config.stream, &self.config.group, &ids)
-                .xdel(&self.config.stream, &ids);
-            match pipe.query_async::<(u64, u64)>(conn).await {
+                .xack(&self.stream, &self.consumer.config.group, &ids)
+                .xdel(&self.stream, &ids);
+            match pipe.query_async::<(u64, u64)>(&mut self.conn).await {
                 Ok((_, deleted)) => {
-                    self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+                    self.consumer
+                        .stats
+                        .deleted
+                        .fetch_add(deleted, Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
                     // Stored but not acked: harmless to store again later, but ack now if
                     // Redis comes back so the entries do not get reclaimed and rewritten.
-                    tracing::warn!(error = %e, "XACK/XDEL failed; retrying");
+                    self.consumer.redis_failed(&self.stream, "XACK/XDEL", &e);
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.config.retry_max);
+                    backoff = (backoff * 2).min(self.consumer.config.retry_max);
                 }
             }
         }
-        self.stats
+        self.consumer
+            .stats
             .acked
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
         metrics::counter!("chat_stream_entries_total").increment(ids.len() as u64);
@@ -360,7 +483,10 @@ impl<S: Store> Consumer<S> {
             },
             Err(why) => {
                 tracing::error!(id = %entry.id, %why, "undecodable persistence entry skipped");
-                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                self.consumer
+                    .stats
+                    .undecodable
+                    .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("chat_stream_undecodable_total").increment(1);
                 Entry {
                     id: entry.id.clone(),
@@ -371,13 +497,14 @@ impl<S: Store> Consumer<S> {
     }
 
     /// Takes over entries idle longer than `claim_idle` and processes them.
-    async fn claim(&self, conn: &mut ConnectionManager) {
-        let c = &self.config;
+    async fn claim(&mut self) {
+        let c = self.consumer.config.clone();
         let mut start = "0-0".to_owned();
         loop {
-            let reply = conn
+            let reply = self
+                .conn
                 .xautoclaim_options(
-                    &c.stream,
+                    &self.stream,
                     &c.group,
                     &c.consumer,
                     c.claim_idle.as_millis() as u64,
@@ -388,7 +515,7 @@ impl<S: Store> Consumer<S> {
             let reply = match reply {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "XAUTOCLAIM failed");
+                    self.consumer.redis_failed(&self.stream, "XAUTOCLAIM", &e);
                     return;
                 }
             };
@@ -397,12 +524,13 @@ impl<S: Store> Consumer<S> {
                     entries = reply.claimed.len(),
                     "claimed persistence entries from an idle consumer"
                 );
-                self.stats
+                self.consumer
+                    .stats
                     .claimed
                     .fetch_add(reply.claimed.len() as u64, Ordering::Relaxed);
                 metrics::counter!("chat_stream_claimed_total")
                     .increment(reply.claimed.len() as u64);
-                self.process(conn, reply.claimed).await;
+                self.process(reply.claimed).await;
             }
             // "0-0": the whole pending list was scanned.
             if reply.next_stream_id == "0-0" || reply.next_stream_id.is_empty() {
@@ -412,8 +540,8 @@ impl<S: Store> Consumer<S> {
         }
     }
 
-    async fn update_lag(&self, conn: &mut ConnectionManager) {
-        let groups = match conn.xinfo_groups(&self.config.stream).await {
+    async fn update_lag(&mut self) {
+        let groups = match self.conn.xinfo_groups(&self.stream).await {
             Ok(g) => g,
             Err(e) => {
                 tracing::debug!(error = %e, "XINFO GROUPS failed");
@@ -422,12 +550,11 @@ impl<S: Store> Consumer<S> {
         };
         let by_name: HashMap<&str, _> =
             groups.groups.iter().map(|g| (g.name.as_str(), g)).collect();
-        if let Some(g) = by_name.get(self.config.group.as_str()) {
+        if let Some(g) = by_name.get(self.consumer.config.group.as_str()) {
             // `lag` (Redis ≥ 7): entries never delivered to the group; nil when Redis cannot
             // tell (after XDEL/XTRIM of undelivered entries) — then pending alone is reported.
             let lag = g.lag.unwrap_or(0) + g.pending;
-            metrics::gauge!("chat_stream_lag").set(lag as f64);
-            metrics::gauge!("chat_stream_pending").set(g.pending as f64);
+            self.lag.set(self.p, lag as u64, g.pending as u64);
         }
     }
 }

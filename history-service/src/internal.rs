@@ -146,6 +146,7 @@ pub fn internal_router<S: Store>(api: Arc<HistoryApi<S>>) -> Router {
     let token = api.internal_token().map(str::to_owned);
     Router::new()
         .route(&format!("{PREFIX}/apply"), post(apply::<S>))
+        .route(&format!("{PREFIX}/last_seq"), post(last_seq::<S>))
         .route(&format!("{PREFIX}/messages"), post(messages::<S>))
         .route(&format!("{PREFIX}/message"), post(message::<S>))
         .route(&format!("{PREFIX}/pins"), post(pins::<S>))
@@ -198,6 +199,14 @@ async fn apply<S: Store>(
 ) -> Reply<()> {
     let Json(r) = body?;
     Ok(Json(api.store().apply(&r.events).await?))
+}
+
+async fn last_seq<S: Store>(
+    State(api): Api<S>,
+    body: Result<Json<RoomReq>, JsonRejection>,
+) -> Reply<u64> {
+    let Json(r) = body?;
+    Ok(Json(api.store().last_seq(&r.room).await?))
 }
 
 async fn messages<S: Store>(

@@ -14,8 +14,10 @@
 //! - [`http`]: the public HTTP API (`/api/rooms/{room}/messages`, pins, receipts, members,
 //!   rooms), built from a [`http::HistoryApi`] over any store; the gateway mounts it too.
 //! - [`singleflight`]: coalesces identical concurrent reads (a hot room's newest page).
-//! - [`consumer`]: Redis stream `chat:persist` → `Store::apply`, acked (and deleted from the
-//!   stream) after the write, dead consumers' entries reclaimed.
+//! - [`consumer`]: the Redis persistence streams (one per partition) → `Store::apply`, acked
+//!   (and deleted from the stream) after the write, dead consumers' entries reclaimed.
+//! - [`redis_conn`]: connections to Redis (one primary or a Redis Cluster) for both binaries;
+//!   [`partitions`]: which keys a room and its persistence stream live under.
 //! - [`server`]: the process around them: `/healthz`, `/readyz`, `/metrics`, the consumer
 //!   beside the HTTP server, graceful shutdown. `src/main.rs` parses the configuration
 //!   (flags and `CHAT_*` variables) and calls [`server::run`]; `history-service migrate`
@@ -29,7 +31,7 @@
 //!   line naming the setting.
 //!
 //! # Data flow
-//! Scaled out: gateway → (Redis stream `chat:persist`) → [`consumer::Consumer`] →
+//! Scaled out: gateway → (Redis stream `chat:{pN}:persist` of the room's partition) → [`consumer::Consumer`] →
 //! `Store::apply` → ScyllaDB; clients read history through [`http`]; gateways read and write
 //! room state through [`remote::RemoteStore`] → [`internal`] → the store. Embedded: the
 //! gateway calls a [`store::sqlite::SqliteStore`] directly and mounts [`http::router`].
@@ -39,6 +41,8 @@ pub mod consumer;
 pub mod http;
 pub mod internal;
 pub mod keys;
+pub mod partitions;
+pub mod redis_conn;
 pub mod remote;
 pub mod secrets;
 pub mod server;

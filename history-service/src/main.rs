@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
 use history_service::keys::{Authenticator, KeySettings};
+use history_service::redis_conn::RedisArgs;
 use history_service::server::{self, RunOptions};
 use history_service::startup;
 use history_service::store::scylla::{DriverSettings, TlsSettings, DEFAULT_REPLICATION};
@@ -62,12 +63,8 @@ struct Config {
         global = true
     )]
     store: String,
-    /// Redis holding the persistence stream `chat:persist`; unset → API only, no consumer.
-    #[arg(long, env = "CHAT_REDIS_URL", hide_env_values = true, global = true)]
-    redis_url: Option<String>,
-    /// File holding `CHAT_REDIS_URL` (it may carry a password): a mounted Secret.
-    #[arg(long, env = "CHAT_REDIS_URL_FILE", global = true)]
-    redis_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// This replica's consumer name in the stream's group; defaults to the host name.
     #[arg(long, env = "CHAT_NODE_ID", global = true)]
     node_id: Option<String>,
@@ -194,14 +191,7 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         history_service::store::any::StoreUrl::parse(&self.store)
             .map_err(|e| format!("CHAT_STORE: {e}"))?;
-        if let Some(url) = &self.redis_url {
-            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
-                return Err(format!(
-                    "CHAT_REDIS_URL must start with redis:// (got {url})"
-                ));
-            }
-            redis::Client::open(url.as_str()).map_err(|e| format!("CHAT_REDIS_URL: {e}"))?;
-        }
+        self.redis.settings()?;
         if self.scylla_replication.is_some() && self.scylla_replication_factor.is_some() {
             return Err(
                 "set either CHAT_SCYLLA_REPLICATION or CHAT_SCYLLA_REPLICATION_FACTOR, not both"
@@ -242,11 +232,7 @@ impl Config {
             self.internal_token.take(),
             self.internal_token_file.take().as_deref(),
         )?;
-        self.redis_url = setting(
-            "CHAT_REDIS_URL",
-            self.redis_url.take(),
-            self.redis_url_file.take().as_deref(),
-        )?;
+        self.redis.load_secret_file()?;
         Ok(())
     }
 
@@ -422,9 +408,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    let redis = config.redis_url.as_deref().map(|url| {
-        redis::Client::open(url).unwrap_or_else(|e| fail(format!("CHAT_REDIS_URL: {e}")))
-    });
+    let redis = config.redis.settings().unwrap_or_else(|e| fail(e));
     let node = config.node_name();
     let api = Arc::new(
         HistoryApi::new(store.clone(), verifier).with_internal_token(config.internal_token.clone()),

@@ -113,6 +113,10 @@ impl Store for RemoteStore {
         .await
     }
 
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, StoreError> {
+        self.call("last_seq", &RoomReq { room: room.clone() }).await
+    }
+
     async fn messages(&self, room: &RoomId, page: Page) -> Result<Vec<MessageView>, StoreError> {
         self.call(
             "messages",

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::http::HistoryApi;
 use crate::internal::internal_router;
+use crate::redis_conn::{Redis, RedisSettings};
 use crate::store::Store;
 
 /// How long one readiness check may wait for the store or Redis.
@@ -75,7 +76,7 @@ pub fn describe_metrics() {
     );
     describe_gauge!(
         "chat_stream_lag",
-        "Entries of chat:persist not yet stored: never delivered plus delivered but unacknowledged."
+        "Entries of the persistence streams not yet stored: never delivered plus delivered but unacknowledged."
     );
     describe_gauge!(
         "chat_stream_pending",
@@ -118,14 +119,17 @@ pub fn describe_metrics() {
 /// What `/readyz` checks besides the store.
 pub struct Health {
     draining: AtomicBool,
-    redis: Option<redis::Client>,
+    redis: Option<RedisSettings>,
+    /// The probe's connection, opened by the first probe (it reconnects by itself).
+    probe: tokio::sync::OnceCell<Redis>,
 }
 
 impl Health {
-    pub fn new(redis: Option<redis::Client>) -> Self {
+    pub fn new(redis: Option<RedisSettings>) -> Self {
         Self {
             draining: AtomicBool::new(false),
             redis,
+            probe: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -191,10 +195,16 @@ async fn readyz<S: Store>(State(p): State<Arc<Probe<S>>>) -> Response {
             return (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n").into_response();
         }
     }
-    if let Some(client) = &p.health.redis {
+    if let Some(settings) = &p.health.redis {
         let ping = async {
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
+            let conn = p
+                .health
+                .probe
+                .get_or_try_init(|| settings.connect())
+                .await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn.clone())
+                .await
         };
         match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
             Ok(Ok(_)) => {}
@@ -213,8 +223,8 @@ async fn readyz<S: Store>(State(p): State<Arc<Probe<S>>>) -> Response {
 
 /// How [`run`] runs.
 pub struct RunOptions {
-    /// The persistence stream to consume, when any.
-    pub redis: Option<redis::Client>,
+    /// The Redis whose persistence streams to consume, when any.
+    pub redis: Option<RedisSettings>,
     /// Consumer settings (its name is the node id).
     pub consumer: ConsumerConfig,
     /// After the shutdown signal, in-flight requests get at most this long to finish.
@@ -253,9 +263,9 @@ pub async fn run<S: Store>(
         });
     }
 
-    let consumer = options.redis.map(|client| {
+    let consumer = options.redis.map(|settings| {
         tokio::spawn(consume_forever(
-            client,
+            settings,
             api.store().clone(),
             options.consumer,
             stopped(),
@@ -298,7 +308,7 @@ pub async fn run<S: Store>(
 /// Runs the consumer until `shutdown`, starting it again (with backoff) when Redis cannot be
 /// reached at start: the API keeps serving meanwhile and `/readyz` reports Redis down.
 async fn consume_forever<S: Store>(
-    client: redis::Client,
+    settings: RedisSettings,
     store: Arc<S>,
     config: ConsumerConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -306,7 +316,7 @@ async fn consume_forever<S: Store>(
     tokio::pin!(shutdown);
     let mut backoff = config.retry_min;
     loop {
-        let consumer = Consumer::new(client.clone(), store.clone(), config.clone());
+        let consumer = Consumer::new(settings.clone(), store.clone(), config.clone());
         match consumer.run(&mut shutdown).await {
             Ok(()) => return,
             Err(e) => {

@@ -51,6 +51,10 @@ pub struct Join {
     pub room: RoomId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
+    /// The room's epoch `since` counts in (as `joined` gave it): a `since` from another epoch
+    /// is not replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -62,6 +62,10 @@ pub enum ServerEvent {
         room: RoomInfo,
         /// The room's last stored seq when the join completed.
         seq: u64,
+        /// The epoch the room's seqs count in (opaque); a later `join` sends it back beside
+        /// `since`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
         /// Users online in the room: all of them in a room of up to 100, else 100 of them.
         online: Vec<UserRef>,
         /// How many users are online in the room (exact).

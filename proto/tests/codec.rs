@@ -16,6 +16,7 @@ fn all_commands() -> Vec<Command> {
         Command::Join(Join {
             room: r(),
             since: Some(3),
+            epoch: Some("3f2a".into()),
         }),
         Command::Leave(Leave { room: r() }),
         Command::Message(SendMessage {

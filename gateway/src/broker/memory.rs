@@ -161,6 +161,9 @@ pub struct MemoryBroker {
     window: usize,
     persist: Option<PersistQueue>,
     seed: Option<SeedFn>,
+    /// This process's epoch: a restart loses the windows (and seqs delivered but not yet
+    /// committed), so positions from before it are of another epoch.
+    epoch: String,
 }
 
 impl MemoryBroker {
@@ -176,6 +179,7 @@ impl MemoryBroker {
             window,
             persist,
             seed,
+            epoch: format!("{:016x}", rand::random::<u64>()),
         }
     }
 
@@ -317,7 +321,12 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
+    async fn recover(
+        &self,
+        room: &RoomId,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Result<Recovery, BrokerError> {
         self.ensure_log(room).await?;
         let shard = self.shard(room);
         let version = shard.version(room);
@@ -329,18 +338,20 @@ impl Broker for MemoryBroker {
             return Ok(Recovery {
                 last_seq: 0,
                 version,
+                epoch: self.epoch.clone(),
                 pins,
                 events: vec![],
                 complete: true,
             });
         };
-        let Some(since) = since else {
+        let Some(since) = since.filter(|_| epoch.is_none_or(|e| e == self.epoch)) else {
             return Ok(Recovery {
                 last_seq: log.last_seq,
                 version,
+                epoch: self.epoch.clone(),
                 pins,
                 events: vec![],
-                complete: true,
+                complete: since.is_none(),
             });
         };
         let oldest = log.recent.front().map_or(log.last_seq + 1, |(s, _)| *s);
@@ -356,6 +367,7 @@ impl Broker for MemoryBroker {
         Ok(Recovery {
             last_seq: log.last_seq,
             version,
+            epoch: self.epoch.clone(),
             pins,
             events,
             complete,

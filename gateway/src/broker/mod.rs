@@ -9,6 +9,11 @@
 //!   returns only once the event is in the log: that is when the sender may be acknowledged.
 //! - A node may miss live events (Redis reconnect); it never sees them out of order. Clients
 //!   close gaps with `join {since}` from the recovery window, then from history.
+//! - A room's position is (epoch, seq). A broker that lost its data (a process restart of the
+//!   in-process broker; Redis restarted without persistence or failed over to a replica that
+//!   missed writes) starts the room in a new epoch and numbers on above every seq it or the
+//!   store saw: a seq is never given to two different events, and a `since` from an older
+//!   epoch is not replayed (the client fills from history).
 //! - Ephemeral events (typing, join/leave, online users) and node-targeted frames are
 //!   best-effort: no seq, no log, no recovery.
 //! - Delivery into this node goes to the [`Hub`](crate::hub::Hub), which fans out locally.
@@ -112,6 +117,8 @@ impl Published {
 pub struct Recovery {
     /// The room's last assigned seq when the window was read.
     pub last_seq: u64,
+    /// The room's epoch: its seqs count in it (a broker that lost its data starts another).
+    pub epoch: String,
     /// The room's state version when the window was read.
     pub version: StateVersion,
     /// The room's pinned message ids as the broker's pin set held them when the window was
@@ -121,7 +128,8 @@ pub struct Recovery {
     pub pins: Option<Vec<MessageId>>,
     /// Stored events with seq > since, in order (empty without `since`).
     pub events: Vec<(u64, Bytes)>,
-    /// False when `since` is older than the window: the client must use history.
+    /// False when `since` is older than the window, or from another epoch: the client must
+    /// use history.
     pub complete: bool,
 }
 
@@ -209,11 +217,14 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops delivering `room`'s events to this node (last local member left).
     fn unsubscribe(&self, room: &RoomId) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    /// The room's last seq and, with `since`, the stored events after it.
+    /// The room's last seq and epoch and, with `since`, the stored events after it. A `since`
+    /// from another epoch than the room's (`epoch`, when the client sent one) recovers
+    /// nothing.
     fn recover(
         &self,
         room: &RoomId,
         since: Option<u64>,
+        epoch: Option<&str>,
     ) -> impl Future<Output = Result<Recovery, BrokerError>> + Send;
 
     /// Marks `user` online in `room` from this node, in the same step as reading who is
@@ -320,8 +331,13 @@ impl Broker for AnyBroker {
     async fn unsubscribe(&self, room: &RoomId) -> Result<(), BrokerError> {
         delegate!(self, b => b.unsubscribe(room).await)
     }
-    async fn recover(&self, room: &RoomId, since: Option<u64>) -> Result<Recovery, BrokerError> {
-        delegate!(self, b => b.recover(room, since).await)
+    async fn recover(
+        &self,
+        room: &RoomId,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Result<Recovery, BrokerError> {
+        delegate!(self, b => b.recover(room, since, epoch).await)
     }
     async fn presence_add(
         &self,

@@ -18,7 +18,7 @@ pub async fn find_message(node: &Node, room: &RoomId, id: MessageId) -> Result<M
         return Err(not_found());
     }
     let after = found.as_ref().map_or(0, |m| m.seq);
-    let recent = node.broker.recover(room, Some(after)).await?;
+    let recent = node.broker.recover(room, Some(after), None).await?;
     for (_, frame) in &recent.events {
         match serde_json::from_slice::<ServerEvent>(frame) {
             Ok(ServerEvent::Message {

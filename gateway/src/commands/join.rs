@@ -36,10 +36,13 @@ impl RunOnSession for Join {
 /// Joins a room and answers `joined`, or an error frame on failure (the upgrade URL's room is
 /// joined this way, before the session reads any frame).
 pub async fn join(node: &std::sync::Arc<Node>, caller: &mut Caller, r#ref: Option<Ref>, cmd: Join) {
-    if let Err(e) = try_join(node, caller, r#ref.clone(), &cmd.room, cmd.since).await {
+    if let Err(e) = try_join(node, caller, r#ref.clone(), &cmd).await {
         caller.send(&ServerEvent::error(r#ref, e.code, e.message));
     }
 }
+
+/// An `epoch` longer than this is refused (the brokers' are 16 hex digits).
+const MAX_EPOCH: usize = 64;
 
 /// May `caller` join: read access, and room for one more when joining a public room makes
 /// them a member.
@@ -62,9 +65,15 @@ async fn try_join(
     node: &std::sync::Arc<Node>,
     caller: &mut Caller,
     r#ref: Option<Ref>,
-    room: &RoomId,
-    since: Option<u64>,
+    cmd: &Join,
 ) -> Result {
+    let (room, since) = (&cmd.room, cmd.since);
+    if cmd.epoch.as_ref().is_some_and(|e| e.len() > MAX_EPOCH) {
+        return Err(err(
+            ErrorCode::Invalid,
+            format!("epoch must be at most {MAX_EPOCH} bytes"),
+        ));
+    }
     if caller.in_room(node, room) {
         return Err(err(ErrorCode::Conflict, "already in this room"));
     }
@@ -89,7 +98,7 @@ async fn try_join(
     // would never get the events in between.
     let setup = async {
         node.broker.subscribe(room).await?;
-        node.broker.recover(room, since).await
+        node.broker.recover(room, since, cmd.epoch.as_deref()).await
     };
     let recovery = match setup.await {
         Ok(r) => r,
@@ -167,6 +176,7 @@ async fn try_join(
         r#ref,
         room: info,
         seq: recovery.last_seq,
+        epoch: Some(recovery.epoch),
         online: online.users,
         online_count,
         pins,

@@ -152,7 +152,7 @@ pub async fn pins_now(
         .filter(|id| !pins.iter().any(|p| p.message.id == *id))
         .collect();
     if !missing.is_empty() {
-        match node.broker.recover(room, Some(0)).await {
+        match node.broker.recover(room, Some(0), None).await {
             Ok(window) => {
                 for (_, frame) in window.events.iter().rev() {
                     if let Ok(ServerEvent::Pinned {

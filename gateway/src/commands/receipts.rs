@@ -31,7 +31,7 @@ impl RunOnSession for Read {
 /// room's last seq: a read past the end marks no future message read); broadcasting and
 /// storing follow the coalescing rule.
 async fn read(node: &Arc<Node>, room: &RoomId, user: &UserRef, seq: u64) -> u64 {
-    let seq = match node.broker.recover(room, None).await {
+    let seq = match node.broker.recover(room, None, None).await {
         Ok(r) => seq.min(r.last_seq),
         Err(e) => {
             tracing::warn!(error = %e, %room, "receipt dropped: broker unavailable");
@@ -68,7 +68,7 @@ async fn read(node: &Arc<Node>, room: &RoomId, user: &UserRef, seq: u64) -> u64 
 
 async fn publish(node: &Node, room: &RoomId, user: &UserRef, seq: u64) {
     // A marker past the room's last event would mark future messages read.
-    let seq = match node.broker.recover(room, None).await {
+    let seq = match node.broker.recover(room, None, None).await {
         Ok(r) => seq.min(r.last_seq),
         Err(e) => {
             tracing::warn!(error = %e, %room, "receipt dropped: broker unavailable");

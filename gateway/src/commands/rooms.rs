@@ -151,7 +151,7 @@ pub async fn list_rooms(node: &Node, who: &Identity) -> Result<Vec<RoomSummary>>
         let (online, marker, log) = tokio::join!(
             node.broker.presence(&r.id, 0),
             store.marker(&r.id, &who.user.id),
-            node.broker.recover(&r.id, None)
+            node.broker.recover(&r.id, None, None)
         );
         r.online_count = online.map_or(0, |o| o.count);
         r.unread = match (marker, log) {

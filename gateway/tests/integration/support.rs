@@ -29,6 +29,36 @@ pub fn scaled() -> bool {
     std::env::var_os("CHAT_TEST_SCALED").is_some()
 }
 
+/// `CHAT_TEST_REDIS=cluster` (with `CHAT_TEST_SCALED=1`): the scaled mode's Redis is a Redis
+/// Cluster (3 primaries, 3 replicas) with two history-service replicas, instead of one
+/// redis-server and one history service.
+pub fn redis_cluster() -> bool {
+    std::env::var("CHAT_TEST_REDIS").is_ok_and(|v| v == "cluster")
+}
+
+/// What a scaled-mode server runs on.
+enum Backend {
+    Single(Box<crate::cluster::procs::Backend>),
+    Cluster(crate::cluster::procs::ClusterBackend),
+}
+
+impl Backend {
+    async fn start() -> Backend {
+        if redis_cluster() {
+            Backend::Cluster(crate::cluster::procs::ClusterBackend::start().await)
+        } else {
+            Backend::Single(Box::new(crate::cluster::procs::Backend::start().await))
+        }
+    }
+
+    fn behind(&self) -> &dyn crate::cluster::procs::Behind {
+        match self {
+            Backend::Single(b) => b.as_ref(),
+            Backend::Cluster(b) => b,
+        }
+    }
+}
+
 /// True (and says so) in scaled mode, for a test that restarts its server on the same
 /// embedded store; scaled-mode restarts are covered by the cluster tests instead.
 pub fn skipped_in_scaled_mode() -> bool {
@@ -52,7 +82,7 @@ pub struct Server {
     /// Which node each user of the test was put on (0 or 1).
     placed: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Redis and the history service, in scaled mode; stopped with the server.
-    _backend: Option<crate::cluster::procs::Backend>,
+    _backend: Option<Backend>,
 }
 
 /// A gateway node serving in this process.
@@ -101,9 +131,16 @@ impl Server {
         config.drain_seconds = 1;
         config.data_dir = data_dir.clone();
         let backend = if scaled() {
-            let b = crate::cluster::procs::Backend::start().await;
-            config.redis_url = Some(b.redis.url());
-            config.history_url = Some(b.history.url());
+            let b = Backend::start().await;
+            for (k, v) in b.behind().redis_env() {
+                match k {
+                    "CHAT_REDIS_URL" => config.redis.url = Some(v),
+                    "CHAT_REDIS_MODE" => config.redis.mode = v,
+                    "CHAT_REDIS_PARTITIONS" => config.redis.partitions = v.parse().unwrap(),
+                    other => panic!("unexpected setting {other}"),
+                }
+            }
+            config.history_url = Some(b.behind().history_url());
             config.internal_token = Some(crate::cluster::procs::INTERNAL_TOKEN.to_string());
             Some(b)
         } else {

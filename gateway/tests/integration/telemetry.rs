@@ -313,8 +313,13 @@ async fn persistence_entries_carry_the_traceparent() {
 
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // The stream of the room's partition (the gateway runs with the default count).
+    let stream = history_service::partitions::stream(history_service::partitions::of(
+        &room,
+        history_service::redis_conn::DEFAULT_PARTITIONS,
+    ));
     let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("chat:persist")
+        .arg(&stream)
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
@@ -324,7 +329,7 @@ async fn persistence_entries_carry_the_traceparent() {
         .ids
         .iter()
         .find(|e| e.get::<String>("f").is_some_and(|f| f.contains(&content)))
-        .expect("the message is in chat:persist");
+        .expect("the message is in its partition's persistence stream");
     let tp: String = entry.get("tp").expect("entry has a tp field");
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!(parts.len(), 4, "{tp}");

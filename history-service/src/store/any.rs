@@ -120,6 +120,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.apply(events).await)
     }
 
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, StoreError> {
+        delegate!(self, s => s.last_seq(room).await)
+    }
+
     async fn messages(&self, room: &RoomId, page: Page) -> Result<Vec<MessageView>, StoreError> {
         delegate!(self, s => s.messages(room, page).await)
     }

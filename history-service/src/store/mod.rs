@@ -37,6 +37,19 @@ use proto::rooms::{MemberInfo, MessageView, PinView, ReadMarker, Role, RoomInfo}
 use proto::{MessageId, RoomId, ServerEvent, Timestamp, UserRef};
 use serde::{Deserialize, Serialize};
 
+/// The highest seq per room among `events` (receipts excluded: their seq is a read marker).
+pub fn last_seqs(events: &[ServerEvent]) -> std::collections::HashMap<&RoomId, u64> {
+    let mut out = std::collections::HashMap::new();
+    for ev in events {
+        let seq = ev.seq();
+        if let (true, Some(room)) = (seq > 0, ev.room()) {
+            let e = out.entry(room).or_insert(0);
+            *e = seq.max(*e);
+        }
+    }
+    out
+}
+
 /// Store failures. `Unavailable` means "retry later" (the backend is down or overloaded);
 /// `Conflict` and `NotFound` are answers about the data; `Internal` is a bug or a broken
 /// invariant. Mapped to protocol codes once, in [`StoreError::code`].
@@ -150,6 +163,28 @@ pub trait Store: Send + Sync + 'static {
     /// Returns once the batch is durable. Events whose seq is 0 (not assigned) are skipped
     /// with a warning: their order relative to others is unknown.
     fn apply(&self, events: &[ServerEvent]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The highest seq of every stored event the store was given for the room (messages,
+    /// edits, deletes, pins, and the room-state events it does not otherwise keep); 0 when
+    /// none. A broker that lost its data numbers the room's events on from here, so it never
+    /// hands out a seq the store already saw. The default reads the newest message and pins
+    /// (what a store that does not track it knows); backends override it.
+    fn last_seq(&self, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async move {
+            let newest = Page::Before {
+                before: None,
+                limit: 1,
+            };
+            let messages = self.messages(room, newest).await?;
+            let pins = self.pins(room).await?;
+            Ok(messages
+                .iter()
+                .map(|m| m.seq)
+                .chain(pins.iter().map(|p| p.message.seq))
+                .max()
+                .unwrap_or(0))
+        }
+    }
 
     /// A page of a room's messages, tombstones included (`deleted: true`, no content).
     /// At most `limit` rows; fewer only when no more exist in that direction.

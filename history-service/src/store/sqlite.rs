@@ -86,6 +86,13 @@ CREATE TABLE IF NOT EXISTS read_markers (
     PRIMARY KEY (room, user_id)
 ) WITHOUT ROWID;
 
+-- The highest seq of any stored event applied per room, room-state events included (the
+-- projection keeps no other trace of those): a broker that lost its data continues above it.
+CREATE TABLE IF NOT EXISTS room_seqs (
+    room     TEXT    PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
 -- Deleted rooms keep their row (deleted = 1) so the id is never reused.
 CREATE TABLE IF NOT EXISTS rooms (
     id              TEXT    PRIMARY KEY,
@@ -538,6 +545,14 @@ fn run_op(c: &Connection, op: &WriteOp) -> Result<(), OpError> {
             for ev in events {
                 apply_event(c, ev)?;
             }
+            for (room, seq) in super::last_seqs(events) {
+                c.prepare_cached(
+                    "INSERT INTO room_seqs (room, last_seq) VALUES (?1, ?2)
+                     ON CONFLICT (room) DO UPDATE SET last_seq = excluded.last_seq
+                     WHERE excluded.last_seq > room_seqs.last_seq",
+                )?
+                .execute(params![room.as_str(), seq_db(seq)])?;
+            }
             Ok(())
         }
         WriteOp::CreateRoom(info, owner) => {
@@ -961,6 +976,23 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.write(WriteOp::Apply(events.to_vec())).await
+    }
+
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, StoreError> {
+        let room = room.clone();
+        self.read(move |c| {
+            // Messages and pins too: a file written before `room_seqs` existed has its rooms'
+            // seqs only there.
+            c.prepare_cached(
+                "SELECT MAX(
+                     COALESCE((SELECT last_seq FROM room_seqs WHERE room = ?1), 0),
+                     COALESCE((SELECT MAX(seq) FROM messages WHERE room = ?1), 0),
+                     COALESCE((SELECT MAX(seq) FROM pins WHERE room = ?1), 0))",
+            )?
+            .query_row([room.as_str()], |r| r.get::<_, i64>(0))
+            .map(|s| s.max(0) as u64)
+        })
+        .await
     }
 
     async fn messages(&self, room: &RoomId, page: Page) -> Result<Vec<MessageView>, StoreError> {

@@ -100,7 +100,7 @@ async fn serves_consumes_and_stops_on_sigterm() {
         }
         let frame = proto::envelope::with_seq(&event.to_json(), seq);
         let _: String = redis::cmd("XADD")
-            .arg("chat:persist")
+            .arg(persist_stream(&r))
             .arg("*")
             .arg("f")
             .arg(frame)

@@ -1,12 +1,14 @@
 //! The persistence-stream consumer against a real `redis-server`: entries appended the way the
-//! gateway appends them land in the store, survive restarts and dead consumers, are kept while
-//! the store is down, and are deleted from the stream once stored.
+//! gateway appends them (to the stream of the room's partition) land in the store, survive
+//! restarts and dead consumers, are kept while the store is down, and are deleted from the
+//! stream once stored.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use history_service::consumer::{Consumer, ConsumerConfig, ConsumerStats, GROUP, STREAM};
+use history_service::consumer::{Consumer, ConsumerConfig, ConsumerStats, GROUP};
+use history_service::partitions;
 use history_service::store::sqlite::SqliteStore;
 use history_service::store::{Ban, Page, RoomAccess, RoomState, Store, StoreError};
 use proto::rooms::{MessageView, PinView, ReadMarker, Role, RoomInfo};
@@ -16,19 +18,27 @@ use tokio::sync::oneshot;
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
+/// Partitions the tests' consumers read (rooms spread over them).
+const PARTITIONS: u16 = 4;
+
+/// The stream of `room`'s partition.
+fn stream(room: &RoomId) -> String {
+    partitions::stream(partitions::of(room.as_str(), PARTITIONS))
+}
 
 /// Appends a stored event exactly as the gateway's publish script does: the frame is
 /// serialized without `seq`, the seq is put in front (`{"seq":N,` + rest), and the result is
-/// `XADD chat:persist * f <frame>`.
+/// `XADD chat:{pN}:persist * f <frame>` (N: the room's partition).
 async fn publish(conn: &mut redis::aio::MultiplexedConnection, event: &ServerEvent, seq: u64) {
     let frame = proto::envelope::with_seq(&event.to_json(), seq);
-    xadd(conn, &frame).await;
+    let room = event.room().expect("a room event");
+    xadd(conn, &stream(room), &frame).await;
 }
 
-/// `XADD chat:persist * f <frame>`, as the gateway's `persist` does for receipts.
-async fn xadd(conn: &mut redis::aio::MultiplexedConnection, frame: &[u8]) {
+/// `XADD <stream> * f <frame>`, as the gateway's `persist` does for receipts.
+async fn xadd(conn: &mut redis::aio::MultiplexedConnection, stream: &str, frame: &[u8]) {
     let _: String = redis::cmd("XADD")
-        .arg(STREAM)
+        .arg(stream)
         .arg("*")
         .arg("f")
         .arg(frame)
@@ -46,18 +56,23 @@ fn unsequenced(room: &RoomId, n: u64) -> ServerEvent {
     event
 }
 
+/// Entries in every partition stream.
 async fn xlen(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    redis::cmd("XLEN")
-        .arg(STREAM)
-        .query_async(conn)
-        .await
-        .unwrap()
+    let mut n = 0;
+    for p in 0..PARTITIONS {
+        n += redis::cmd("XLEN")
+            .arg(partitions::stream(p))
+            .query_async::<u64>(conn)
+            .await
+            .unwrap();
+    }
+    n
 }
 
-/// Pending entries of the group (all consumers).
-async fn pending(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// Pending entries of the group (all consumers) in `room`'s partition stream.
+async fn pending(conn: &mut redis::aio::MultiplexedConnection, room: &RoomId) -> u64 {
     let v: redis::Value = redis::cmd("XPENDING")
-        .arg(STREAM)
+        .arg(stream(room))
         .arg(GROUP)
         .query_async(conn)
         .await
@@ -87,14 +102,14 @@ impl Running {
 
 fn fast(name: &str) -> ConsumerConfig {
     let mut c = ConsumerConfig::new(name);
-    c.block = Duration::from_millis(100);
+    c.idle_max = Duration::from_millis(20);
     c.retry_min = Duration::from_millis(20);
     c.retry_max = Duration::from_millis(200);
     c
 }
 
 fn start<S: Store>(redis: &RedisServer, store: Arc<S>, config: ConsumerConfig) -> Running {
-    let consumer = Consumer::new(redis.client(), store, config);
+    let consumer = Consumer::new(redis.settings(PARTITIONS), store, config);
     let stats = consumer.stats();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -126,14 +141,14 @@ async fn wait_stored<S: Store>(store: &S, room: &RoomId, want: &[u64]) {
     .await;
 }
 
-async fn wait_stream_empty(conn: &mut redis::aio::MultiplexedConnection) {
+async fn wait_stream_empty(conn: &mut redis::aio::MultiplexedConnection, room: &RoomId) {
     let mut c = conn.clone();
     eventually(WAIT, "acknowledged entries deleted from the stream", || {
         let mut c = c.clone();
         async move { (xlen(&mut c).await == 0).then_some(()) }
     })
     .await;
-    assert_eq!(pending(&mut c).await, 0, "nothing left pending");
+    assert_eq!(pending(&mut c, room).await, 0, "nothing left pending");
 }
 
 #[tokio::test]
@@ -157,10 +172,15 @@ async fn stores_what_the_gateway_appends_and_deletes_acknowledged_entries() {
         edited_at: t(6),
     };
     publish(&mut conn, &edit, 6).await;
-    xadd(&mut conn, &receipt(&r, "bob", 6).to_json()).await;
+    xadd(&mut conn, &stream(&r), &receipt(&r, "bob", 6).to_json()).await;
     // Garbage cannot be stored by any retry: acknowledged (and deleted) anyway.
-    xadd(&mut conn, b"{not json").await;
-    xadd(&mut conn, br#"{"type":"no_such_event"}"#).await;
+    xadd(&mut conn, &stream(&r), b"{not json").await;
+    xadd(
+        &mut conn,
+        &partitions::stream(0),
+        br#"{"type":"no_such_event"}"#,
+    )
+    .await;
 
     wait_stored(&*store, &r, &[1, 2, 3, 4, 5]).await;
     eventually(WAIT, "edit and receipt stored", || async {
@@ -171,7 +191,7 @@ async fn stores_what_the_gateway_appends_and_deletes_acknowledged_entries() {
         .then_some(())
     })
     .await;
-    wait_stream_empty(&mut conn).await;
+    wait_stream_empty(&mut conn, &r).await;
     assert_eq!(running.stats.undecodable.load(Ordering::Relaxed), 2);
     assert_eq!(running.stats.acked.load(Ordering::Relaxed), 9);
     assert_eq!(running.stats.deleted.load(Ordering::Relaxed), 9);
@@ -195,7 +215,7 @@ async fn a_restart_keeps_everything_read_but_not_acknowledged() {
     wait_stored(&*store, &r, &[1, 2, 3]).await;
     // (Stopped between apply and ack, those would stay pending too: also fine, but this test
     // wants a known pending list below.)
-    wait_stream_empty(&mut conn).await;
+    wait_stream_empty(&mut conn, &r).await;
     running.stop().await;
     for seq in 4..=6 {
         publish(&mut conn, &unsequenced(&r, seq), seq).await;
@@ -209,7 +229,7 @@ async fn a_restart_keeps_everything_read_but_not_acknowledged() {
         .arg("COUNT")
         .arg(10)
         .arg("STREAMS")
-        .arg(STREAM)
+        .arg(stream(&r))
         .arg(">")
         .query_async(&mut conn)
         .await
@@ -218,13 +238,13 @@ async fn a_restart_keeps_everything_read_but_not_acknowledged() {
         matches!(read, redis::Value::Array(ref a) if !a.is_empty()),
         "{read:?}"
     );
-    assert_eq!(pending(&mut conn).await, 3);
+    assert_eq!(pending(&mut conn, &r).await, 3);
     publish(&mut conn, &unsequenced(&r, 7), 7).await;
 
     // The same consumer name starts again: its own pending entries first, then new ones.
     let running = start(&redis, store.clone(), fast("h1"));
     wait_stored(&*store, &r, &[1, 2, 3, 4, 5, 6, 7]).await;
-    wait_stream_empty(&mut conn).await;
+    wait_stream_empty(&mut conn, &r).await;
     running.stop().await;
 }
 
@@ -236,7 +256,7 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
     let r = room("reclaim");
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(STREAM)
+        .arg(stream(&r))
         .arg(GROUP)
         .arg("0")
         .arg("MKSTREAM")
@@ -252,12 +272,12 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
         .arg(GROUP)
         .arg("dead")
         .arg("STREAMS")
-        .arg(STREAM)
+        .arg(stream(&r))
         .arg(">")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(pending(&mut conn).await, 4);
+    assert_eq!(pending(&mut conn, &r).await, 4);
 
     let mut config = fast("alive");
     config.claim_idle = Duration::from_millis(200);
@@ -265,7 +285,7 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
     let running = start(&redis, store.clone(), config);
     publish(&mut conn, &unsequenced(&r, 5), 5).await;
     wait_stored(&*store, &r, &[1, 2, 3, 4, 5]).await;
-    wait_stream_empty(&mut conn).await;
+    wait_stream_empty(&mut conn, &r).await;
     assert_eq!(running.stats.claimed.load(Ordering::Relaxed), 4);
     running.stop().await;
 }
@@ -373,6 +393,6 @@ async fn nothing_is_acknowledged_while_the_store_is_down() {
 
     store.down.store(false, Ordering::SeqCst);
     wait_stored(&*store, &r, &[1, 2, 3]).await;
-    wait_stream_empty(&mut conn).await;
+    wait_stream_empty(&mut conn, &r).await;
     running.stop().await;
 }

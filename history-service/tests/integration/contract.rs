@@ -338,6 +338,39 @@ pub async fn a_reused_seq_keeps_the_first_message<S: Store>(s: &S) {
     );
 }
 
+/// `last_seq` is the highest seq of every stored event given, room-state events included
+/// (which the projection does not keep otherwise), never a receipt's (a reader's marker).
+pub async fn last_seq_counts_every_stored_event<S: Store>(s: &S) {
+    let r = room("last");
+    let other = room("last-other");
+    assert_eq!(s.last_seq(&r).await.unwrap(), 0);
+    s.apply(&[msg(&r, 1, "ann"), msg(&r, 2, "bob"), msg(&other, 9, "ann")])
+        .await
+        .unwrap();
+    assert_eq!(s.last_seq(&r).await.unwrap(), 2);
+    let info = proto::rooms::RoomInfo {
+        id: r.clone(),
+        name: "n".into(),
+        topic: String::new(),
+        visibility: Visibility::Public,
+        max_members: None,
+        members_can_pin: false,
+        owner: None,
+        created_at: t(0),
+    };
+    let updated = ServerEvent::RoomUpdated { seq: 5, room: info };
+    s.apply(&[edit(&r, mid(&r, 1), 3, "x"), pin(&r, 2, 4, "ann"), updated])
+        .await
+        .unwrap();
+    assert_eq!(s.last_seq(&r).await.unwrap(), 5);
+    // Older events replayed later, and receipts, leave it.
+    s.apply(&[msg(&r, 1, "ann"), receipt(&r, "bob", 50)])
+        .await
+        .unwrap();
+    assert_eq!(s.last_seq(&r).await.unwrap(), 5);
+    assert_eq!(s.last_seq(&other).await.unwrap(), 9);
+}
+
 pub async fn pin_unpin_semantics<S: Store>(s: &S) {
     let r = room("pins");
     s.apply(&[msg(&r, 1, "ann"), msg(&r, 2, "bob"), msg(&r, 3, "cat")])
@@ -1025,6 +1058,7 @@ contract_tests!(
     replay_out_of_order_converges,
     edit_and_delete_semantics,
     a_reused_seq_keeps_the_first_message,
+    last_seq_counts_every_stored_event,
     pin_unpin_semantics,
     receipts_only_move_forward,
     paging_is_exact,

@@ -177,6 +177,13 @@ pub struct RedisServer {
     pub port: u16,
 }
 
+/// The persistence stream a service with the default partition count reads `room`'s events
+/// from (the gateway appends them there).
+pub fn persist_stream(room: &RoomId) -> String {
+    use history_service::{partitions, redis_conn::DEFAULT_PARTITIONS};
+    partitions::stream(partitions::of(room.as_str(), DEFAULT_PARTITIONS))
+}
+
 impl RedisServer {
     pub async fn start() -> Self {
         // A port freed a moment ago can be taken by someone else before redis binds it:
@@ -215,6 +222,12 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Settings for a consumer of this server's persistence streams, with `partitions`.
+    pub fn settings(&self, partitions: u16) -> history_service::redis_conn::RedisSettings {
+        history_service::redis_conn::RedisSettings::parse("single", &self.url(), partitions, 0, 500)
+            .unwrap()
     }
 
     pub fn client(&self) -> redis::Client {

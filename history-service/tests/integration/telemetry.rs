@@ -193,7 +193,7 @@ async fn store_batch_joins_the_trace_of_the_entry() {
     let frame = proto::envelope::with_seq(&event.to_json(), 1);
     let mut conn = redis.conn().await;
     let _: String = redis::cmd("XADD")
-        .arg("chat:persist")
+        .arg(persist_stream(&r))
         .arg("*")
         .arg("f")
         .arg(frame)

@@ -1,11 +1,15 @@
 //! Chaos on a real local cluster: 3 gateways, Redis (AOF `appendfsync always`), the history
 //! service and nginx. Clients talk only through nginx under steady traffic, and behave as the
 //! protocol asks a client to: on close or error they reconnect through the load balancer,
-//! rejoin with `since`, and retry every unacknowledged message with the same `client_msg_id`.
-//! Faults, one after another while traffic flows: `kill -9` a gateway, restart Redis, kill and
-//! restart the history service, SIGTERM-drain a gateway. Afterwards every ack is checked
-//! against the history API: nothing lost, nothing duplicated, seqs strictly increasing, and
+//! rejoin with `since` and the room's `epoch`, fill from history when that is not recovered,
+//! and retry every unacknowledged message with the same `client_msg_id`. Faults, one after
+//! another while traffic flows: `kill -9` a gateway, restart Redis, kill and restart the
+//! history service, SIGTERM-drain a gateway. Afterwards every ack is checked against the
+//! history API ([`check`]): nothing lost, nothing duplicated, seqs strictly increasing, and
 //! every client saw every acknowledged message exactly once.
+//!
+//! The client and the checks are shared with the tests of Redis losing data
+//! (`super::redis_loss`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,16 +25,18 @@ use tokio_tungstenite::tungstenite::Message;
 use super::procs::*;
 use crate::support::*;
 
-const ROOM: &str = "chaos";
+pub const ROOM: &str = "chaos";
 const CLIENTS: usize = 4;
 /// One message per client per tick: steady traffic well under the rate limit.
 const TICK: Duration = Duration::from_millis(60);
 
 /// What every chaos client shares with the test.
 #[derive(Default)]
-struct Shared {
+pub struct Shared {
+    /// How many clients share it.
+    pub clients: usize,
     /// Stop sending new messages (in-flight ones are still retried until acked).
-    stop: AtomicBool,
+    pub stop: AtomicBool,
     /// Clients whose last message is acked after `stop`.
     done_sending: AtomicUsize,
     /// Every acked message id, from every client, with its seq.
@@ -38,6 +44,13 @@ struct Shared {
 }
 
 impl Shared {
+    pub fn new(clients: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            clients,
+            ..Shared::default()
+        })
+    }
+
     fn acked_count(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
@@ -45,7 +58,7 @@ impl Shared {
 
 /// What one client observed.
 #[derive(Debug, Default)]
-struct Tally {
+pub struct Tally {
     user: String,
     /// (client_msg_id, id, seq) of every ack, retries included.
     acks: Vec<(String, String, u64)>,
@@ -56,8 +69,7 @@ struct Tally {
     first_seq: Option<u64>,
     /// Deliveries whose seq was not above the previous one (duplicate or out of order).
     order_violations: Vec<String>,
-    /// Rejoins answered `recovered: false` (the window is far larger than this test's traffic,
-    /// so any is a finding).
+    /// Rejoins answered `recovered: false` (then the client filled its gap from history).
     unrecovered: usize,
     reconnects: usize,
     /// Each connection: the node, the `since` of its join, the joined seq and the events
@@ -114,13 +126,14 @@ async fn connect_lb(lb: SocketAddr, user: &str, deadline: Instant) -> Result<(Ws
 }
 
 /// A client that rides out every fault; returns what it saw.
-async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tally {
+pub async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tally {
     let mut t = Tally {
         user: user.clone(),
         ..Tally::default()
     };
     let give_up = Instant::now() + Duration::from_secs(70);
     let mut last_seq = 0u64;
+    let mut epoch: Option<Value> = None;
     let mut next = 0usize;
     let mut pending: Option<Pending> = None;
     let mut reported_done = false;
@@ -150,6 +163,9 @@ async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tall
             if last_seq > 0 {
                 join["since"] = json!(last_seq);
             }
+            if let Some(e) = &epoch {
+                join["epoch"] = e.clone();
+            }
             let since = last_seq;
             let mut replayed = 0;
             if ws.send(Message::text(join.to_string())).await.is_err() {
@@ -166,14 +182,32 @@ async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tall
                     replayed += 1;
                 } else if f["ref"] == json!(r) {
                     if f["type"] == "joined" {
-                        t.first_seq.get_or_insert(f["seq"].as_u64().unwrap());
+                        let joined_seq = f["seq"].as_u64().unwrap();
+                        t.first_seq.get_or_insert(joined_seq);
                         t.connections.push(format!(
-                            "{node}: since {since}, joined at seq {}, {replayed} replayed",
-                            f["seq"]
+                            "{node}: since {since} epoch {epoch:?}, joined at seq {joined_seq} epoch {}, \
+                             {replayed} replayed, recovered {}",
+                            f["epoch"], f["recovered"]
                         ));
                         if last_seq > 0 && f["recovered"] != true {
                             t.unrecovered += 1;
+                            if epoch.as_ref().is_some_and(|e| *e != f["epoch"]) {
+                                // Another epoch: Redis lost data, and seqs this client saw
+                                // may since belong to other events. It reads the room again.
+                                let first = t.first_seq.unwrap_or(0);
+                                for m in history_between(lb, ROOM, first, joined_seq).await {
+                                    let id = m["id"].as_str().unwrap().to_string();
+                                    t.seen.entry(id).or_insert(1);
+                                }
+                                last_seq = joined_seq;
+                            } else {
+                                // What was missed is in history, up to the joined seq.
+                                for m in history_between(lb, ROOM, last_seq, joined_seq).await {
+                                    record(&mut t, &mut last_seq, &m);
+                                }
+                            }
                         }
+                        epoch = Some(f["epoch"].clone());
                         break 'join;
                     }
                     if f["code"] == "unavailable" || f["code"] == "rate_limited" {
@@ -235,7 +269,7 @@ async fn chaos_client(lb: SocketAddr, user: String, shared: Arc<Shared>) -> Tall
                             reported_done = true;
                             shared.done_sending.fetch_add(1, Ordering::SeqCst);
                         }
-                        if shared.done_sending.load(Ordering::SeqCst) == CLIENTS {
+                        if shared.done_sending.load(Ordering::SeqCst) == shared.clients {
                             let acked = shared.acked.lock().unwrap().clone();
                             if acked.iter().all(|(id, &seq)| !t.expects(seq) || t.seen.contains_key(id)) {
                                 let _ = ws.close(None).await;
@@ -297,7 +331,7 @@ fn record(t: &mut Tally, last_seq: &mut u64, f: &Value) {
 }
 
 /// Waits until `shared` holds at least `n` more acks than now: traffic flows after a fault.
-async fn progress(shared: &Shared, n: usize, what: &str) {
+pub async fn progress(shared: &Shared, n: usize, what: &str) {
     let target = shared.acked_count() + n;
     let deadline = Instant::now() + Duration::from_secs(25);
     while shared.acked_count() < target {
@@ -312,13 +346,19 @@ async fn progress(shared: &Shared, n: usize, what: &str) {
 }
 
 /// Every message of `room` in the history service, oldest first, paging with `after`.
-async fn history_of(history: SocketAddr, room: &str) -> Vec<Value> {
+pub async fn history_of(history: SocketAddr, room: &str) -> Vec<Value> {
+    history_between(history, room, 0, u64::MAX).await
+}
+
+/// The messages of `room` with `after < seq <= upto`, oldest first, from the history API at
+/// `addr` (a history service, or a gateway / the load balancer in front of them).
+async fn history_between(addr: SocketAddr, room: &str, after: u64, upto: u64) -> Vec<Value> {
     let mut all = vec![];
-    let mut after = 0;
+    let mut after = after;
     loop {
         let r = http()
             .get(format!(
-                "http://{history}/api/rooms/{room}/messages?after={after}&limit=100"
+                "http://{addr}/api/rooms/{room}/messages?after={after}&limit=100"
             ))
             .bearer_auth(token("auditor"))
             .send()
@@ -327,11 +367,148 @@ async fn history_of(history: SocketAddr, room: &str) -> Vec<Value> {
         assert_eq!(r.status(), 200);
         let page: Value = r.json().await.unwrap();
         let msgs = page["messages"].as_array().unwrap().clone();
-        all.extend(msgs.iter().cloned());
+        let done = msgs.iter().any(|m| m["seq"].as_u64() > Some(upto));
+        all.extend(
+            msgs.into_iter()
+                .filter(|m| m["seq"].as_u64().is_some_and(|s| s <= upto)),
+        );
         match page["next_after"].as_u64() {
-            Some(a) => after = a,
-            None => return all,
+            Some(a) if !done => after = a,
+            _ => return all,
         }
+    }
+}
+
+/// What [`check`] counted.
+#[derive(Debug)]
+pub struct Checked {
+    pub acked: usize,
+    pub stored: usize,
+    pub reconnects: usize,
+    /// Rejoins answered `recovered: false` (filled from history).
+    pub unrecovered: usize,
+    /// Acknowledged messages stored under another seq than their ack's (published again).
+    pub moved: usize,
+    /// Clients whose messages history holds in another order than they were sent.
+    pub out_of_order: usize,
+}
+
+/// The chaos tests' verdict on what the clients saw and what history holds: every
+/// acknowledged message is in history exactly once, and every client saw each acknowledged
+/// message after its first join exactly once, in order within an epoch (live, replayed, or
+/// read from history). With `always_recovered`, no rejoin may have needed history, and every
+/// message is stored with the seq of its ack, each client's in the order sent.
+pub async fn check(tallies: &[Tally], history: SocketAddr, always_recovered: bool) -> Checked {
+    if std::env::var_os("CHAT_TEST_DEBUG").is_some() {
+        for m in history_of(history, ROOM).await {
+            eprintln!("HIST {} {} {}", m["seq"], m["id"], m["content"]);
+        }
+        for t in tallies {
+            for a in &t.acks {
+                eprintln!("ACK {} {a:?}", t.user);
+            }
+        }
+    }
+    // Acks: one id per client_msg_id, however many times it was retried.
+    let mut by_cmid: HashMap<String, (String, u64)> = HashMap::new();
+    for t in tallies {
+        assert!(t.failure.is_none(), "{:?}", t.failure);
+        for (cmid, id, seq) in &t.acks {
+            let first = by_cmid
+                .entry(cmid.clone())
+                .or_insert_with(|| (id.clone(), *seq));
+            assert_eq!(first, &(id.clone(), *seq), "{cmid} acked twice differently");
+        }
+    }
+    let acked: HashMap<String, u64> = by_cmid.values().cloned().collect();
+    assert_eq!(
+        acked.len(),
+        by_cmid.len(),
+        "distinct messages, distinct ids"
+    );
+
+    // Every client saw every acked message exactly once, in seq order (live, replayed, or
+    // filled from history after a rejoin that was not recovered).
+    for t in tallies {
+        let missing: Vec<_> = acked
+            .iter()
+            .filter(|(id, &seq)| t.expects(seq) && !t.seen.contains_key(*id))
+            .collect();
+        assert!(missing.is_empty(), "{} missed {missing:?}", t.user);
+        let dups: Vec<_> = t.seen.iter().filter(|(_, &n)| n > 1).collect();
+        assert!(dups.is_empty(), "{} got duplicates {dups:?}", t.user);
+        assert!(
+            t.order_violations.is_empty(),
+            "{}: {:?}",
+            t.user,
+            t.order_violations
+        );
+        if always_recovered {
+            assert_eq!(t.unrecovered, 0, "{}: a rejoin was not recovered", t.user);
+        }
+    }
+
+    // History: every ack is stored with its seq; nothing twice; seqs strictly increasing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stored = loop {
+        let stored = history_of(history, ROOM).await;
+        let ids: HashSet<&str> = stored.iter().filter_map(|m| m["id"].as_str()).collect();
+        if acked.keys().all(|id| ids.contains(id.as_str())) || Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // the consumer catches up
+    };
+    let mut stored_seq: HashMap<String, u64> = HashMap::new();
+    let mut cmids: HashMap<String, usize> = HashMap::new();
+    let mut last = 0;
+    for m in &stored {
+        let seq = m["seq"].as_u64().unwrap();
+        assert!(seq > last, "history seq {seq} after {last}");
+        last = seq;
+        stored_seq.insert(m["id"].as_str().unwrap().to_string(), seq);
+        // History does not return `client_msg_id`; this test sends it as the content too.
+        if let Some(c) = m["content"].as_str() {
+            *cmids.entry(c.to_string()).or_default() += 1;
+        }
+    }
+    let lost: Vec<_> = acked
+        .keys()
+        .filter(|id| !stored_seq.contains_key(*id))
+        .collect();
+    assert!(lost.is_empty(), "acked but not in history: {lost:?}");
+    // Published again under another seq after Redis lost it (its seq had been taken).
+    let moved = acked
+        .iter()
+        .filter(|(id, seq)| stored_seq.get(*id) != Some(seq))
+        .count();
+    // Each client's messages in history in the order it sent them.
+    let out_of_order = tallies
+        .iter()
+        .filter(|t| {
+            let seqs: Vec<u64> = t
+                .acks
+                .iter()
+                .filter_map(|(_, id, _)| stored_seq.get(id).copied())
+                .collect();
+            seqs.windows(2).any(|w| w[0] > w[1])
+        })
+        .count();
+    let dup: Vec<_> = cmids.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(dup.is_empty(), "stored twice: {dup:?}");
+    for cmid in by_cmid.keys() {
+        assert!(cmids.contains_key(cmid), "{cmid} stored without its key");
+    }
+    if always_recovered {
+        assert_eq!(moved, 0, "every message stored with the seq of its ack");
+        assert_eq!(out_of_order, 0, "every client's messages in the order sent");
+    }
+    Checked {
+        acked: acked.len(),
+        stored: stored.len(),
+        reconnects: tallies.iter().map(|t| t.reconnects).sum(),
+        unrecovered: tallies.iter().map(|t| t.unrecovered).sum(),
+        moved,
+        out_of_order,
     }
 }
 
@@ -354,7 +531,7 @@ async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
     owner.join(ROOM).await;
     drop(owner);
 
-    let shared = Arc::new(Shared::default());
+    let shared = Shared::new(CLIENTS);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| tokio::spawn(chaos_client(lb.addr, format!("c{i}"), shared.clone())))
         .collect();
@@ -384,82 +561,8 @@ async fn faults_in_sequence_lose_and_duplicate_no_acked_message() {
         tallies.push(c.await.unwrap());
     }
 
-    // Acks: one id per client_msg_id, however many times it was retried.
-    let mut by_cmid: HashMap<String, (String, u64)> = HashMap::new();
-    for t in &tallies {
-        assert!(t.failure.is_none(), "{:?}", t.failure);
-        for (cmid, id, seq) in &t.acks {
-            let first = by_cmid
-                .entry(cmid.clone())
-                .or_insert_with(|| (id.clone(), *seq));
-            assert_eq!(first, &(id.clone(), *seq), "{cmid} acked twice differently");
-        }
-    }
-    let acked: HashMap<String, u64> = by_cmid.values().cloned().collect();
-    assert_eq!(
-        acked.len(),
-        by_cmid.len(),
-        "distinct messages, distinct ids"
-    );
-
-    // Every client saw every acked message exactly once, in seq order.
-    for t in &tallies {
-        let missing: Vec<_> = acked
-            .iter()
-            .filter(|(id, &seq)| t.expects(seq) && !t.seen.contains_key(*id))
-            .collect();
-        assert!(missing.is_empty(), "{} missed {missing:?}", t.user);
-        let dups: Vec<_> = t.seen.iter().filter(|(_, &n)| n > 1).collect();
-        assert!(dups.is_empty(), "{} got duplicates {dups:?}", t.user);
-        assert!(
-            t.order_violations.is_empty(),
-            "{}: {:?}",
-            t.user,
-            t.order_violations
-        );
-        assert_eq!(t.unrecovered, 0, "{}: a rejoin was not recovered", t.user);
-    }
-
-    // History: every ack is stored with its seq; nothing twice; seqs strictly increasing.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let stored = loop {
-        let stored = history_of(backend.history.addr, ROOM).await;
-        let ids: HashSet<&str> = stored.iter().filter_map(|m| m["id"].as_str()).collect();
-        if acked.keys().all(|id| ids.contains(id.as_str())) || Instant::now() > deadline {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await; // the consumer catches up
-    };
-    let mut stored_seq: HashMap<String, u64> = HashMap::new();
-    let mut cmids: HashMap<String, usize> = HashMap::new();
-    let mut last = 0;
-    for m in &stored {
-        let seq = m["seq"].as_u64().unwrap();
-        assert!(seq > last, "history seq {seq} after {last}");
-        last = seq;
-        stored_seq.insert(m["id"].as_str().unwrap().to_string(), seq);
-        // History does not return `client_msg_id`; this test sends it as the content too.
-        if let Some(c) = m["content"].as_str() {
-            *cmids.entry(c.to_string()).or_default() += 1;
-        }
-    }
-    let lost: Vec<_> = acked
-        .iter()
-        .filter(|(id, seq)| stored_seq.get(*id) != Some(seq))
-        .collect();
-    assert!(lost.is_empty(), "acked but not in history: {lost:?}");
-    let dup: Vec<_> = cmids.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(dup.is_empty(), "stored twice: {dup:?}");
-    for cmid in by_cmid.keys() {
-        assert!(cmids.contains_key(cmid), "{cmid} stored without its key");
-    }
-    let reconnects: usize = tallies.iter().map(|t| t.reconnects).sum();
-    eprintln!(
-        "chaos: {} acked, {} stored, {reconnects} reconnects, {:?}",
-        acked.len(),
-        stored.len(),
-        started.elapsed()
-    );
-    assert!(reconnects >= 1, "the faults did move clients");
+    let checked = check(&tallies, backend.history.addr, true).await;
+    eprintln!("chaos: {checked:?}, {:?}", started.elapsed());
+    assert!(checked.reconnects >= 1, "the faults did move clients");
     assert!(started.elapsed() < Duration::from_secs(90), "time budget");
 }

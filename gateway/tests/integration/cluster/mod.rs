@@ -3,6 +3,8 @@
 
 mod chaos;
 pub mod procs;
+pub mod redis_cluster;
+mod redis_loss;
 mod soak;
 
 use std::collections::{HashMap, HashSet};

@@ -45,8 +45,16 @@ pub fn require(bin: &str) {
     );
 }
 
+/// What gateways are started against: their Redis and history settings.
+pub trait Behind {
+    /// `CHAT_REDIS_*` of the Redis (history services get these too).
+    fn redis_env(&self) -> Vec<(&'static str, String)>;
+    /// The history service gateways use.
+    fn history_url(&self) -> String;
+}
+
 /// What gateways in scaled mode need behind them: a redis-server and a history service
-/// (SQLite store, consuming the persistence stream).
+/// (SQLite store, consuming the persistence streams).
 pub struct Backend {
     pub redis: Redis,
     pub history: History,
@@ -55,24 +63,100 @@ pub struct Backend {
 impl Backend {
     pub async fn start() -> Backend {
         let redis = Redis::start().await;
-        let history = History::start(&redis).await;
+        let history = History::start(redis.env(), "history-1").await;
         Backend { redis, history }
+    }
+}
+
+impl Behind for Backend {
+    fn redis_env(&self) -> Vec<(&'static str, String)> {
+        self.redis.env()
+    }
+    fn history_url(&self) -> String {
+        self.history.url()
+    }
+}
+
+/// The Redis Cluster shape: a 3+3 Redis Cluster and two history-service replicas sharing
+/// its partition streams.
+pub struct ClusterBackend {
+    pub cluster: super::redis_cluster::RedisCluster,
+    pub histories: Vec<History>,
+    /// Redis settings on top of the cluster's URL, for every process ([`Behind::redis_env`]).
+    settings: Vec<(&'static str, String)>,
+}
+
+impl ClusterBackend {
+    pub async fn start() -> ClusterBackend {
+        Self::start_with(&[]).await
+    }
+
+    /// With Redis `settings` (`CHAT_REDIS_WAIT_REPLICAS`…) for the history services and the
+    /// gateways started on it.
+    pub async fn start_with(settings: &[(&'static str, &str)]) -> ClusterBackend {
+        let cluster = super::redis_cluster::RedisCluster::start().await;
+        let mut b = ClusterBackend {
+            cluster,
+            histories: Vec::new(),
+            settings: settings.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        };
+        for name in ["history-1", "history-2"] {
+            // Both replicas on one store: the second is a reader of the first's file, as two
+            // replicas of one database would be.
+            let h = match b.histories.first() {
+                None => History::start(b.redis_env(), name).await,
+                Some(first) => History::start_on(b.redis_env(), name, first.dir.clone()).await,
+            };
+            b.histories.push(h);
+        }
+        b
+    }
+}
+
+impl Behind for ClusterBackend {
+    fn redis_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CHAT_REDIS_URL", self.cluster.url()),
+            ("CHAT_REDIS_MODE", "cluster".to_string()),
+            (
+                "CHAT_REDIS_PARTITIONS",
+                super::redis_cluster::TEST_PARTITIONS.to_string(),
+            ),
+        ]
+        .into_iter()
+        .chain(self.settings.iter().cloned())
+        .collect()
+    }
+    fn history_url(&self) -> String {
+        self.histories[0].url()
     }
 }
 
 pub struct Redis {
     pub port: u16,
     dir: PathBuf,
+    /// AOF on every write; without it a restart comes back empty.
+    persistent: bool,
     child: Option<Child>,
 }
 
 impl Redis {
     /// A redis-server with AOF fsync on every write, as production runs it for durability.
     pub async fn start() -> Redis {
+        Self::start_with(true).await
+    }
+
+    /// A redis-server without persistence: a restart loses everything.
+    pub async fn start_volatile() -> Redis {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(persistent: bool) -> Redis {
         require("redis-server");
         let mut r = Redis {
             port: free_port(),
             dir: tempdir("redis"),
+            persistent,
             child: None,
         };
         r.spawn().await;
@@ -80,6 +164,7 @@ impl Redis {
     }
 
     async fn spawn(&mut self) {
+        let aof = if self.persistent { "yes" } else { "no" };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -89,7 +174,7 @@ impl Redis {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -105,7 +190,12 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL, then start again on the same port and data (AOF).
+    /// `CHAT_REDIS_*` for a process using this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![("CHAT_REDIS_URL", self.url())]
+    }
+
+    /// SIGKILL, then start again on the same port (and data, when persistent).
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn().await;
@@ -227,18 +317,39 @@ pub async fn spawn_history_with(env: &[(&str, String)]) -> (Child, SocketAddr, O
 
 pub struct History {
     pub addr: SocketAddr,
-    redis_url: String,
+    redis: Vec<(&'static str, String)>,
+    name: String,
     /// The SQLite store's directory: a restart reopens the same file.
-    dir: PathBuf,
+    pub dir: PathBuf,
+    /// Another replica owns the directory (it removes it).
+    shared: bool,
     child: Option<Child>,
 }
 
 impl History {
-    pub async fn start(redis: &Redis) -> History {
+    /// A history service named `name` (its consumer name) on a fresh store, consuming the
+    /// persistence streams of the Redis `redis` describes.
+    pub async fn start(redis: Vec<(&'static str, String)>, name: &str) -> History {
         let mut h = History {
             addr: "127.0.0.1:0".parse().unwrap(),
-            redis_url: redis.url(),
+            redis,
+            name: name.to_string(),
             dir: tempdir("history"),
+            shared: false,
+            child: None,
+        };
+        h.spawn().await;
+        h
+    }
+
+    /// A second replica on the store in `dir`.
+    pub async fn start_on(redis: Vec<(&'static str, String)>, name: &str, dir: PathBuf) -> History {
+        let mut h = History {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            redis,
+            name: name.to_string(),
+            dir,
+            shared: true,
             child: None,
         };
         h.spawn().await;
@@ -248,19 +359,19 @@ impl History {
     /// Starts the binary on `self.addr` (port 0 the first time: it picks one, which later
     /// restarts reuse so that gateways and nginx keep finding it).
     async fn spawn(&mut self) {
-        let env = [
+        let mut env = vec![
             ("CHAT_LISTEN", self.addr.to_string()),
-            ("CHAT_REDIS_URL", self.redis_url.clone()),
             (
                 "CHAT_STORE",
                 format!("sqlite://{}/history.db", self.dir.display()),
             ),
-            ("CHAT_NODE_ID", "history-1".to_string()),
+            ("CHAT_NODE_ID", self.name.clone()),
             ("CHAT_INTERNAL_TOKEN", INTERNAL_TOKEN.to_string()),
             ("CHAT_DRAIN_SECONDS", "1".to_string()),
             ("CHAT_LOG", "info".to_string()),
         ];
-        let (child, addr) = spawn_service(&history_bin(), "history", &env).await;
+        env.extend(self.redis.iter().cloned());
+        let (child, addr) = spawn_service(&history_bin(), &self.name, &env).await;
         wait_ready(addr).await;
         self.addr = addr;
         self.child = Some(child);
@@ -285,7 +396,9 @@ impl History {
 
 impl Drop for History {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.shared {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -299,27 +412,27 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts the gateway binary on a free port with `env` on top of test defaults.
-    pub async fn start(backend: &Backend, node: &str, env: &[(&str, &str)]) -> Gateway {
+    pub async fn start(backend: &impl Behind, node: &str, env: &[(&str, &str)]) -> Gateway {
         Self::start_on(backend, node, 0, env).await
     }
 
     pub async fn start_on(
-        backend: &Backend,
+        backend: &impl Behind,
         node: &str,
         port: u16,
         env: &[(&str, &str)],
     ) -> Gateway {
-        let mut all = vec![
+        let mut all = backend.redis_env();
+        all.extend([
             ("CHAT_LISTEN", format!("127.0.0.1:{port}")),
-            ("CHAT_REDIS_URL", backend.redis.url()),
-            ("CHAT_HISTORY_URL", backend.history.url()),
+            ("CHAT_HISTORY_URL", backend.history_url()),
             ("CHAT_INTERNAL_TOKEN", INTERNAL_TOKEN.to_string()),
             ("CHAT_NODE_ID", node.to_string()),
             ("CHAT_LOG", "info".to_string()),
             ("CHAT_DRAIN_SECONDS", "2".to_string()),
             ("CHAT_PRESENCE_TTL_SECONDS", "3".to_string()),
             ("CHAT_DATA_DIR", tempdir(node).display().to_string()),
-        ];
+        ]);
         all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_gateway"));
         let (child, addr) = spawn_service(bin, node, &all).await;
@@ -351,6 +464,24 @@ impl Gateway {
             .expect("exited in time")
             .unwrap()
     }
+}
+
+/// The value of a metric on the process serving `/metrics` at `addr` (0 when absent; the
+/// first series when labelled).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = crate::support::http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Waits until `/readyz` answers 200.

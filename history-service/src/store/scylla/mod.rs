@@ -260,11 +260,37 @@ impl Store for ScyllaStore {
         // Messages first, so edits/deletes/pins of the same batch find them. Within phase 2
         // order does not matter: every write carries its seq as timestamp.
         self.insert_messages(messages).await?;
-        let writes = mods
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = mods
             .into_iter()
             .map(|ev| self.apply_mod(ev).boxed())
             .collect();
+        for (room, seq) in crate::store::last_seqs(events) {
+            let values = (seq_db(seq), seq_db(seq), room.as_str());
+            writes.push(self.exec_drop(&self.ps().upsert_room_seq, values));
+        }
         self.each(writes).await.map(drop)
+    }
+
+    async fn last_seq(&self, room: &RoomId) -> Result<u64, StoreError> {
+        let rows: Vec<(Option<i64>,)> = self
+            .rows(&self.ps().select_room_seq, (room.as_str(),))
+            .await?;
+        let tracked = rows.into_iter().next().and_then(|(s,)| s).unwrap_or(0);
+        // A keyspace written before `room_seqs` existed knows its rooms' seqs only from their
+        // messages and pins.
+        let newest = Page::Before {
+            before: None,
+            limit: 1,
+        };
+        let (messages, pins) =
+            futures_util::try_join!(self.messages(room, newest), self.pins(room))?;
+        Ok(messages
+            .iter()
+            .map(|m| m.seq)
+            .chain(pins.iter().map(|p| p.message.seq))
+            .chain([tracked.max(0) as u64])
+            .max()
+            .unwrap_or(0))
     }
 
     async fn messages(&self, room: &RoomId, page: Page) -> Result<Vec<MessageView>, StoreError> {

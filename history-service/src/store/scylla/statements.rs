@@ -44,6 +44,8 @@ pub(super) struct Statements {
     pub delete_pin: PreparedStatement,
     pub select_pins: PreparedStatement,
     pub upsert_marker: PreparedStatement,
+    pub upsert_room_seq: PreparedStatement,
+    pub select_room_seq: PreparedStatement,
     pub select_markers: PreparedStatement,
     pub select_marker: PreparedStatement,
     pub insert_room: PreparedStatement,
@@ -253,6 +255,16 @@ impl Statements {
                      WHERE room = ? AND user_id = ?"
                 ),
                 Write,
+            )
+            .await?,
+            upsert_room_seq: prep(
+                format!("UPDATE {ks}.room_seqs USING TIMESTAMP ? SET last_seq = ? WHERE room = ?"),
+                Write,
+            )
+            .await?,
+            select_room_seq: prep(
+                format!("SELECT last_seq FROM {ks}.room_seqs WHERE room = ?"),
+                Read,
             )
             .await?,
             select_markers: prep(

@@ -1,0 +1,535 @@
+//! Connections to Redis for both binaries, built in one place from the configured settings:
+//! one primary (`CHAT_REDIS_MODE=single`, `CHAT_REDIS_URL` its URL) or a Redis Cluster
+//! (`CHAT_REDIS_MODE=cluster`, `CHAT_REDIS_URL` a comma-separated list of seed nodes).
+//!
+//! - [`RedisSettings::connect`]: the command connection ([`Redis`]): multiplexed, reconnecting
+//!   by itself; on a cluster it follows `MOVED`/`ASK` redirections and topology changes
+//!   (failovers, slot migrations).
+//! - [`RedisSettings::node_info`]: how to open a connection of our own to one node (the
+//!   gateway's pub/sub connections, one per primary, see `gateway::broker::redis`).
+//! - [`Redis::primaries`]: which primary serves which slots (one primary owning every slot
+//!   when single).
+//! - [`Redis::wait_replicas`]: `WAIT` on the primary that owns a key, over the connection
+//!   that wrote it.
+//!
+//! Keys are laid out by [`crate::partitions`], so that everything one script touches is in
+//! one hash slot.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{
+    Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture,
+};
+use redis::{RedisError, RedisResult, Value};
+
+/// How the product reaches Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One primary (with or without replicas).
+    Single,
+    /// A Redis Cluster: rooms spread over its shards by partition.
+    Cluster,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "single" => Ok(Mode::Single),
+            "cluster" => Ok(Mode::Cluster),
+            other => Err(format!(
+                "CHAT_REDIS_MODE must be single or cluster (got {other})"
+            )),
+        }
+    }
+}
+
+/// Default number of persistence partitions (`CHAT_REDIS_PARTITIONS`).
+pub const DEFAULT_PARTITIONS: u16 = 64;
+/// At most this many partitions: each is a stream every history replica polls.
+pub const MAX_PARTITIONS: u16 = 1024;
+
+/// The Redis settings both binaries take (flags and `CHAT_*` variables), before validation.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RedisArgs {
+    /// Redis URL (`redis://host:6379`); with `CHAT_REDIS_MODE=cluster` a comma-separated list
+    /// of seed nodes. Gateway: unset → in-process broker (single node). History service:
+    /// unset → API only, no persistence-stream consumer.
+    #[arg(
+        long = "redis-url",
+        env = "CHAT_REDIS_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub url: Option<String>,
+    /// File holding `CHAT_REDIS_URL` (it may carry a password): a mounted Secret.
+    #[arg(long = "redis-url-file", env = "CHAT_REDIS_URL_FILE", global = true)]
+    pub url_file: Option<std::path::PathBuf>,
+    /// `single` (one primary, with or without replicas) or `cluster` (a Redis Cluster).
+    #[arg(
+        long = "redis-mode",
+        env = "CHAT_REDIS_MODE",
+        default_value = "single",
+        global = true
+    )]
+    pub mode: String,
+    /// Partitions rooms and persistence streams are spread over; every gateway and history
+    /// service of a deployment uses the same number (checked at start).
+    #[arg(long = "redis-partitions", env = "CHAT_REDIS_PARTITIONS", default_value_t = DEFAULT_PARTITIONS, global = true)]
+    pub partitions: u16,
+    /// A stored event counts as written (gateway: acknowledged; history service: stored)
+    /// only once this many replicas have it (`WAIT`); 0: at once.
+    #[arg(
+        long = "redis-wait-replicas",
+        env = "CHAT_REDIS_WAIT_REPLICAS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub wait_replicas: u32,
+    /// How long one `WAIT` for replicas may take (the gateway then answers `unavailable`).
+    #[arg(
+        long = "redis-wait-timeout-ms",
+        env = "CHAT_REDIS_WAIT_TIMEOUT_MS",
+        default_value_t = 500,
+        global = true
+    )]
+    pub wait_timeout_ms: u64,
+}
+
+impl RedisArgs {
+    /// Replaces `CHAT_REDIS_URL` by what `CHAT_REDIS_URL_FILE` holds (a second call does
+    /// nothing).
+    pub fn load_secret_file(&mut self) -> Result<(), String> {
+        self.url = crate::secrets::setting(
+            "CHAT_REDIS_URL",
+            self.url.take(),
+            self.url_file.take().as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// The validated settings, when a Redis is configured.
+    pub fn settings(&self) -> Result<Option<RedisSettings>, String> {
+        self.url
+            .as_deref()
+            .map(|url| {
+                RedisSettings::parse(
+                    &self.mode,
+                    url,
+                    self.partitions,
+                    self.wait_replicas,
+                    self.wait_timeout_ms,
+                )
+            })
+            .transpose()
+    }
+}
+
+/// Everything about reaching Redis, validated.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub mode: Mode,
+    /// The primary (single), or the seed nodes (cluster).
+    pub nodes: Vec<ConnectionInfo>,
+    /// Rooms and persistence streams are spread over this many partitions.
+    pub partitions: u16,
+    /// `WAIT` for this many replicas before a stored event counts as written (0: do not).
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may take.
+    pub wait_timeout: Duration,
+    /// Every command gives up after this.
+    pub timeout: Duration,
+}
+
+impl RedisSettings {
+    /// Parses the settings; errors are one line naming the setting.
+    pub fn parse(
+        mode: &str,
+        url: &str,
+        partitions: u16,
+        wait_replicas: u32,
+        wait_timeout_ms: u64,
+    ) -> Result<Self, String> {
+        let mode: Mode = mode.parse()?;
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err("CHAT_REDIS_URL is empty".into());
+        }
+        if mode == Mode::Single && urls.len() > 1 {
+            return Err(
+                "CHAT_REDIS_URL holds several URLs: set CHAT_REDIS_MODE=cluster for a Redis Cluster"
+                    .into(),
+            );
+        }
+        let mut nodes = Vec::with_capacity(urls.len());
+        for u in urls {
+            if !u.starts_with("redis://") && !u.starts_with("rediss://") {
+                return Err(format!("CHAT_REDIS_URL must start with redis:// (got {u})"));
+            }
+            nodes.push(
+                u.into_connection_info()
+                    .map_err(|e| format!("CHAT_REDIS_URL: {e}"))?,
+            );
+        }
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return Err(format!(
+                "CHAT_REDIS_PARTITIONS must be between 1 and {MAX_PARTITIONS}"
+            ));
+        }
+        if wait_replicas > 0 && wait_timeout_ms == 0 {
+            return Err("CHAT_REDIS_WAIT_TIMEOUT_MS must be > 0".into());
+        }
+        Ok(Self {
+            mode,
+            nodes,
+            partitions,
+            wait_replicas,
+            wait_timeout: Duration::from_millis(wait_timeout_ms),
+            timeout: Duration::from_secs(3),
+        })
+    }
+
+    /// `host:port` of the first node, without credentials (for error messages).
+    pub fn addr(&self) -> String {
+        self.nodes
+            .first()
+            .map_or_else(String::new, |n| n.addr().to_string())
+    }
+
+    /// The command connection.
+    pub async fn connect(&self) -> RedisResult<Redis> {
+        self.connect_with(self.timeout).await
+    }
+
+    /// The command connection, with replies allowed to take `response` (a consumer's reads).
+    pub async fn connect_with(&self, response: Duration) -> RedisResult<Redis> {
+        match self.mode {
+            // RESP3: a lost connection is noticed (and reconnected) at once, not by the first
+            // command that fails on it.
+            Mode::Single => {
+                let info = self.nodes[0].clone();
+                let resp3 = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(resp3))?;
+                // Reconnects in the background until Redis is back (never gives up: the first
+                // command after a long outage would fail otherwise); commands meanwhile wait
+                // for it within their own deadline.
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(response))
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_number_of_retries(usize::MAX)
+                    .set_max_delay(Duration::from_secs(1));
+                let conn = tokio::time::timeout(
+                    self.timeout,
+                    client.get_connection_manager_with_config(config),
+                )
+                .await
+                .map_err(|_| timed_out("connecting"))??;
+                Ok(Redis::Single(conn))
+            }
+            Mode::Cluster => {
+                let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .connection_timeout(self.timeout)
+                    .response_timeout(response)
+                    .retries(6)
+                    .min_retry_wait(50)
+                    .max_retry_wait(1000)
+                    .build()?;
+                let conn = tokio::time::timeout(self.timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| timed_out("connecting"))??;
+                Ok(Redis::Cluster(conn))
+            }
+        }
+    }
+
+    /// How to connect to the node at `addr` (`host:port`) with the seed's credentials and
+    /// transport, speaking `protocol`.
+    pub fn node_info(&self, addr: &str, protocol: ProtocolVersion) -> ConnectionInfo {
+        let seed = self.nodes[0].clone();
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+            .unwrap_or_else(|| (addr.to_owned(), 6379));
+        let addr = match seed.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        let redis = seed.redis_settings().clone().set_protocol(protocol);
+        seed.set_addr(addr).set_redis_settings(redis)
+    }
+}
+
+fn timed_out(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("redis: {what} timed out"),
+    ))
+}
+
+/// Which slots a primary serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Primary {
+    /// `host:port`.
+    pub addr: String,
+    /// Inclusive slot ranges.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl Primary {
+    pub fn owns(&self, slot: u16) -> bool {
+        self.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+    }
+}
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its `{hash tag}` (the whole key without one),
+/// modulo 16384 — as Redis computes it.
+pub fn slot_of(key: &str) -> u16 {
+    let key = key.as_bytes();
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(key) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// The command connection: multiplexed (cheap to clone; clones share the connection).
+#[derive(Clone)]
+pub enum Redis {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Redis {
+    /// The primaries and the slots each serves; a single primary owns every slot.
+    pub async fn primaries(&mut self, settings: &RedisSettings) -> RedisResult<Vec<Primary>> {
+        match self {
+            Redis::Single(_) => Ok(vec![Primary {
+                addr: settings.addr(),
+                slots: vec![(0, 16383)],
+            }]),
+            Redis::Cluster(c) => {
+                let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+                Ok(parse_cluster_slots(&v))
+            }
+        }
+    }
+
+    /// `WAIT n timeout` on the primary that owns `key`, over this connection (the one whose
+    /// writes it waits for). Returns how many replicas acknowledged them.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        n: u32,
+        timeout: Duration,
+    ) -> RedisResult<u32> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(n).arg(timeout.as_millis() as u64);
+        let v = match self {
+            Redis::Single(c) => cmd.query_async::<Value>(c).await?,
+            Redis::Cluster(c) => {
+                let route = redis::cluster_routing::Route::new(
+                    slot_of(key),
+                    redis::cluster_routing::SlotAddr::Master,
+                );
+                c.route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await?
+            }
+        };
+        Ok(redis::from_redis_value(v)?)
+    }
+
+    /// `INFO replication` of the primary at `addr` (a single primary: the one there is).
+    pub async fn replication_info(&mut self, addr: &str) -> RedisResult<String> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("replication");
+        let v = match self {
+            Redis::Single(c) => cmd.query_async::<Value>(c).await?,
+            Redis::Cluster(c) => {
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+                    .ok_or_else(|| {
+                        RedisError::from((redis::ErrorKind::Client, "bad node address"))
+                    })?;
+                c.route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+                )
+                .await?
+            }
+        };
+        Ok(redis::from_redis_value(v)?)
+    }
+}
+
+/// `CLUSTER SLOTS` → primaries (the first node of each range), ranges merged per primary.
+fn parse_cluster_slots(v: &Value) -> Vec<Primary> {
+    let mut out: Vec<Primary> = Vec::new();
+    let Value::Array(ranges) = v else { return out };
+    for r in ranges {
+        let Value::Array(parts) = r else { continue };
+        let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(node))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let host = match node.first() {
+            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+            Some(Value::SimpleString(h)) => h.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = node.get(1) else {
+            continue;
+        };
+        let addr = format!("{host}:{port}");
+        let range = (*a as u16, *b as u16);
+        match out.iter_mut().find(|p| p.addr == addr) {
+            Some(p) => p.slots.push(range),
+            None => out.push(Primary {
+                addr,
+                slots: vec![range],
+            }),
+        }
+    }
+    out
+}
+
+impl ConnectionLike for Redis {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Redis::Single(c) => c.req_packed_command(cmd),
+            Redis::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Redis::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Redis::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Redis::Single(c) => c.get_db(),
+            Redis::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_name_the_setting_they_refuse() {
+        let ok = RedisSettings::parse("single", "redis://127.0.0.1:6379", 64, 0, 500).unwrap();
+        assert_eq!(ok.mode, Mode::Single);
+        assert_eq!(ok.addr(), "127.0.0.1:6379");
+        let c = RedisSettings::parse("cluster", "redis://a:1, redis://b:2", 64, 1, 500).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        for (mode, url, parts, wait_ms, want) in [
+            ("both", "redis://a:1", 64, 500, "CHAT_REDIS_MODE"),
+            (
+                "single",
+                "redis://a:1,redis://b:2",
+                64,
+                500,
+                "CHAT_REDIS_MODE=cluster",
+            ),
+            ("single", "http://a:1", 64, 500, "CHAT_REDIS_URL"),
+            ("single", " ", 64, 500, "CHAT_REDIS_URL"),
+            ("single", "redis://a:1", 0, 500, "CHAT_REDIS_PARTITIONS"),
+            ("single", "redis://a:1", 2000, 500, "CHAT_REDIS_PARTITIONS"),
+            ("single", "redis://a:1", 64, 0, "CHAT_REDIS_WAIT_TIMEOUT_MS"),
+        ] {
+            let e = RedisSettings::parse(mode, url, parts, 1, wait_ms).unwrap_err();
+            assert!(e.contains(want), "{mode} {url}: {e}");
+        }
+    }
+
+    #[test]
+    fn node_info_keeps_the_seed_credentials() {
+        let s = RedisSettings::parse("cluster", "redis://user:pw@seed:7000", 8, 0, 1).unwrap();
+        let n = s.node_info("10.0.0.2:7001", redis::ProtocolVersion::RESP3);
+        assert_eq!(n.addr().to_string(), "10.0.0.2:7001");
+        assert_eq!(n.redis_settings().username(), Some("user"));
+        assert_eq!(n.redis_settings().password(), Some("pw"));
+        assert_eq!(n.redis_settings().protocol(), redis::ProtocolVersion::RESP3);
+    }
+
+    #[test]
+    fn slots_are_the_ones_redis_computes() {
+        // `CLUSTER KEYSLOT` of these keys on Redis 7.0.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("chat:{p1}:persist"), slot_of("p1"));
+        assert_eq!(slot_of("p1"), 11819);
+        assert_eq!(slot_of("a{}b"), 13694, "an empty tag hashes the whole key");
+        assert_eq!(
+            slot_of("{user1000}.following"),
+            slot_of("{user1000}.followers")
+        );
+    }
+
+    #[test]
+    fn cluster_slots_are_read_per_primary() {
+        let node = |h: &str, p: i64| {
+            Value::Array(vec![Value::BulkString(h.into()), Value::Int(p), Value::Nil])
+        };
+        let v = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(99),
+                node("a", 1),
+                node("r", 9),
+            ]),
+            Value::Array(vec![Value::Int(100), Value::Int(16383), node("b", 2)]),
+            Value::Array(vec![Value::Int(5000), Value::Int(5000), node("a", 1)]),
+        ]);
+        let p = parse_cluster_slots(&v);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].addr, "a:1");
+        assert!(p[0].owns(50) && p[0].owns(5000) && !p[0].owns(100));
+        assert!(p[1].owns(16383));
+    }
+}
