@@ -136,7 +136,7 @@ impl Server {
                 match k {
                     "CHAT_REDIS_URL" => config.redis.url = Some(v),
                     "CHAT_REDIS_MODE" => config.redis.mode = v,
-                    "CHAT_REDIS_PARTITIONS" => config.redis.partitions = v.parse().unwrap(),
+                    "CHAT_REDIS_PARTITIONS" => config.redis.partitions = Some(v.parse().unwrap()),
                     other => panic!("unexpected setting {other}"),
                 }
             }
