@@ -176,9 +176,14 @@ struct Partition<'a, S> {
     p: u16,
     stream: String,
     conn: Redis,
+    /// How long a reply may take on `conn` (to connect again alike).
+    response: Duration,
     consumer: &'a Consumer<S>,
     lag: &'a Lag,
 }
+
+/// Reads of a partition failing this long: the connection is made again from the seed nodes.
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 
 impl<S: Store> Consumer<S> {
     pub fn new(settings: RedisSettings, store: Arc<S>, config: ConsumerConfig) -> Self {
@@ -230,6 +235,7 @@ impl<S: Store> Consumer<S> {
                 p,
                 stream: partitions::stream(p),
                 conn: conn.clone(),
+                response,
                 consumer: &self,
                 lag: &lag,
             };
@@ -276,6 +282,7 @@ impl<S: Store> Partition<'_, S> {
         let mut next_lag = Instant::now();
         let mut redis_backoff = c.retry_min;
         let mut idle = Duration::from_millis(1);
+        let mut failing_since: Option<Instant> = None;
         loop {
             if Instant::now() >= next_lag {
                 self.update_lag().await;
@@ -295,6 +302,7 @@ impl<S: Store> Partition<'_, S> {
             let ids = match read {
                 Ok(reply) => {
                     redis_backoff = c.retry_min;
+                    failing_since = None;
                     reply
                         .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>())
                         .unwrap_or_default()
@@ -309,6 +317,18 @@ impl<S: Store> Partition<'_, S> {
                         .redis_failed(&self.stream, "reading the persistence stream", &e);
                     tokio::time::sleep(redis_backoff).await;
                     redis_backoff = (redis_backoff * 2).min(c.retry_max);
+                    failing_since.get_or_insert_with(Instant::now);
+                    if failing_since.is_some_and(|t| t.elapsed() >= RECONNECT_AFTER) {
+                        // A cluster client can keep a slot map that points at a primary that
+                        // died before its replica took over, and dial it for good: start
+                        // again from the seed nodes.
+                        if let Ok(fresh) = self.consumer.settings.connect_with(self.response).await
+                        {
+                            tracing::warn!(stream = %self.stream, "reconnected to Redis after failing reads");
+                            self.conn = fresh;
+                        }
+                        failing_since = None;
+                    }
                     continue;
                 }
             };

@@ -86,7 +86,11 @@ pub struct RedisArgs {
     /// Partitions rooms and persistence streams are spread over; every gateway and history
     /// service of a deployment uses the same number (checked at start). Default: 1 on one
     /// primary, 64 on a Redis Cluster.
-    #[arg(long = "redis-partitions", env = "CHAT_REDIS_PARTITIONS", global = true)]
+    #[arg(
+        long = "redis-partitions",
+        env = "CHAT_REDIS_PARTITIONS",
+        global = true
+    )]
     pub partitions: Option<u16>,
     /// A stored event counts as written (gateway: acknowledged; history service: stored)
     /// only once this many replicas have it (`WAIT`); 0: at once.
@@ -505,7 +509,8 @@ mod tests {
 
     #[test]
     fn node_info_keeps_the_seed_credentials() {
-        let s = RedisSettings::parse("cluster", "redis://user:pw@seed:7000", Some(8), 0, 1).unwrap();
+        let s =
+            RedisSettings::parse("cluster", "redis://user:pw@seed:7000", Some(8), 0, 1).unwrap();
         let n = s.node_info("10.0.0.2:7001", redis::ProtocolVersion::RESP3);
         assert_eq!(n.addr().to_string(), "10.0.0.2:7001");
         assert_eq!(n.redis_settings().username(), Some("user"));

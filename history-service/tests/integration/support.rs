@@ -226,8 +226,14 @@ impl RedisServer {
 
     /// Settings for a consumer of this server's persistence streams, with `partitions`.
     pub fn settings(&self, partitions: u16) -> history_service::redis_conn::RedisSettings {
-        history_service::redis_conn::RedisSettings::parse("single", &self.url(), Some(partitions), 0, 500)
-            .unwrap()
+        history_service::redis_conn::RedisSettings::parse(
+            "single",
+            &self.url(),
+            Some(partitions),
+            0,
+            500,
+        )
+        .unwrap()
     }
 
     pub fn client(&self) -> redis::Client {
