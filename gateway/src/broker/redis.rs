@@ -8,7 +8,8 @@
 //! - `chat:{room}` — the room's pub/sub channel; `chat:nodes` carries node-targeted frames.
 //! - `chat:{room}:presence` (zset `user\nnode` → expiry ms), `chat:{room}:users` (hash
 //!   user → nodes holding them), `chat:{room}:names` (hash user → display name);
-//!   `chat:presence-rooms` (set) lists rooms to sweep.
+//!   `chat:presence-rooms` (set) lists rooms to sweep: rooms with anyone online (added by every
+//!   join, removed by the sweep that finds a room empty).
 //! - `chat:{room}:state` — the room's state version (see [`super::StateCheck`]): set by the
 //!   publish of every room-state event, compared by checked publishes, pins and typing.
 //! - `chat:{room}:pins` — the room's pin set (hash of pinned message ids), which decides pins
@@ -174,8 +175,10 @@ end
     };
 }
 
-/// KEYS: presence, users, names. ARGV: user, node, expiry, name, list size. Returns
-/// `["1" newly online / "0", count, id, name, ...]` as JSON.
+/// KEYS: presence, users, names, the sweep's list of rooms. ARGV: user, node, expiry, name,
+/// list size, room. Lists the room for the sweep on every join (the sweep takes a room off
+/// the list once nobody is in it). Returns `["1" newly online / "0", count, id, name, ...]`
+/// as JSON.
 const PRESENCE_ADD_LUA: &str = concat!(
     online_lua!(),
     r#"
@@ -184,6 +187,7 @@ if redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\n' .. ARGV[2]) == 1 then
   if redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 then first = '1' end
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[6])
 return cjson.encode(online({first}, KEYS[3], tonumber(ARGV[5])))
 "#
 );
@@ -210,6 +214,8 @@ return {gone, tostring(redis.call('HLEN', KEYS[3]))}
 "#;
 
 /// Removes presence entries whose node stopped refreshing them; returns users now offline.
+/// KEYS: presence, users, names, the sweep's list of rooms. ARGV: now, room. A room nobody is
+/// in any more leaves the list: else every node would sweep every room ever joined, forever.
 const PRESENCE_SWEEP_LUA: &str = r#"
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local gone = {}
@@ -221,6 +227,9 @@ for _, m in ipairs(dead) do
     redis.call('HDEL', KEYS[3], user)
     gone[#gone + 1] = user
   end
+end
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[4], ARGV[2])
 end
 return gone
 "#;
@@ -260,8 +269,6 @@ pub struct RedisBroker {
     scripts: Scripts,
     /// The node's receiver of what this broker learns.
     events: std::sync::OnceLock<Arc<dyn Events>>,
-    /// Rooms this node has put in `chat:presence-rooms` since it (re)connected.
-    swept_rooms: std::sync::Mutex<HashSet<RoomId>>,
 }
 
 struct Scripts {
@@ -330,7 +337,6 @@ impl RedisBroker {
                 pin: redis::Script::new(PIN_LUA),
             },
             events: std::sync::OnceLock::new(),
-            swept_rooms: Default::default(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(subscriber(
@@ -440,7 +446,9 @@ impl RedisBroker {
             inv.key(key(&room, "presence"))
                 .key(key(&room, "users"))
                 .key(key(&room, "names"))
-                .arg(now);
+                .key(PRESENCE_ROOMS)
+                .arg(now)
+                .arg(room.as_str());
             let gone: Vec<String> = self.invoke(inv).await?;
             if !gone.is_empty() {
                 changed.push((room, gone));
@@ -664,28 +672,16 @@ impl Broker for Arc<RedisBroker> {
         inv.key(key(room, "presence"))
             .key(key(room, "users"))
             .key(key(room, "names"))
+            .key(PRESENCE_ROOMS)
             .arg(&user.id)
             .arg(&self.node)
             .arg(self.presence_expiry())
             .arg(&user.name)
-            .arg(list);
+            .arg(list)
+            .arg(room.as_str());
         let out = parse_list(&self.invoke::<String>(inv).await?)?;
         let first = out.first().is_some_and(|f| f == "1");
         let online = parse_online(out.get(1..).unwrap_or_default())?;
-        // The sweep's list of rooms: once per room per connection to Redis, not per join.
-        let listed = self
-            .swept_rooms
-            .lock()
-            .expect("swept rooms lock")
-            .insert(room.clone());
-        if listed {
-            // A miss only delays the sweep of a dead node's users.
-            let sadd = redis::cmd("SADD")
-                .arg(PRESENCE_ROOMS)
-                .arg(room.as_str())
-                .clone();
-            let _ = self.query::<i64>(&sadd).await;
-        }
         Ok((first, online))
     }
 
@@ -844,8 +840,6 @@ async fn subscriber(
                 catch_up(&b, &hub, room, seen, &mut last).await;
             }
         }
-        // Redis may have lost the sweep's list of rooms with the rest of its data.
-        b.swept_rooms.lock().expect("swept rooms lock").clear();
         // Room-state changes announced while the connection was down were missed.
         if let Some(events) = b.events.get() {
             events.reconnected();
