@@ -84,7 +84,6 @@ lg() { # name args...: runs loadgen, keeps its JSON, prints a one-line summary
 import json, sys
 d = json.load(open(sys.argv[1])); n = sys.argv[2]
 def lat(l): return f"p50 {l.get('p50')} p99 {l.get('p99')} ms" if l and l.get('count') else "no samples"
-def cpu(c, per): return f"{c.get(per)} server-cpu-us/{per.split('_')[-1]}" if c else ""
 if 'connects_per_s' in d:
     print(f"{n}: {d['opened']}/{d['connections']} in {d['secs']} s = {d['connects_per_s']}/s, {lat(d['latency_ms'])}, {d['server_cpu']['total_cpu_us'] / max(d['opened'], 1):.0f} server-cpu-us/connect")
 elif 'fill_secs' in d:
@@ -196,8 +195,34 @@ common() { # target url pids: sets COMMON, the generator's flags for these serve
     COMMON=(--target "$1" --url "$2" --server-pid "$3" --jwt-secret "$SECRET" --concurrency "$CONC")
 }
 
+# Two gateways on Redis and a history service: sets G1 and G2 (their ports), P1 (the first's
+# pid), PAIR_URLS and PAIR_PIDS (the generator's --url and --server-pid for them).
+start_chat_pair() {
+    start_redis
+    start_history
+    G1=$(free_port)
+    start_gateway gw1 "$G1" scaled
+    P1=$GW_PID
+    G2=$(free_port)
+    start_gateway gw2 "$G2" scaled
+    PAIR_URLS="ws://127.0.0.1:$G1,ws://127.0.0.1:$G2"
+    PAIR_PIDS="gw1=$P1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid")"
+}
+
+# Two Socket.IO nodes on Redis: sets G1, G2, PAIR_URLS and PAIR_PIDS likewise.
+start_sio_pair() {
+    start_redis
+    G1=$(free_port)
+    start_sio "$G1" "$REDIS_URL"
+    local p1=$SIO_PID
+    G2=$(free_port)
+    start_sio "$G2" "$REDIS_URL"
+    PAIR_URLS="ws://127.0.0.1:$G1,ws://127.0.0.1:$G2"
+    PAIR_PIDS="sio1=$p1,sio2=$SIO_PID,redis=$(<"$OUT/redis.pid")"
+}
+
 bench_connect() {
-    local n=${CONNECT_N:-5000} rooms=${CONNECT_ROOMS:-10} g1 g2 s1 s2
+    local n=${CONNECT_N:-5000} rooms=${CONNECT_ROOMS:-10} g1 s1
     g1=$(free_port)
     start_gateway gw1 "$g1"
     common chat "ws://127.0.0.1:$g1" "gw=$GW_PID"
@@ -212,27 +237,16 @@ bench_connect() {
             connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
         stop_all
     fi
-    start_redis
-    start_history
-    g1=$(free_port)
-    start_gateway gw1 "$g1" scaled
-    local p1=$GW_PID
-    g2=$(free_port)
-    start_gateway gw2 "$g2" scaled
-    start_nginx "$g1" "$g2"
-    common chat "ws://127.0.0.1:$NGINX_PORT" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid"),$NGINX_PIDS"
+    start_chat_pair
+    start_nginx "$G1" "$G2"
+    common chat "ws://127.0.0.1:$NGINX_PORT" "$PAIR_PIDS,$NGINX_PIDS"
     lg cluster-chat-connect "${COMMON[@]}" \
         --user-prefix c2- connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
     stop_all
     if [[ $SIO == 1 ]]; then
-        start_redis
-        s1=$(free_port)
-        start_sio "$s1" "$REDIS_URL"
-        p1=$SIO_PID
-        s2=$(free_port)
-        start_sio "$s2" "$REDIS_URL"
-        start_nginx "$s1" "$s2"
-        common socketio "ws://127.0.0.1:$NGINX_PORT" "sio1=$p1,sio2=$SIO_PID,redis=$(<"$OUT/redis.pid"),$NGINX_PIDS"
+        start_sio_pair
+        start_nginx "$G1" "$G2"
+        common socketio "ws://127.0.0.1:$NGINX_PORT" "$PAIR_PIDS,$NGINX_PIDS"
         lg cluster-sio-connect "${COMMON[@]}" \
             connect --connections "$n" --rooms "$rooms" --room-prefix "c$RANDOM-"
         stop_all
@@ -240,7 +254,7 @@ bench_connect() {
 }
 
 bench_fill() {
-    local n=${FILL_N:-10000} g1 g2 s1 s2 p1
+    local n=${FILL_N:-10000} g1 s1
     local shape=(fill --connections "$n" --senders "${FILL_SENDERS:-10}" --rate "${FILL_RATE:-5}" --duration "${FILL_SECS:-10}")
     g1=$(free_port)
     start_gateway gw1 "$g1"
@@ -254,48 +268,28 @@ bench_fill() {
         lg single-sio-fill "${COMMON[@]}" "${shape[@]}" --room "f$RANDOM"
         stop_all
     fi
-    start_redis
-    start_history
-    g1=$(free_port)
-    start_gateway gw1 "$g1" scaled
-    p1=$GW_PID
-    g2=$(free_port)
-    start_gateway gw2 "$g2" scaled
-    common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid")"
-    lg cluster-chat-fill "${COMMON[@]}" \
-        --user-prefix f2- "${shape[@]}" --room "f$RANDOM"
+    start_chat_pair
+    common chat "$PAIR_URLS" "$PAIR_PIDS"
+    lg cluster-chat-fill "${COMMON[@]}" --user-prefix f2- "${shape[@]}" --room "f$RANDOM"
     stop_all
     if [[ $SIO == 1 ]]; then
-        start_redis
-        s1=$(free_port)
-        start_sio "$s1" "$REDIS_URL"
-        p1=$SIO_PID
-        s2=$(free_port)
-        start_sio "$s2" "$REDIS_URL"
-        common socketio "ws://127.0.0.1:$s1,ws://127.0.0.1:$s2" "sio1=$p1,sio2=$SIO_PID,redis=$(<"$OUT/redis.pid")"
-        lg cluster-sio-fill "${COMMON[@]}" \
-            "${shape[@]}" --room "f$RANDOM"
+        start_sio_pair
+        common socketio "$PAIR_URLS" "$PAIR_PIDS"
+        lg cluster-sio-fill "${COMMON[@]}" "${shape[@]}" --room "f$RANDOM"
         stop_all
     fi
 }
 
 bench_rollout() {
-    local g1 g2 p1
     export CHAT_DRAIN_SECONDS=${DRAIN_S:-${ROLLOUT_DRAIN_S:-20}}
-    start_redis
-    start_history
-    g1=$(free_port)
-    start_gateway gw1 "$g1" scaled
-    p1=$GW_PID
-    g2=$(free_port)
-    start_gateway gw2 "$g2" scaled
-    common chat "ws://127.0.0.1:$g1,ws://127.0.0.1:$g2" "gw1=$p1,gw2=$GW_PID,history=$HISTORY_PID,redis=$(<"$OUT/redis.pid")"
+    start_chat_pair
+    common chat "$PAIR_URLS" "$PAIR_PIDS"
     lg cluster-chat-rollout "${COMMON[@]}" \
         --user-prefix r- rollout --connections "${ROLLOUT_N:-19000}" --rooms "${ROLLOUT_ROOMS:-200}" \
         --senders "${ROLLOUT_SENDERS:-20}" --rate "${ROLLOUT_RATE:-20}" --room-prefix "r$RANDOM-" \
-        --drain-pid "$p1" --restart-cmd "$(gateway_cmd gw1 "$g1" scaled)" \
+        --drain-pid "$P1" --restart-cmd "$(gateway_cmd gw1 "$G1" scaled)" \
         --timeout $((CHAT_DRAIN_SECONDS + 120))
-    # The restarted gateway is the generator's child's: stop it by its port.
+    # The restarted gateway is not this shell's child: stop it by the pid the generator reported.
     local restarted
     restarted=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])).get("restarted"); print(r["pid"] if r else "")' "$OUT/cluster-chat-rollout.json" 2>/dev/null || true)
     [[ -n $restarted ]] && pids+=("$restarted")

@@ -150,6 +150,44 @@ async fn a_killed_nodes_users_go_offline_within_the_ttl() {
         .cloned()
         .unwrap();
     assert_eq!(p["online_count"], 1);
+
+    // The sweep keeps a list of rooms with anyone in them: a room joined once is listed at
+    // once, and leaves the list when nobody is left (else every node would sweep every room
+    // ever joined, on every refresh, forever).
+    let redis = redis::Client::open(backend.redis.url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    // One primary has one partition, so every room is listed in partition 0's set.
+    let rooms_key = format!("{}:presence-rooms", history_service::partitions::base(0));
+    let listed = |conn: &mut redis::aio::MultiplexedConnection, room: &'static str| {
+        let mut conn = conn.clone();
+        let rooms_key = rooms_key.clone();
+        async move {
+            redis::cmd("SISMEMBER")
+                .arg(rooms_key)
+                .arg(room)
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        listed(&mut conn, "p").await,
+        "a room with users online is listed"
+    );
+    ann.call(json!({"type": "leave", "room": "p"})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listed(&mut conn, "p").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an empty room stays on the sweep's list"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ann.join("p").await;
+    assert!(
+        listed(&mut conn, "p").await,
+        "listed again by the next join"
+    );
 }
 
 #[tokio::test]
