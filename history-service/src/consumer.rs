@@ -9,8 +9,9 @@
 //! partition's entries and the service scales out with them:
 //!
 //! 1. `XGROUP CREATE <stream> history 0 MKSTREAM` at start (`BUSYGROUP` = already there).
-//! 2. First our own pending entries (`XREADGROUP .. 0`: read before a restart, never acked),
-//!    then new ones: `XREADGROUP GROUP history <me> COUNT 256 STREAMS <stream> >`. Reads do not
+//! 2. First our own pending entries (`XREADGROUP .. 0`: read before a restart, never acked;
+//!    again after a failed read and every `claim_every`, since a failover to a replica brings
+//!    back entries as pending that this consumer had acked on the old primary), then new ones: `XREADGROUP GROUP history <me> COUNT 256 STREAMS <stream> >`. Reads do not
 //!    block (a blocking read would hold the connection every partition shares): an empty
 //!    read waits a little longer each time, up to `idle_max`, before the next.
 //!    After a read that was not a full batch, a short linger (`linger`, 25 ms) lets the next
@@ -291,6 +292,12 @@ impl<S: Store> Partition<'_, S> {
             if Instant::now() >= next_claim {
                 self.claim().await;
                 next_claim = Instant::now() + c.claim_every;
+                // Our own pending entries again, now and then: a primary that failed over to
+                // its replica brings back the replica's view, in which entries this consumer
+                // read (and stored) from the old primary are pending again, and a read on
+                // `>` never returns them. Left there, they keep the stream from draining
+                // (gateways wait for that before recovering a room after a reset).
+                cursor = "0".into();
             }
             let opts = StreamReadOptions::default()
                 .group(&c.group, &c.consumer)
@@ -317,6 +324,9 @@ impl<S: Store> Partition<'_, S> {
                         .redis_failed(&self.stream, "reading the persistence stream", &e);
                     tokio::time::sleep(redis_backoff).await;
                     redis_backoff = (redis_backoff * 2).min(c.retry_max);
+                    // After a failure, our own pending entries first (see above: a failover
+                    // may have made entries this consumer read pending again).
+                    cursor = "0".into();
                     failing_since.get_or_insert_with(Instant::now);
                     if failing_since.is_some_and(|t| t.elapsed() >= RECONNECT_AFTER) {
                         // A cluster client can keep a slot map that points at a primary that

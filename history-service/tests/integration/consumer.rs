@@ -290,6 +290,58 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
     running.stop().await;
 }
 
+/// A failover to a replica brings back the replica's view of the group: entries this consumer
+/// had read and acknowledged on the old primary are pending for it again, while it reads only
+/// new entries. It must store them (they may be ones the old primary never replicated as
+/// stored) without waiting for XAUTOCLAIM's idle time, or the stream never drains.
+#[tokio::test]
+async fn entries_pending_again_for_a_running_consumer_are_read_again() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let store = Arc::new(SqliteStore::open_temp().unwrap());
+    let r = room("failover");
+    let mut config = fast("h1");
+    // Far beyond the test's wait: XAUTOCLAIM must not be what stores them.
+    config.claim_idle = Duration::from_secs(600);
+    config.claim_every = Duration::from_millis(200);
+    let running = start(&redis, store.clone(), config);
+    publish(&mut conn, &unsequenced(&r, 1), 1).await;
+    wait_stored(&*store, &r, &[1]).await;
+    wait_stream_empty(&mut conn, &r).await;
+
+    // What the new primary holds: entries appended before, read by h1, never acknowledged
+    // there. Made here by reading them as h1 from another connection.
+    let _: () = redis::cmd("MULTI").query_async(&mut conn).await.unwrap();
+    for seq in 2..=4 {
+        let frame = proto::envelope::with_seq(&unsequenced(&r, seq).to_json(), seq);
+        let _: () = redis::cmd("XADD")
+            .arg(stream(&r))
+            .arg("*")
+            .arg("f")
+            .arg(frame)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("h1")
+        .arg("STREAMS")
+        .arg(stream(&r))
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("EXEC").query_async(&mut conn).await.unwrap();
+    assert_eq!(pending(&mut conn, &r).await, 3);
+
+    wait_stored(&*store, &r, &[1, 2, 3, 4]).await;
+    wait_stream_empty(&mut conn, &r).await;
+    assert_eq!(running.stats.claimed.load(Ordering::Relaxed), 0);
+    running.stop().await;
+}
+
 /// A store whose `apply` fails while `down` is set (reads go through).
 struct Flaky {
     inner: SqliteStore,
