@@ -54,7 +54,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::partitions;
-use crate::redis_conn::{Redis, RedisSettings};
+use crate::redis_conn::{Mode, Redis, RedisSettings};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -156,16 +156,16 @@ struct Lag {
 }
 
 impl Lag {
-    fn new(partitions: u16) -> Self {
+    fn new(streams: usize) -> Self {
         Self {
-            lag: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
-            pending: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            lag: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+            pending: (0..streams).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    fn set(&self, p: u16, lag: u64, pending: u64) {
-        self.lag[p as usize].store(lag, Ordering::Relaxed);
-        self.pending[p as usize].store(pending, Ordering::Relaxed);
+    fn set(&self, i: usize, lag: u64, pending: u64) {
+        self.lag[i].store(lag, Ordering::Relaxed);
+        self.pending[i].store(pending, Ordering::Relaxed);
         let sum = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>();
         metrics::gauge!("chat_stream_lag").set(sum(&self.lag) as f64);
         metrics::gauge!("chat_stream_pending").set(sum(&self.pending) as f64);
@@ -174,7 +174,8 @@ impl Lag {
 
 /// One partition's loop: its stream, the shared connection, the shared counters.
 struct Partition<'a, S> {
-    p: u16,
+    /// Its place in [`Lag`].
+    index: usize,
     stream: String,
     conn: Redis,
     /// How long a reply may take on `conn` (to connect again alike).
@@ -228,13 +229,30 @@ impl<S: Store> Consumer<S> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ConsumerError> {
         // A WAIT may take its whole timeout; the store's own retries are not Redis calls.
         let response = self.settings.timeout + self.settings.wait_timeout;
-        let conn = self.settings.connect_with(response).await?;
-        let lag = Lag::new(self.settings.partitions);
-        let mut loops = Vec::with_capacity(self.settings.partitions as usize);
-        for p in 0..self.settings.partitions {
+        let mut conn = self.settings.connect_with(response).await?;
+        let mut streams: Vec<String> = (0..self.settings.partitions)
+            .map(partitions::stream)
+            .collect();
+        if self.settings.mode == Mode::Single
+            && conn
+                .exists(partitions::LEGACY_STREAM)
+                .await
+                .unwrap_or(false)
+        {
+            // Left by a build before partitions: stored like a partition's entries (their
+            // seqs are below anything the new numbering gives out).
+            tracing::info!(
+                stream = partitions::LEGACY_STREAM,
+                "draining the persistence stream of an earlier build"
+            );
+            streams.push(partitions::LEGACY_STREAM.to_owned());
+        }
+        let lag = Lag::new(streams.len());
+        let mut loops = Vec::with_capacity(streams.len());
+        for (i, stream) in streams.into_iter().enumerate() {
             let part = Partition {
-                p,
-                stream: partitions::stream(p),
+                index: i,
+                stream,
                 conn: conn.clone(),
                 response,
                 consumer: &self,
@@ -584,7 +602,7 @@ impl<S: Store> Partition<'_, S> {
             // `lag` (Redis ≥ 7): entries never delivered to the group; nil when Redis cannot
             // tell (after XDEL/XTRIM of undelivered entries) — then pending alone is reported.
             let lag = g.lag.unwrap_or(0) + g.pending;
-            self.lag.set(self.p, lag as u64, g.pending as u64);
+            self.lag.set(self.index, lag as u64, g.pending as u64);
         }
     }
 }

@@ -12,11 +12,16 @@
 //! - `chat:{pN}:<room>:…` — the room's keys (`gateway::broker::redis` lists them).
 //! - `chat:partitions` — the partition count the deployment runs with; every process checks
 //!   it at start, because a process counting differently would put rooms elsewhere.
+//! - `chat:persist` — the persistence stream of builds before partitions ([`LEGACY_STREAM`]).
 
 /// The first part of every key.
 pub const PREFIX: &str = "chat";
 /// The key that records the partition count.
 pub const COUNT_KEY: &str = "chat:partitions";
+/// The one persistence stream of builds before partitions (one primary only). A history
+/// service drains it when it is there, so that an upgrade loses none of what the old
+/// gateways acknowledged and the old history service had not stored yet.
+pub const LEGACY_STREAM: &str = "chat:persist";
 
 /// A room's partition: FNV-1a (32 bit) of its id, modulo the partition count. Stable across
 /// versions and processes: changing it (or the count) moves rooms to other keys.

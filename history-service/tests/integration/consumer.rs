@@ -342,6 +342,65 @@ async fn entries_pending_again_for_a_running_consumer_are_read_again() {
     running.stop().await;
 }
 
+/// A build before partitions left entries in its one stream, `chat:persist`: acknowledged
+/// messages the old history service had not stored, one of them read by an old consumer that
+/// is gone. The new history service stores them all, beside the partitions' entries.
+#[tokio::test]
+async fn entries_left_in_the_stream_of_an_earlier_build_are_stored() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let store = Arc::new(SqliteStore::open_temp().unwrap());
+    let r = room("upgrade");
+    let legacy = partitions::LEGACY_STREAM;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(legacy)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        let frame = proto::envelope::with_seq(&unsequenced(&r, seq).to_json(), seq);
+        xadd(&mut conn, legacy, &frame).await;
+        if seq == 1 {
+            let _: redis::Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg("old-pod")
+                .arg("STREAMS")
+                .arg(legacy)
+                .arg(">")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    let mut config = fast("h1");
+    config.claim_idle = Duration::from_millis(200);
+    config.claim_every = Duration::from_millis(100);
+    let running = start(&redis, store.clone(), config);
+    publish(&mut conn, &unsequenced(&r, 4), 4).await;
+    wait_stored(&*store, &r, &[1, 2, 3, 4]).await;
+    let c = conn.clone();
+    eventually(WAIT, "the old stream emptied", || {
+        let mut c = c.clone();
+        async move {
+            let n: u64 = redis::cmd("XLEN")
+                .arg(legacy)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(running.stats.claimed.load(Ordering::Relaxed), 1);
+    running.stop().await;
+}
+
 /// A store whose `apply` fails while `down` is set (reads go through).
 struct Flaky {
     inner: SqliteStore,

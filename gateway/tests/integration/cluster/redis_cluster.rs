@@ -282,6 +282,89 @@ impl RedisCluster {
         }
     }
 
+    /// `CLUSTER MYID` of node `i`.
+    async fn id_of(&self, i: usize) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut self.nodes[i].conn().await)
+            .await
+            .unwrap()
+    }
+
+    /// Moves `slot` from its primary to primary `to` the way `redis-cli --cluster reshard`
+    /// does: IMPORTING on the target, MIGRATING on the source, its keys moved one `MIGRATE` at
+    /// a time (clients meanwhile get `ASK` for a key already moved, `TRYAGAIN` for a script
+    /// whose keys are split), then the slot assigned to the target on every primary.
+    pub async fn migrate_slot(&self, slot: u16, to: usize) {
+        let from = self.primary_of(slot).await;
+        assert_ne!(from, to, "slot {slot} is on node {to} already");
+        let (from_id, to_id) = (self.id_of(from).await, self.id_of(to).await);
+        let mut source = self.nodes[from].conn().await;
+        let mut target = self.nodes[to].conn().await;
+        let setslot = |state: &str, id: &str| {
+            let mut c = redis::cmd("CLUSTER");
+            c.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            c
+        };
+        let _: () = setslot("IMPORTING", &from_id)
+            .query_async(&mut target)
+            .await
+            .unwrap();
+        let _: () = setslot("MIGRATING", &to_id)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+            let Some(key) = keys.first() else { break };
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.nodes[to].port)
+                .arg(key)
+                .arg(0)
+                .arg(5000)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+            moved += 1;
+            // Paced, so that traffic runs into the half-moved slot for a while (this is the
+            // fault's timing, not a wait for anything).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(moved > 0, "slot {slot} held no keys");
+        eprintln!("slot {slot}: {moved} keys moved from node {from} to node {to}");
+        // Target first, then source (the order `redis-cli --cluster` uses); the other
+        // nodes learn it by gossip.
+        for conn in [&mut target, &mut source] {
+            let _: () = setslot("NODE", &to_id).query_async(conn).await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.primary_of(slot).await != to {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster never learned that node {to} serves slot {slot}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A live primary other than node `i`.
+    pub async fn primary_other_than(&self, i: usize) -> usize {
+        for (j, n) in self.nodes.iter().enumerate() {
+            if j != i && n.child.is_some() && n.info("replication").await.contains("role:master") {
+                return j;
+            }
+        }
+        panic!("no primary besides node {i}")
+    }
+
     /// Waits until the node serving `slot` is not node `i` (its replica took over).
     pub async fn wait_failover(&self, slot: u16, from: usize) -> usize {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
