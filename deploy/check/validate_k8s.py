@@ -393,7 +393,7 @@ def check_refs_and_policy(objs, by_kind, exists, a):
             expect(pc and exists("PriorityClass", pc),
                    f"{p.owner}: priorityClassName {pc!r} missing or not in the build (chat pods must not be preempted first)")
         psc = spec.get("securityContext") or {}
-        if p.owner != "StatefulSet/redis":  # the official image's uid 999 (deploy/check/checkov.yaml)
+        if p.owner not in REDIS_STATEFULSETS:  # the official image's uid 999 (deploy/check/checkov.yaml)
             expect(psc.get("runAsUser", 0) >= 10000, f"{p.owner}: runAsUser must be >= 10000 (no clash with host uids)")
         expect(spec.get("automountServiceAccountToken") is False, f"{p.owner}: pod automountServiceAccountToken must be false")
         expect(psc.get("runAsNonRoot") is True, f"{p.owner}: securityContext.runAsNonRoot must be true")
@@ -490,23 +490,61 @@ def check_refs_and_policy(objs, by_kind, exists, a):
             codes = set((r.get("retry") or {}).get("codes") or [])
             expect({502, 503} <= codes, f"{ident(route)}: rule {r.get('name')} must retry 502 and 503 on another pod")
 
-    redis = by_kind.get("StatefulSet", {}).get("redis")
-    if expect(redis, "StatefulSet/redis missing"):
-        rc = redis["spec"]["template"]["spec"]["containers"][0]
-        expect("--aclfile" in (rc.get("args") or []), "StatefulSet/redis: clients must authenticate (--aclfile)")
-        expect(redis["spec"].get("volumeClaimTemplates"), "StatefulSet/redis: needs a PVC for the AOF")
-        conf = next((cm["data"].get("redis.conf", "") for cm in by_kind.get("ConfigMap", {}).values()
-                     if "redis.conf" in (cm.get("data") or {})), "")
+    # Redis: the base's single primary, or components/redis-cluster's cluster.
+    redises = {n: o for n, o in by_kind.get("StatefulSet", {}).items() if f"StatefulSet/{n}" in REDIS_STATEFULSETS}
+    expect(len(redises) == 1, f"exactly one Redis StatefulSet expected ({', '.join(REDIS_STATEFULSETS)}), found {list(redises)}")
+    for name, redis in redises.items():
+        who = f"StatefulSet/{name}"
+        tpl = redis["spec"]["template"]
+        rc = tpl["spec"]["containers"][0]
+        expect("--aclfile" in (rc.get("args") or []), f"{who}: clients must authenticate (--aclfile)")
+        expect(redis["spec"].get("volumeClaimTemplates"), f"{who}: needs a PVC for the AOF")
+        # The config file of its own `config` volume (a ConfigMap key mounted as redis.conf).
+        vol = next((v["configMap"] for v in tpl["spec"].get("volumes") or [] if v["name"] == "config" and "configMap" in v), {})
+        key = next((i["key"] for i in vol.get("items") or [] if i["path"] == "redis.conf"), "redis.conf")
+        conf = ((by_kind.get("ConfigMap", {}).get(vol.get("name")) or {}).get("data") or {}).get(key, "")
         expect(re.search(r"^appendonly yes", conf, re.M) and re.search(r"^appendfsync always", conf, re.M),
-               "redis.conf: appendonly yes + appendfsync always expected")
-        expect(re.search(r"^maxmemory-policy noeviction", conf, re.M), "redis.conf: maxmemory-policy noeviction expected")
+               f"{who}: its redis.conf must have appendonly yes + appendfsync always")
+        expect(re.search(r"^maxmemory-policy noeviction", conf, re.M), f"{who}: its redis.conf must have maxmemory-policy noeviction")
+        expect(any(c["name"] == "exporter" and any(p.get("name") == "metrics" for p in c.get("ports") or [])
+                   for c in tpl["spec"]["containers"]), f"{who}: needs the redis_exporter sidecar (port metrics)")
+        cluster = bool(re.search(r"^cluster-enabled yes", conf, re.M))
+        modes = {config_value(d["spec"]["template"], "CHAT_REDIS_MODE") or "single"
+                 for d in by_kind.get("Deployment", {}).values() if d["metadata"]["name"] in ("gateway", "history-service")}
+        expect(modes == {"cluster" if cluster else "single"},
+               f"{who}: gateway and history-service must run CHAT_REDIS_MODE={'cluster' if cluster else 'single'} (have {sorted(modes)})")
+        if cluster:
+            n = redis["spec"].get("replicas", 1)
+            expect(n >= 6, f"{who}: a cluster needs at least 3 primaries + 3 replicas (replicas: {n})")
+            expect(redis["spec"].get("podManagementPolicy") == "Parallel",
+                   f"{who}: podManagementPolicy Parallel (nodes become Ready only once the cluster is formed)")
+            headless = by_kind.get("Service", {}).get(redis["spec"].get("serviceName"), {})
+            expect(headless.get("spec", {}).get("clusterIP") == "None" and headless["spec"].get("publishNotReadyAddresses"),
+                   f"{who}: serviceName must be a headless Service publishing not-ready addresses (nodes find each other before Ready)")
+            expect(any("--cluster-announce-hostname" == a for a in rc.get("args") or []),
+                   f"{who}: must announce its stable DNS name (--cluster-announce-hostname)")
+            pdbs = [p for p in by_kind.get("PodDisruptionBudget", {}).values()
+                    if selector_matches(p["spec"]["selector"], tpl["metadata"].get("labels") or {})]
+            expect(len(pdbs) == 1 and pdbs[0]["spec"].get("maxUnavailable") == 1,
+                   f"{who}: needs a PodDisruptionBudget with maxUnavailable 1")
+            jobs = [j for j in by_kind.get("Job", {}).values()
+                    if any("cluster-init" in " ".join(c.get("command") or []) for c in j["spec"]["template"]["spec"]["containers"])]
+            expect(jobs, f"{who}: no Job runs cluster-init.sh (the cluster would never form)")
+            for j in jobs:
+                env = {e["name"]: e.get("value", "") for c in j["spec"]["template"]["spec"]["containers"] for e in c.get("env") or []}
+                want = [f"{name}-{i}.{headless.get('metadata', {}).get('name')}:6379" for i in range(n)]
+                expect(env.get("CLUSTER_NODES", "").split() == want,
+                       f"{ident(j)}: CLUSTER_NODES must list every node of {who} ({' '.join(want)})")
 
     expect(any(not n["spec"]["podSelector"] and not n["spec"].get("ingress")
                for n in by_kind.get("NetworkPolicy", {}).values()), "no default-deny ingress NetworkPolicy")
 
     for sm in by_kind.get("ServiceMonitor", {}).values():
+        chat = any(selector_matches(sm["spec"]["selector"], s["metadata"].get("labels") or {})
+                   for s in by_kind.get("Service", {}).values() if s["metadata"]["name"] in ("gateway", "history-service"))
         for ep in sm["spec"]["endpoints"]:
-            expect(ep.get("port") == "internal", f"{ident(sm)}: scrape the internal port (/metrics is not on the public one)")
+            if chat:
+                expect(ep.get("port") == "internal", f"{ident(sm)}: scrape the internal port (/metrics is not on the public one)")
 
     if a.production:
         hist = by_kind.get("Deployment", {}).get("history-service")
@@ -521,6 +559,8 @@ def check_refs_and_policy(objs, by_kind, exists, a):
 
 
 # ------------------------------------------------------------------ 4. contract
+# The Redis shapes: base's single primary, components/redis-cluster's cluster.
+REDIS_STATEFULSETS = ("StatefulSet/redis", "StatefulSet/redis-cluster")
 SECRET_SETTINGS = {"CHAT_JWT_SECRET", "CHAT_INTERNAL_TOKEN"}
 # The keys of the generated Secret chat-secrets (mounted as files).
 SECRET_KEYS = ("jwt-secret", "internal-token", "redis-password", "redis-url")
