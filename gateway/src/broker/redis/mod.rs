@@ -54,6 +54,7 @@ mod keys;
 mod scripts;
 mod sent;
 mod subscriber;
+mod waits;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -77,6 +78,7 @@ use keys::RoomKeys;
 use scripts::Scripts;
 use sent::{EntryId, Sent, SentLog};
 use subscriber::SubCmd;
+use waits::Waits;
 
 const NODE_CHANNEL: &str = "chat:nodes";
 const DEDUPE_TTL_S: u64 = 600;
@@ -111,6 +113,8 @@ pub struct RedisBroker {
     scripts: Scripts,
     /// What this node published, until the store has it.
     sent: SentLog,
+    /// `WAIT`s shared by the publishes they cover.
+    waits: Waits,
     /// Each partition's epoch as this node last saw it ([`epochs`]).
     epochs: Mutex<HashMap<u16, Arc<str>>>,
     /// Each primary's replication id as last seen: a new one means a restart or a failover.
@@ -143,6 +147,7 @@ impl RedisBroker {
         let healthy = Arc::new(AtomicBool::new(false));
         let broker = Arc::new(Self {
             sent: SentLog::new(settings.partitions, SENT_MAX),
+            waits: Waits::new(CONNECTIONS, settings.partitions),
             settings,
             conns,
             next_conn: AtomicUsize::new(0),
@@ -178,8 +183,14 @@ impl RedisBroker {
 
     /// A command connection (they are multiplexed; publishes take turns).
     fn conn(&self) -> Redis {
+        self.numbered_conn().1
+    }
+
+    /// A command connection and its number (a publish's `WAIT` goes over the connection that
+    /// wrote, see [`waits`]).
+    fn numbered_conn(&self) -> (usize, Redis) {
         let i = self.next_conn.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].clone()
+        (i, self.conns[i].clone())
     }
 
     fn partitions(&self) -> u16 {
@@ -269,14 +280,26 @@ impl RedisBroker {
 
     /// With `CHAT_REDIS_WAIT_REPLICAS`, waits until that many replicas have what `conn` wrote
     /// to the partition of `keys`.
-    async fn replicated(&self, conn: &mut Redis, keys: &RoomKeys) -> Result<(), BrokerError> {
+    async fn replicated(
+        &self,
+        (i, conn): &mut (usize, Redis),
+        keys: &RoomKeys,
+    ) -> Result<(), BrokerError> {
         let want = self.settings.wait_replicas;
         if want == 0 {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let got = conn
-            .wait_replicas(&keys.persist(), want, self.settings.wait_timeout)
+        let got = self
+            .waits
+            .replicas(
+                *i,
+                conn,
+                keys.partition,
+                &keys.persist(),
+                want,
+                self.settings.wait_timeout,
+            )
             .await
             .map_err(unavailable)?;
         metrics::histogram!("chat_broker_wait_seconds").record(started.elapsed());
@@ -356,7 +379,7 @@ impl Broker for Arc<RedisBroker> {
             StateCheck::Unchecked => ("", 0),
         };
         let traceparent = crate::telemetry::current_traceparent().unwrap_or_default();
-        let mut conn = self.conn();
+        let mut conn = self.numbered_conn();
         let mut seeded = false;
         let reply = loop {
             let mut inv = self.scripts.publish.prepare_invoke();
@@ -382,7 +405,7 @@ impl Broker for Arc<RedisBroker> {
                 .arg(&traceparent)
                 .arg(mode)
                 .arg(version);
-            let reply: Vec<String> = self.invoke(&mut conn, inv).await?;
+            let reply: Vec<String> = self.invoke(&mut conn.1, inv).await?;
             match reply.first().map(String::as_str) {
                 Some("3" | "4") if !seeded => {
                     self.seed(room, &keys).await?;
