@@ -45,6 +45,7 @@ pub mod partitions;
 pub mod redis_conn;
 pub mod remote;
 pub mod secrets;
+pub mod sentinel;
 pub mod server;
 pub mod singleflight;
 pub mod startup;

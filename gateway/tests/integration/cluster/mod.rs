@@ -3,6 +3,7 @@
 
 mod chaos;
 pub mod procs;
+mod production_redis;
 pub mod redis_cluster;
 mod redis_loss;
 mod soak;
