@@ -6,6 +6,7 @@ pub mod procs;
 mod production_redis;
 pub mod redis_cluster;
 mod redis_loss;
+mod sentinel;
 mod soak;
 
 use std::collections::{HashMap, HashSet};

@@ -8,11 +8,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
-use super::chaos::{chaos_client, check, progress, Shared, ROOM};
+use super::chaos::{chaos_client, check, progress, Shared, Tally, ROOM};
 use super::procs::*;
 use crate::support::*;
 
@@ -242,18 +244,49 @@ pub async fn acl_denials(conn: &mut redis::aio::MultiplexedConnection) -> Vec<St
 }
 
 /// The Redis settings of a process, and the history service, for gateways to start on.
-struct SecureBackend {
-    env: Vec<(&'static str, String)>,
-    history: History,
+pub struct EnvBackend {
+    pub env: Vec<(&'static str, String)>,
+    pub history: History,
 }
 
-impl Behind for SecureBackend {
+impl Behind for EnvBackend {
     fn redis_env(&self) -> Vec<(&'static str, String)> {
         self.env.clone()
     }
     fn history_url(&self) -> String {
         self.history.url()
     }
+}
+
+/// Two gateways on `backend` (with `env`) behind nginx, the chaos room, and 4 chaos clients
+/// writing through nginx.
+pub async fn two_gateways_with_writers(
+    backend: &EnvBackend,
+    env: &[(&str, &str)],
+) -> (Vec<Gateway>, Nginx, Arc<Shared>, Vec<JoinHandle<Tally>>) {
+    let gateways = vec![
+        Gateway::start(backend, "g1", env).await,
+        Gateway::start(backend, "g2", env).await,
+    ];
+    let addrs: Vec<_> = gateways.iter().map(|g| g.addr).collect();
+    let lb = Nginx::start(&addrs, backend.history.addr).await;
+    let mut owner = Client::connect_addr(lb.addr, "owner", "/ws").await;
+    owner.join(ROOM).await;
+    let shared = Shared::new(4);
+    let running = (0..4)
+        .map(|i| tokio::spawn(chaos_client(lb.addr, format!("c{i}"), shared.clone())))
+        .collect();
+    (gateways, lb, shared, running)
+}
+
+/// Stops the writers and collects what each saw.
+pub async fn stop_writers(shared: &Shared, running: Vec<JoinHandle<Tally>>) -> Vec<Tally> {
+    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut tallies = vec![];
+    for c in running {
+        tallies.push(c.await.unwrap());
+    }
+    tallies
 }
 
 /// The gateway binary started with `env` (Redis settings) that must fail: its exit status and
@@ -294,26 +327,12 @@ async fn tls_with_client_certificates_and_an_acl_user_carry_the_chaos_clients() 
     ];
     env.extend(certs.env());
     let history = History::start(env.clone(), "history-1").await;
-    let backend = SecureBackend { env, history };
-    let g1 = Gateway::start(&backend, "g1", &[]).await;
-    let g2 = Gateway::start(&backend, "g2", &[]).await;
-    let lb = Nginx::start(&[g1.addr, g2.addr], backend.history.addr).await;
-    let mut owner = Client::connect_addr(lb.addr, "owner", "/ws").await;
-    owner.join(ROOM).await;
-    drop(owner);
-
-    let shared = Shared::new(4);
-    let running: Vec<_> = (0..4)
-        .map(|i| tokio::spawn(chaos_client(lb.addr, format!("c{i}"), shared.clone())))
-        .collect();
+    let backend = EnvBackend { env, history };
+    let (mut gateways, _lb, shared, running) = two_gateways_with_writers(&backend, &[]).await;
     progress(&shared, 40, "steady traffic over TLS").await;
-    g1.sigkill().await; // its clients reconnect to g2 and recover from Redis
+    gateways.remove(0).sigkill().await; // its clients reconnect to g2 and recover from Redis
     progress(&shared, 40, "a gateway killed").await;
-    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut tallies = vec![];
-    for c in running {
-        tallies.push(c.await.unwrap());
-    }
+    let tallies = stop_writers(&shared, running).await;
     let checked = check(&tallies, backend.history.addr, true).await;
     eprintln!("tls + acl: {checked:?}, {:?}", started.elapsed());
     assert!(
