@@ -1,6 +1,13 @@
 //! Connections to Redis for both binaries, built in one place from the configured settings:
-//! one primary (`CHAT_REDIS_MODE=single`, `CHAT_REDIS_URL` its URL) or a Redis Cluster
-//! (`CHAT_REDIS_MODE=cluster`, `CHAT_REDIS_URL` a comma-separated list of seed nodes).
+//! one primary (`CHAT_REDIS_MODE=single`, `CHAT_REDIS_URL` its URL), a Redis Cluster
+//! (`CHAT_REDIS_MODE=cluster`, `CHAT_REDIS_URL` a comma-separated list of seed nodes), or one
+//! primary found through Sentinel (`CHAT_REDIS_MODE=sentinel`, `CHAT_REDIS_URL` the sentinels;
+//! see [`crate::sentinel`]).
+//!
+//! Every connection (commands, the gateway's pub/sub, the consumer, `WAIT`) is made from the
+//! same [`ConnectionInfo`]: TLS when the URLs are `rediss://` (trusting `CHAT_REDIS_CA_FILE`,
+//! with the client certificate of `CHAT_REDIS_CERT_FILE`/`CHAT_REDIS_KEY_FILE` when given) and
+//! the ACL user of `CHAT_REDIS_USERNAME`/`CHAT_REDIS_PASSWORD` (over what the URL carries).
 //!
 //! - [`RedisSettings::connect`]: the command connection ([`Redis`]): multiplexed, reconnecting
 //!   by itself; on a cluster it follows `MOVED`/`ASK` redirections and topology changes
@@ -15,13 +22,15 @@
 //! Keys are laid out by [`crate::partitions`], so that everything one script touches is in
 //! one hash slot.
 
+use std::path::Path;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
-    Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture,
+    ClientTlsConfig, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
+    ProtocolVersion, RedisFuture, TlsCertificates,
 };
 use redis::{RedisError, RedisResult, Value};
 
@@ -32,6 +41,8 @@ pub enum Mode {
     Single,
     /// A Redis Cluster: rooms spread over its shards by partition.
     Cluster,
+    /// One primary, found by asking Sentinel (and found again after a failover).
+    Sentinel,
 }
 
 impl std::str::FromStr for Mode {
@@ -41,8 +52,9 @@ impl std::str::FromStr for Mode {
         match s {
             "single" => Ok(Mode::Single),
             "cluster" => Ok(Mode::Cluster),
+            "sentinel" => Ok(Mode::Sentinel),
             other => Err(format!(
-                "CHAT_REDIS_MODE must be single or cluster (got {other})"
+                "CHAT_REDIS_MODE must be single, cluster or sentinel (got {other})"
             )),
         }
     }
@@ -62,8 +74,8 @@ pub const MAX_PARTITIONS: u16 = 1024;
 /// The Redis settings both binaries take (flags and `CHAT_*` variables), before validation.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RedisArgs {
-    /// Redis URL (`redis://host:6379`); with `CHAT_REDIS_MODE=cluster` a comma-separated list
-    /// of seed nodes. Gateway: unset → in-process broker (single node). History service:
+    /// Redis URL (`redis://host:6379`, `rediss://` for TLS); with `CHAT_REDIS_MODE=cluster` a
+    /// comma-separated list of seed nodes, with `sentinel` the sentinels. Gateway: unset → in-process broker (single node). History service:
     /// unset → API only, no persistence-stream consumer.
     #[arg(
         long = "redis-url",
@@ -75,7 +87,8 @@ pub struct RedisArgs {
     /// File holding `CHAT_REDIS_URL` (it may carry a password): a mounted Secret.
     #[arg(long = "redis-url-file", env = "CHAT_REDIS_URL_FILE", global = true)]
     pub url_file: Option<std::path::PathBuf>,
-    /// `single` (one primary, with or without replicas) or `cluster` (a Redis Cluster).
+    /// `single` (one primary, with or without replicas), `cluster` (a Redis Cluster) or
+    /// `sentinel` (one primary, found through the sentinels of `CHAT_REDIS_URL`).
     #[arg(
         long = "redis-mode",
         env = "CHAT_REDIS_MODE",
@@ -109,43 +122,175 @@ pub struct RedisArgs {
         global = true
     )]
     pub wait_timeout_ms: u64,
+    /// ACL user for every Redis connection (over the one in `CHAT_REDIS_URL`).
+    #[arg(long = "redis-username", env = "CHAT_REDIS_USERNAME", global = true)]
+    pub username: Option<String>,
+    /// Password of that user (over the one in `CHAT_REDIS_URL`).
+    #[arg(
+        long = "redis-password",
+        env = "CHAT_REDIS_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
+    pub password: Option<String>,
+    /// File holding `CHAT_REDIS_PASSWORD`: a mounted Secret.
+    #[arg(
+        long = "redis-password-file",
+        env = "CHAT_REDIS_PASSWORD_FILE",
+        global = true
+    )]
+    pub password_file: Option<std::path::PathBuf>,
+    /// With `CHAT_REDIS_MODE=sentinel`: the name the sentinels monitor the primary under.
+    #[arg(
+        long = "redis-sentinel-master",
+        env = "CHAT_REDIS_SENTINEL_MASTER",
+        default_value = "mymaster",
+        global = true
+    )]
+    pub sentinel_master: String,
+    /// Password the sentinels ask for (`requirepass` of the sentinels), when they have one of
+    /// their own; unset: the sentinels' URLs carry it, or they need none.
+    #[arg(
+        long = "redis-sentinel-password",
+        env = "CHAT_REDIS_SENTINEL_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
+    pub sentinel_password: Option<String>,
+    /// File holding `CHAT_REDIS_SENTINEL_PASSWORD`: a mounted Secret.
+    #[arg(
+        long = "redis-sentinel-password-file",
+        env = "CHAT_REDIS_SENTINEL_PASSWORD_FILE",
+        global = true
+    )]
+    pub sentinel_password_file: Option<std::path::PathBuf>,
+    /// PEM bundle of the CAs to trust for `rediss://` (unset: the system's roots).
+    #[arg(long = "redis-ca-file", env = "CHAT_REDIS_CA_FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; with `CHAT_REDIS_KEY_FILE`.
+    #[arg(long = "redis-cert-file", env = "CHAT_REDIS_CERT_FILE", global = true)]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `CHAT_REDIS_CERT_FILE`.
+    #[arg(long = "redis-key-file", env = "CHAT_REDIS_KEY_FILE", global = true)]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl RedisArgs {
-    /// Replaces `CHAT_REDIS_URL` by what `CHAT_REDIS_URL_FILE` holds (a second call does
-    /// nothing).
+    /// Replaces `CHAT_REDIS_URL`, `CHAT_REDIS_PASSWORD` and `CHAT_REDIS_SENTINEL_PASSWORD` by
+    /// what their `_FILE` settings hold (a second call does nothing).
     pub fn load_secret_file(&mut self) -> Result<(), String> {
-        self.url = crate::secrets::setting(
+        use crate::secrets::setting;
+        self.url = setting(
             "CHAT_REDIS_URL",
             self.url.take(),
             self.url_file.take().as_deref(),
         )?;
+        self.password = setting(
+            "CHAT_REDIS_PASSWORD",
+            self.password.take(),
+            self.password_file.take().as_deref(),
+        )?;
+        self.sentinel_password = setting(
+            "CHAT_REDIS_SENTINEL_PASSWORD",
+            self.sentinel_password.take(),
+            self.sentinel_password_file.take().as_deref(),
+        )?;
         Ok(())
     }
 
-    /// The validated settings, when a Redis is configured.
+    /// The validated settings, when a Redis is configured (reads the TLS files).
     pub fn settings(&self) -> Result<Option<RedisSettings>, String> {
-        self.url
-            .as_deref()
-            .map(|url| {
-                RedisSettings::parse(
-                    &self.mode,
-                    url,
-                    self.partitions,
-                    self.wait_replicas,
-                    self.wait_timeout_ms,
-                )
-            })
-            .transpose()
+        let Some(url) = self.url.as_deref() else {
+            return Ok(None);
+        };
+        let access = Access {
+            username: self.username.clone(),
+            password: self.password.clone(),
+            sentinel_master: self.sentinel_master.clone(),
+            sentinel_password: self.sentinel_password.clone(),
+            tls: tls_certificates(
+                self.ca_file.as_deref(),
+                self.cert_file.as_deref(),
+                self.key_file.as_deref(),
+            )?,
+        };
+        RedisSettings::parse(
+            &self.mode,
+            url,
+            self.partitions,
+            self.wait_replicas,
+            self.wait_timeout_ms,
+        )?
+        .with_access(access)
+        .map(Some)
     }
+}
+
+/// Credentials and TLS material for the connections, over what the URLs carry.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// ACL user of the data nodes.
+    pub username: Option<String>,
+    /// Its password.
+    pub password: Option<String>,
+    /// The primary's name at the sentinels.
+    pub sentinel_master: String,
+    /// The sentinels' own password.
+    pub sentinel_password: Option<String>,
+    /// CA and client certificate; `None`: the system's roots, no client certificate.
+    pub tls: Option<TlsCertificates>,
+}
+
+/// Reads the TLS files: `None` when none is set. Errors name the setting.
+pub fn tls_certificates(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<TlsCertificates>, String> {
+    let read = |name: &str, path: &Path| {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read {name} {}: {e}", path.display()))?;
+        // rustls skips what is not PEM: a wrong file would trust nothing, silently.
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
+            return Err(format!("{name} {} holds no PEM block", path.display()));
+        }
+        Ok(pem)
+    };
+    let root_cert = ca.map(|p| read("CHAT_REDIS_CA_FILE", p)).transpose()?;
+    let client_tls = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: read("CHAT_REDIS_CERT_FILE", cert)?,
+            client_key: read("CHAT_REDIS_KEY_FILE", key)?,
+        }),
+        (Some(_), None) => {
+            return Err("CHAT_REDIS_CERT_FILE is set without CHAT_REDIS_KEY_FILE".into())
+        }
+        (None, Some(_)) => {
+            return Err("CHAT_REDIS_KEY_FILE is set without CHAT_REDIS_CERT_FILE".into())
+        }
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
 /// Everything about reaching Redis, validated.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
     pub mode: Mode,
-    /// The primary (single), or the seed nodes (cluster).
+    /// The primary (single), the seed nodes (cluster), or the sentinels (sentinel).
     pub nodes: Vec<ConnectionInfo>,
+    /// How to reach a data node (its address aside): transport, TLS, ACL user.
+    pub data: ConnectionInfo,
+    /// The CA and client certificate, when given (a cluster client takes them as such).
+    pub tls: Option<TlsCertificates>,
+    /// The primary's name at the sentinels.
+    pub sentinel_master: String,
     /// Rooms and persistence streams are spread over this many partitions.
     pub partitions: u16,
     /// `WAIT` for this many replicas before a stored event counts as written (0: do not).
@@ -167,7 +312,7 @@ impl RedisSettings {
     ) -> Result<Self, String> {
         let mode: Mode = mode.parse()?;
         let partitions = partitions.unwrap_or(match mode {
-            Mode::Single => DEFAULT_SINGLE_PARTITIONS,
+            Mode::Single | Mode::Sentinel => DEFAULT_SINGLE_PARTITIONS,
             Mode::Cluster => DEFAULT_CLUSTER_PARTITIONS,
         });
         let urls: Vec<&str> = url
@@ -185,9 +330,13 @@ impl RedisSettings {
             );
         }
         let mut nodes = Vec::with_capacity(urls.len());
+        let tls = urls[0].starts_with("rediss://");
         for u in urls {
             if !u.starts_with("redis://") && !u.starts_with("rediss://") {
                 return Err(format!("CHAT_REDIS_URL must start with redis:// (got {u})"));
+            }
+            if u.starts_with("rediss://") != tls {
+                return Err("CHAT_REDIS_URL mixes redis:// and rediss:// URLs".into());
             }
             nodes.push(
                 u.into_connection_info()
@@ -204,12 +353,75 @@ impl RedisSettings {
         }
         Ok(Self {
             mode,
+            data: nodes[0].clone(),
             nodes,
+            tls: None,
+            sentinel_master: "mymaster".into(),
             partitions,
             wait_replicas,
             wait_timeout: Duration::from_millis(wait_timeout_ms),
             timeout: Duration::from_secs(3),
         })
+    }
+
+    /// Applies credentials and TLS material (see [`Access`]); errors name the setting.
+    pub fn with_access(mut self, access: Access) -> Result<Self, String> {
+        let tls = matches!(self.data.addr(), ConnectionAddr::TcpTls { .. });
+        if access.tls.is_some() && !tls {
+            return Err(
+                "CHAT_REDIS_CA_FILE/CHAT_REDIS_CERT_FILE are set but CHAT_REDIS_URL is not rediss://"
+                    .into(),
+            );
+        }
+        if access.sentinel_password.is_some() && self.mode != Mode::Sentinel {
+            return Err(
+                "CHAT_REDIS_SENTINEL_PASSWORD is set but CHAT_REDIS_MODE is not sentinel".into(),
+            );
+        }
+        if access.sentinel_master.is_empty() {
+            return Err("CHAT_REDIS_SENTINEL_MASTER is empty".into());
+        }
+        let certified = |info: ConnectionInfo| match &access.tls {
+            Some(certs) => redis::Client::build_with_tls(info, certs.clone())
+                .map(|c| c.get_connection_info().clone())
+                .map_err(|e| {
+                    format!("CHAT_REDIS_CA_FILE/CHAT_REDIS_CERT_FILE/CHAT_REDIS_KEY_FILE: {e}")
+                }),
+            None => Ok(info),
+        };
+        let with_user = |info: ConnectionInfo| {
+            let mut r = info.redis_settings().clone();
+            if let Some(u) = &access.username {
+                r = r.set_username(u);
+            }
+            if let Some(p) = &access.password {
+                r = r.set_password(p);
+            }
+            info.set_redis_settings(r)
+        };
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for n in self.nodes {
+            nodes.push(certified(match (self.mode, &access.sentinel_password) {
+                (Mode::Sentinel, Some(p)) => {
+                    let r = n.redis_settings().clone().set_password(p);
+                    n.set_redis_settings(r)
+                }
+                (Mode::Sentinel, None) => n,
+                _ => with_user(n),
+            })?);
+        }
+        self.data = match self.mode {
+            // The primary's user is not the sentinels': only the transport comes from them.
+            Mode::Sentinel => {
+                let r = redis::RedisConnectionInfo::default();
+                with_user(nodes[0].clone().set_redis_settings(r))
+            }
+            _ => nodes[0].clone(),
+        };
+        self.nodes = nodes;
+        self.tls = access.tls;
+        self.sentinel_master = access.sentinel_master;
+        Ok(self)
     }
 
     /// `host:port` of the first node, without credentials (for error messages).
@@ -244,16 +456,32 @@ impl RedisSettings {
                     .set_connection_timeout(Some(self.timeout))
                     .set_number_of_retries(usize::MAX)
                     .set_max_delay(Duration::from_secs(1));
-                let conn = tokio::time::timeout(
+                match tokio::time::timeout(
                     self.timeout,
                     client.get_connection_manager_with_config(config),
                 )
                 .await
-                .map_err(|_| timed_out("connecting"))??;
-                Ok(Redis::Single(conn))
+                {
+                    Ok(conn) => Ok(Redis::Single(conn?)),
+                    // The manager retries whatever fails: one plain attempt tells why (a TLS
+                    // or credentials error says more than a timeout).
+                    Err(_) => {
+                        let plain = redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(self.timeout))
+                            .set_response_timeout(Some(self.timeout));
+                        client
+                            .get_multiplexed_async_connection_with_config(&plain)
+                            .await?;
+                        Err(timed_out("connecting"))
+                    }
+                }
             }
             Mode::Cluster => {
-                let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                let mut builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone());
+                if let Some(certs) = &self.tls {
+                    builder = builder.certs(certs.clone());
+                }
+                let client = builder
                     .use_protocol(ProtocolVersion::RESP3)
                     .connection_timeout(self.timeout)
                     .response_timeout(response)
@@ -266,13 +494,16 @@ impl RedisSettings {
                     .map_err(|_| timed_out("connecting"))??;
                 Ok(Redis::Cluster(conn))
             }
+            Mode::Sentinel => Ok(Redis::Sentinel(
+                crate::sentinel::PrimaryConnection::connect(self.clone(), response).await?,
+            )),
         }
     }
 
-    /// How to connect to the node at `addr` (`host:port`) with the seed's credentials and
-    /// transport, speaking `protocol`.
+    /// How to connect to the data node at `addr` (`host:port`) with the configured
+    /// credentials and transport, speaking `protocol`.
     pub fn node_info(&self, addr: &str, protocol: ProtocolVersion) -> ConnectionInfo {
-        let seed = self.nodes[0].clone();
+        let seed = self.data.clone();
         let (host, port) = addr
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
@@ -344,10 +575,12 @@ pub fn slot_of(key: &str) -> u16 {
 pub enum Redis {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(crate::sentinel::PrimaryConnection),
 }
 
 impl Redis {
-    /// The primaries and the slots each serves; a single primary owns every slot.
+    /// The primaries and the slots each serves; a single primary owns every slot (behind
+    /// Sentinel: the one it names now).
     pub async fn primaries(&mut self, settings: &RedisSettings) -> RedisResult<Vec<Primary>> {
         match self {
             Redis::Single(_) => Ok(vec![Primary {
@@ -358,6 +591,10 @@ impl Redis {
                 let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
                 Ok(parse_cluster_slots(&v))
             }
+            Redis::Sentinel(c) => Ok(vec![Primary {
+                addr: c.addr().await?,
+                slots: vec![(0, 16383)],
+            }]),
         }
     }
 
@@ -373,6 +610,7 @@ impl Redis {
         cmd.arg(n).arg(timeout.as_millis() as u64);
         let v = match self {
             Redis::Single(c) => cmd.query_async::<Value>(c).await?,
+            Redis::Sentinel(c) => cmd.query_async::<Value>(c).await?,
             Redis::Cluster(c) => {
                 let route = redis::cluster_routing::Route::new(
                     slot_of(key),
@@ -394,6 +632,7 @@ impl Redis {
         cmd.arg("replication");
         let v = match self {
             Redis::Single(c) => cmd.query_async::<Value>(c).await?,
+            Redis::Sentinel(c) => cmd.query_async::<Value>(c).await?,
             Redis::Cluster(c) => {
                 let (host, port) = addr
                     .rsplit_once(':')
@@ -449,6 +688,7 @@ impl ConnectionLike for Redis {
         match self {
             Redis::Single(c) => c.req_packed_command(cmd),
             Redis::Cluster(c) => c.req_packed_command(cmd),
+            Redis::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -461,6 +701,7 @@ impl ConnectionLike for Redis {
         match self {
             Redis::Single(c) => c.req_packed_commands(cmd, offset, count),
             Redis::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Redis::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -468,6 +709,7 @@ impl ConnectionLike for Redis {
         match self {
             Redis::Single(c) => c.get_db(),
             Redis::Cluster(c) => c.get_db(),
+            Redis::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -516,6 +758,73 @@ mod tests {
         assert_eq!(n.redis_settings().username(), Some("user"));
         assert_eq!(n.redis_settings().password(), Some("pw"));
         assert_eq!(n.redis_settings().protocol(), redis::ProtocolVersion::RESP3);
+    }
+
+    #[test]
+    fn credentials_and_tls_settings_are_checked() {
+        let parse = |mode: &str, url: &str, access: Access| {
+            RedisSettings::parse(mode, url, None, 0, 500)
+                .unwrap()
+                .with_access(access)
+        };
+        let access = || Access {
+            sentinel_master: "mymaster".into(),
+            ..Access::default()
+        };
+        let user = Access {
+            username: Some("chat".into()),
+            password: Some("pw".into()),
+            ..access()
+        };
+        let s = parse("single", "redis://old:secret@a:1", user.clone()).unwrap();
+        assert_eq!(s.data.redis_settings().username(), Some("chat"));
+        assert_eq!(s.data.redis_settings().password(), Some("pw"));
+        // Behind Sentinel the primary gets the ACL user, the sentinels their own password.
+        let sentinels = Access {
+            sentinel_password: Some("spw".into()),
+            ..user
+        };
+        let s = parse("sentinel", "redis://s1:26379,redis://s2:26379", sentinels).unwrap();
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(s.nodes[1].redis_settings().password(), Some("spw"));
+        assert_eq!(s.nodes[1].redis_settings().username(), None);
+        let primary = s.node_info("10.0.0.9:6379", ProtocolVersion::RESP3);
+        assert_eq!(primary.redis_settings().username(), Some("chat"));
+        assert_eq!(primary.redis_settings().password(), Some("pw"));
+
+        let tls = Access {
+            tls: Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            }),
+            ..access()
+        };
+        let e = parse("single", "redis://a:1", tls).unwrap_err();
+        assert!(e.contains("is not rediss://"), "{e}");
+        let junk = std::env::temp_dir().join(format!("chat-ca-junk-{}", std::process::id()));
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let e = tls_certificates(Some(&junk), None, None).unwrap_err();
+        assert!(
+            e.contains("CHAT_REDIS_CA_FILE") && e.contains("no PEM"),
+            "{e}"
+        );
+        std::fs::remove_file(&junk).unwrap();
+        let e =
+            RedisSettings::parse("cluster", "rediss://a:1,redis://b:2", None, 0, 500).unwrap_err();
+        assert!(e.contains("mixes"), "{e}");
+        let spw = Access {
+            sentinel_password: Some("x".into()),
+            ..access()
+        };
+        let e = parse("single", "redis://a:1", spw).unwrap_err();
+        assert!(e.contains("CHAT_REDIS_SENTINEL_PASSWORD"), "{e}");
+        let e = tls_certificates(None, Some(Path::new("/nonexistent")), None).unwrap_err();
+        assert!(e.contains("without CHAT_REDIS_KEY_FILE"), "{e}");
+        let e = tls_certificates(Some(Path::new("/nonexistent/ca.pem")), None, None).unwrap_err();
+        assert!(
+            e.contains("cannot read CHAT_REDIS_CA_FILE /nonexistent/ca.pem"),
+            "{e}"
+        );
     }
 
     #[test]

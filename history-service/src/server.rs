@@ -8,9 +8,11 @@
 //! internal one the gateways' API ([`crate::internal`]), `/healthz`, `/readyz` and `/metrics`:
 //! a public load balancer routing to the main port cannot reach them, whatever its rules.
 //!
-//! **Readiness** (`/readyz`) is 200 only when the store answers a point read and, when a
-//! persistence stream is configured, Redis answers `PING` — each within [`PROBE_TIMEOUT`] —
-//! and the process is not shutting down. A history service that cannot reach its store
+//! **Readiness** (`/readyz`) is 200 only when the store answers a point read within
+//! [`PROBE_TIMEOUT`], the process is not shutting down and, when a persistence stream is
+//! configured, Redis answered `PING` once and has not been failing it for longer than
+//! [`crate::redis_up::UNREADY_AFTER`] (a Redis blip hits every replica at once: see
+//! [`crate::redis_up`]). A history service that cannot reach its store
 //! answers every API call with 503 anyway; taking it out of the load balancer sends readers
 //! to a replica that can.
 
@@ -33,6 +35,7 @@ use crate::consumer::{Consumer, ConsumerConfig};
 use crate::http::HistoryApi;
 use crate::internal::internal_router;
 use crate::redis_conn::{Redis, RedisSettings};
+use crate::redis_up::RedisUp;
 use crate::store::Store;
 
 /// How long one readiness check may wait for the store or Redis.
@@ -122,6 +125,8 @@ pub struct Health {
     redis: Option<RedisSettings>,
     /// The probe's connection, opened by the first probe (it reconnects by itself).
     probe: tokio::sync::OnceCell<Redis>,
+    /// What the probes found.
+    redis_up: RedisUp,
 }
 
 impl Health {
@@ -130,6 +135,7 @@ impl Health {
             draining: AtomicBool::new(false),
             redis,
             probe: tokio::sync::OnceCell::new(),
+            redis_up: RedisUp::default(),
         }
     }
 
@@ -206,15 +212,17 @@ async fn readyz<S: Store>(State(p): State<Arc<Probe<S>>>) -> Response {
                 .query_async::<String>(&mut conn.clone())
                 .await
         };
-        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "readiness: redis check failed");
+        let failed = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_string()),
+        };
+        p.health.redis_up.set(failed.is_none());
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "readiness: redis check failed");
+            // Unready only after a long outage (see `crate::redis_up`).
+            if !p.health.redis_up.ready() {
                 return (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n").into_response();
-            }
-            Err(_) => {
-                tracing::warn!("readiness: redis check timed out");
-                return (StatusCode::SERVICE_UNAVAILABLE, "redis timed out\n").into_response();
             }
         }
     }

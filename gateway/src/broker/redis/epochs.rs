@@ -125,7 +125,7 @@ impl RedisBroker {
                 .await
                 .map_err(|e| unavailable(format!("the store's last seq of {room}: {e}")))?;
             let legacy: Option<u64> = match self.settings.mode {
-                Mode::Single => {
+                Mode::Single | Mode::Sentinel => {
                     call(
                         redis::cmd("GET").arg(keys::legacy_seq(room)),
                         &mut self.conn(),

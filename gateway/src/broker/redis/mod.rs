@@ -57,12 +57,13 @@ mod subscriber;
 mod waits;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use history_service::redis_conn::{Redis, RedisSettings};
+use history_service::redis_up::RedisUp;
 use history_service::AnyStore;
 use proto::envelope::{NodeMessage, NodeTarget};
 use proto::{MessageId, RoomId, Timestamp, UserRef};
@@ -109,7 +110,7 @@ pub struct RedisBroker {
     worker: u16,
     presence_ttl: Duration,
     sub_tx: mpsc::Sender<SubCmd>,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<RedisUp>,
     scripts: Scripts,
     /// What this node published, until the store has it.
     sent: SentLog,
@@ -144,7 +145,7 @@ impl RedisBroker {
         check_partitions(&mut conn, settings.partitions).await?;
         let n: u64 = call(redis::cmd("INCR").arg("chat:worker-seq"), &mut conn).await?;
         let (sub_tx, sub_rx) = mpsc::channel(1024);
-        let healthy = Arc::new(AtomicBool::new(false));
+        let healthy = Arc::new(RedisUp::default());
         let broker = Arc::new(Self {
             sent: SentLog::new(settings.partitions, SENT_MAX),
             waits: Waits::new(CONNECTIONS, settings.partitions),
@@ -679,7 +680,8 @@ impl Broker for Arc<RedisBroker> {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        // Through a Redis blip every node stays ready (see `history_service::redis_up`).
+        self.healthy.ready()
     }
 }
 

@@ -8,7 +8,6 @@
 //! out in one write ([`crate::cork`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use history_service::redis_conn::{slot_of, Primary};
+use history_service::redis_up::RedisUp;
 use proto::envelope::{NodeMessage, NodeTarget};
 use proto::RoomId;
 use redis::aio::MultiplexedConnection;
@@ -57,7 +57,7 @@ struct Conn {
 struct Subscriber {
     broker: Weak<RedisBroker>,
     hub: Arc<Hub>,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<RedisUp>,
     primaries: Vec<Primary>,
     /// By primary address.
     conns: HashMap<String, Conn>,
@@ -78,7 +78,7 @@ pub(super) async fn run(
     broker: Weak<RedisBroker>,
     mut cmds: mpsc::Receiver<SubCmd>,
     hub: Arc<Hub>,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<RedisUp>,
     ready: oneshot::Sender<()>,
 ) {
     let (pushes, mut pushed) = mpsc::unbounded_channel();
@@ -106,7 +106,7 @@ pub(super) async fn run(
                     let _ = r.send(());
                 }
             } else {
-                sub.healthy.store(false, Ordering::Relaxed);
+                sub.healthy.set(false);
                 tracing::warn!(?backoff, "redis pub/sub unreachable; retrying");
                 next_repair = Instant::now() + backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -348,7 +348,7 @@ impl Subscriber {
         }
         let fixed = !self.broken();
         if fixed {
-            self.healthy.store(true, Ordering::Relaxed);
+            self.healthy.set(true);
             tracing::info!(rooms = self.rooms.len(), "redis pub/sub connected");
         }
         fixed
@@ -434,7 +434,7 @@ impl Subscriber {
     /// Closes the connection to `addr` (it failed): its subscriptions are lost.
     fn drop_conn(&mut self, addr: &str) {
         self.conns.remove(addr);
-        self.healthy.store(false, Ordering::Relaxed);
+        self.healthy.set(false);
         tracing::warn!(
             primary = addr,
             "redis pub/sub connection lost; subscribing again"

@@ -3,8 +3,10 @@
 
 mod chaos;
 pub mod procs;
+mod production_redis;
 pub mod redis_cluster;
 mod redis_loss;
+mod sentinel;
 mod soak;
 
 use std::collections::{HashMap, HashSet};
@@ -354,28 +356,29 @@ async fn redis_restart_mid_traffic_loses_and_duplicates_nothing() {
     receive_all(&mut r2, &acked).await;
 }
 
+/// A Redis outage shorter than `history_service::redis_up::UNREADY_AFTER` (30 s) leaves the
+/// node ready (every node would leave its Service at once otherwise); `chat_redis_up` tells.
 #[tokio::test]
-async fn readyz_is_503_while_redis_is_down() {
+async fn a_redis_blip_keeps_readyz_and_shows_in_chat_redis_up() {
     let mut backend = Backend::start().await;
     let gw = Gateway::start(&backend, "ready", &[]).await;
+    assert_eq!(metric(gw.addr, "chat_redis_up").await, 1.0);
     backend.redis.kill().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = http()
-            .get(format!("http://{}/readyz", gw.addr))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if s == 503 {
-            break;
-        }
+    while metric(gw.addr, "chat_redis_up").await != 0.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never reported unready"
+            "never reported redis down"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let s = http()
+        .get(format!("http://{}/readyz", gw.addr))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200, "a blip does not take the node out of its Service");
     let mut c = Client::connect_addr(gw.addr, "u", "/ws").await;
     let r = c.call(json!({"type": "join", "room": "down"})).await;
     assert_eq!(r["code"], "unavailable", "{r}");
@@ -385,8 +388,8 @@ async fn readyz_is_503_while_redis_is_down() {
         "connection survives"
     );
     backend.redis.restart().await;
-    wait_ready(gw.addr).await;
     c.join("down").await;
+    assert_eq!(metric(gw.addr, "chat_redis_up").await, 1.0);
 }
 
 #[tokio::test]
