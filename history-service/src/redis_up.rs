@@ -15,9 +15,6 @@ use std::time::{Duration, Instant};
 /// How long Redis may stay unreachable before the process reports itself unready.
 pub const UNREADY_AFTER: Duration = Duration::from_secs(30);
 
-/// The gauge: 1 while Redis answers, 0 while it does not.
-pub const GAUGE: &str = "chat_redis_up";
-
 /// Up or down, and since when.
 #[derive(Debug, Default)]
 pub struct RedisUp {
@@ -43,7 +40,8 @@ impl RedisUp {
             s.down_since = Some(Instant::now());
         }
         s.up = up;
-        metrics::gauge!(GAUGE).set(if up { 1.0 } else { 0.0 });
+        // The gauge `chat_redis_up`: 1 while Redis answers, 0 while it does not.
+        metrics::gauge!("chat_redis_up").set(if up { 1.0 } else { 0.0 });
     }
 
     /// Reachable now.
