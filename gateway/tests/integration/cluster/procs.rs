@@ -95,10 +95,36 @@ impl ClusterBackend {
     /// gateways started on it.
     pub async fn start_with(settings: &[(&'static str, &str)]) -> ClusterBackend {
         let cluster = super::redis_cluster::RedisCluster::start().await;
+        let settings = settings.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        Self::on(cluster, settings).await
+    }
+
+    /// On a cluster over TLS with these certificates, the product as the ACL user `chat`.
+    pub async fn start_secure(
+        certs: std::sync::Arc<super::production_redis::Certs>,
+    ) -> ClusterBackend {
+        use super::production_redis::{secret_file, CHAT_PASSWORD};
+        let cluster = super::redis_cluster::RedisCluster::start_with(Some(certs.clone())).await;
+        let mut settings = vec![
+            ("CHAT_REDIS_USERNAME", "chat".to_string()),
+            (
+                "CHAT_REDIS_PASSWORD_FILE",
+                secret_file(&certs.dir, "redis-password", CHAT_PASSWORD),
+            ),
+        ];
+        settings.extend(certs.env());
+        Self::on(cluster, settings).await
+    }
+
+    /// Two history services on `cluster`, every process with `settings`.
+    async fn on(
+        cluster: super::redis_cluster::RedisCluster,
+        settings: Vec<(&'static str, String)>,
+    ) -> ClusterBackend {
         let mut b = ClusterBackend {
             cluster,
             histories: Vec::new(),
-            settings: settings.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            settings,
         };
         for name in ["history-1", "history-2"] {
             // Both replicas on one store: the second is a reader of the first's file, as two

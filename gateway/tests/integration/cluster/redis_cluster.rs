@@ -7,11 +7,13 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
 use super::procs::{require, tempdir, wait_for_port};
+use super::production_redis::{acl_args, Certs, ADMIN_PASSWORD};
 
 /// Partitions the cluster-shape tests run with: enough to spread over the three shards,
 /// fewer polling loops per history service than the default on a small test machine.
@@ -21,12 +23,24 @@ pub struct Node {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// TLS everywhere (clients, cluster bus, replication) and the ACL users of
+    /// `production_redis`, the product as `chat`; the test itself as `admin`.
+    secure: Option<Arc<Certs>>,
 }
 
 impl Node {
     async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new("redis-server");
+        match &self.secure {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(certs) => cmd
+                .args(certs.server_args(self.port))
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(["--masteruser", "admin", "--masterauth", ADMIN_PASSWORD])
+                .args(acl_args()),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--cluster-config-file")
@@ -46,8 +60,15 @@ impl Node {
         format!("127.0.0.1:{}", self.port)
     }
 
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("redis://{}", self.addr()))
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let client = match &self.secure {
+            None => redis::Client::open(format!("redis://{}", self.addr())),
+            Some(certs) => redis::Client::build_with_tls(
+                format!("rediss://admin:{ADMIN_PASSWORD}@{}", self.addr()),
+                certs.client(),
+            ),
+        };
+        client
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -86,7 +107,13 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Without TLS or passwords.
     pub async fn start() -> RedisCluster {
+        Self::start_with(None).await
+    }
+
+    /// With `secure`: TLS with these certificates everywhere, and the ACL users.
+    pub async fn start_with(secure: Option<Arc<Certs>>) -> RedisCluster {
         require("redis-server");
         require("redis-cli");
         let mut nodes = Vec::new();
@@ -95,11 +122,19 @@ impl RedisCluster {
                 port: cluster_port(),
                 dir: tempdir("redis-cluster"),
                 child: None,
+                secure: secure.clone(),
             };
             n.spawn().await;
             nodes.push(n);
         }
-        let status = Command::new("redis-cli")
+        let mut cli = Command::new("redis-cli");
+        if let Some(certs) = &secure {
+            cli.args(["--tls", "--cacert", &certs.path("ca.crt")])
+                .args(["--cert", &certs.path("client.crt")])
+                .args(["--key", &certs.path("client.key")])
+                .args(["--user", "admin", "--pass", ADMIN_PASSWORD]);
+        }
+        let status = cli
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(Node::addr))
@@ -117,9 +152,13 @@ impl RedisCluster {
 
     /// Every node as a seed, as `CHAT_REDIS_URL` takes them.
     pub fn url(&self) -> String {
+        let scheme = match self.nodes[0].secure {
+            None => "redis",
+            Some(_) => "rediss",
+        };
         self.nodes
             .iter()
-            .map(|n| format!("redis://{}", n.addr()))
+            .map(|n| format!("{scheme}://{}", n.addr()))
             .collect::<Vec<_>>()
             .join(",")
     }
