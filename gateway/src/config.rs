@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use history_service::keys::KeySettings;
-use history_service::redis_conn::RedisArgs;
+use history_service::redis_settings::RedisArgs;
 
 use crate::api_keys::ApiKeys;
 use history_service::secrets;

@@ -54,7 +54,8 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::partitions;
-use crate::redis_conn::{Mode, Redis, RedisSettings};
+use crate::redis_conn::Redis;
+use crate::redis_settings::{Mode, RedisSettings};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 

@@ -43,6 +43,7 @@ pub mod internal;
 pub mod keys;
 pub mod partitions;
 pub mod redis_conn;
+pub mod redis_settings;
 pub mod redis_up;
 pub mod remote;
 pub mod secrets;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use history_service::consumer::ConsumerConfig;
 use history_service::keys::{Authenticator, KeySettings};
-use history_service::redis_conn::RedisArgs;
+use history_service::redis_settings::RedisArgs;
 use history_service::server::{self, RunOptions};
 use history_service::startup;
 use history_service::store::scylla::{DriverSettings, TlsSettings, DEFAULT_REPLICATION};

@@ -18,7 +18,7 @@ use redis::{
     RedisResult, Value,
 };
 
-use crate::redis_conn::RedisSettings;
+use crate::redis_settings::RedisSettings;
 
 /// After a failed search, commands fail at once for this long instead of asking the sentinels
 /// again each (a failover takes seconds; every caller retries).

@@ -34,7 +34,8 @@ use tokio::sync::watch;
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::http::HistoryApi;
 use crate::internal::internal_router;
-use crate::redis_conn::{Redis, RedisSettings};
+use crate::redis_conn::Redis;
+use crate::redis_settings::RedisSettings;
 use crate::redis_up::RedisUp;
 use crate::store::Store;
 

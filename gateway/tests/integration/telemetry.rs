@@ -316,7 +316,7 @@ async fn persistence_entries_carry_the_traceparent() {
     // The stream of the room's partition (the gateway runs with the default count).
     let stream = history_service::partitions::stream(history_service::partitions::of(
         &room,
-        history_service::redis_conn::DEFAULT_SINGLE_PARTITIONS,
+        history_service::redis_settings::DEFAULT_SINGLE_PARTITIONS,
     ));
     let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(&stream)

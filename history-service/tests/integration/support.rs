@@ -180,7 +180,7 @@ pub struct RedisServer {
 /// The persistence stream a service with the default partition count reads `room`'s events
 /// from (the gateway appends them there).
 pub fn persist_stream(room: &RoomId) -> String {
-    use history_service::{partitions, redis_conn::DEFAULT_SINGLE_PARTITIONS};
+    use history_service::{partitions, redis_settings::DEFAULT_SINGLE_PARTITIONS};
     partitions::stream(partitions::of(room.as_str(), DEFAULT_SINGLE_PARTITIONS))
 }
 
@@ -225,8 +225,8 @@ impl RedisServer {
     }
 
     /// Settings for a consumer of this server's persistence streams, with `partitions`.
-    pub fn settings(&self, partitions: u16) -> history_service::redis_conn::RedisSettings {
-        history_service::redis_conn::RedisSettings::parse(
+    pub fn settings(&self, partitions: u16) -> history_service::redis_settings::RedisSettings {
+        history_service::redis_settings::RedisSettings::parse(
             "single",
             &self.url(),
             Some(partitions),

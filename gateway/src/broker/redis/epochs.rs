@@ -37,7 +37,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use history_service::partitions;
-use history_service::redis_conn::{slot_of, Mode};
+use history_service::redis_conn::slot_of;
+use history_service::redis_settings::Mode;
 use history_service::Store;
 use proto::envelope::with_seq;
 use proto::{RoomId, ServerEvent};

@@ -62,7 +62,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use history_service::redis_conn::{Redis, RedisSettings};
+use history_service::redis_conn::Redis;
+use history_service::redis_settings::RedisSettings;
 use history_service::redis_up::RedisUp;
 use history_service::AnyStore;
 use proto::envelope::{NodeMessage, NodeTarget};
