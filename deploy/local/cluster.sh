@@ -86,7 +86,10 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_base_port() { # a P with P..P+10 all free on 127.0.0.1
     local try p base busy
     for ((try = 0; try < 20; try++)); do
-        base=$((20000 + RANDOM % 2000 * 10))
+        # 20000..32700: below Linux's ephemeral range (32768..60999), from which outgoing
+        # connections take their local ports — one could take a port between this check and
+        # the bind (seen while a load generator held thousands of connections).
+        base=$((20000 + RANDOM % 1270 * 10))
         busy=0
         for ((p = base; p <= base + 10; p++)); do
             if port_open "$p"; then busy=1; break; fi
