@@ -7,9 +7,17 @@
 //!
 //! A cork is per thread and never held across an `.await` ([`corked`] takes a closure), so a
 //! task that moves threads cannot leave frames behind in a cork nobody flushes.
+//!
+//! Batches that keep coming are written together: a batch that ends less than [`HOLD`] after
+//! the last flush leaves its sessions to the next one — the first batch to end after [`HOLD`]
+//! has passed, or the flusher thread at that moment — so under load each socket is written
+//! at most once per [`HOLD`] with everything that came for it meanwhile (one broker read holds
+//! one message at a few thousand messages a second; the sockets' writes, not the reads, are
+//! what costs). An idle node flushes at once: a batch after a quiet spell waits for nothing.
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use crate::outbox::{Full, Outbound, Outbox};
 
@@ -41,9 +49,93 @@ struct Flush;
 impl Drop for Flush {
     fn drop(&mut self) {
         let dirty = CORK.with_borrow_mut(Option::take).unwrap_or_default();
-        for outbox in dirty {
+        if dirty.is_empty() {
+            return;
+        }
+        let mut held = HELD.lock().expect("cork lock");
+        let Some(due) = held.batch_ended(Instant::now(), dirty) else {
+            drop(held);
+            FLUSHER.call_once(start_flusher);
+            WAKE.notify_one();
+            return;
+        };
+        drop(held);
+        for outbox in due {
             outbox.flush();
         }
+    }
+}
+
+/// How long a batch that ends soon after a flush may wait for the next one: under load, the
+/// longest a frame waits for its write; at low load nothing waits.
+pub const HOLD: Duration = Duration::from_micros(1000);
+
+/// The sessions whose frames wait for the next flush (see the module docs).
+static HELD: Mutex<Held<Arc<Outbox>>> = Mutex::new(Held::new());
+/// Wakes the flusher thread for sessions that were held.
+static WAKE: Condvar = Condvar::new();
+static FLUSHER: Once = Once::new();
+
+/// Flushes held sessions when their [`HOLD`] is up and no batch came to do it.
+fn start_flusher() {
+    std::thread::Builder::new()
+        .name("cork-flusher".into())
+        .spawn(|| loop {
+            let mut held = HELD.lock().expect("cork lock");
+            let due = loop {
+                match held.due(Instant::now()) {
+                    Ok(due) => break due,
+                    Err(Some(wait)) => held = WAKE.wait_timeout(held, wait).expect("cork lock").0,
+                    Err(None) => held = WAKE.wait(held).expect("cork lock"),
+                }
+            };
+            drop(held);
+            for outbox in due {
+                outbox.flush();
+            }
+        })
+        .expect("start the cork flusher thread");
+}
+
+/// What waits for the next flush, and when the last one was. Generic for the tests.
+#[derive(Debug)]
+struct Held<T> {
+    waiting: Vec<T>,
+    last_flush: Option<Instant>,
+}
+
+impl<T> Held<T> {
+    const fn new() -> Self {
+        Self {
+            waiting: Vec::new(),
+            last_flush: None,
+        }
+    }
+
+    /// A batch ended at `now` with `dirty` sessions: everything to flush now (these and any held
+    /// before), or `None` when they are held for the next flush.
+    fn batch_ended(&mut self, now: Instant, mut dirty: Vec<T>) -> Option<Vec<T>> {
+        if self.last_flush.is_some_and(|last| now < last + HOLD) {
+            self.waiting.append(&mut dirty);
+            return None;
+        }
+        self.last_flush = Some(now);
+        dirty.append(&mut self.waiting);
+        Some(dirty)
+    }
+
+    /// For the flusher at `now`: the held sessions if their time is up; else how long until
+    /// it is (`None`: nothing is held).
+    fn due(&mut self, now: Instant) -> Result<Vec<T>, Option<Duration>> {
+        if self.waiting.is_empty() {
+            return Err(None);
+        }
+        let at = self.last_flush.map_or(now, |last| last + HOLD);
+        if now < at {
+            return Err(Some(at - now));
+        }
+        self.last_flush = Some(now);
+        Ok(std::mem::take(&mut self.waiting))
     }
 }
 
@@ -88,6 +180,67 @@ mod tests {
         CORK.with_borrow(|c| assert!(c.is_none(), "uncorked after the batch"));
         // No socket attached: the flush leaves both for the writer.
         assert_eq!(a.len(), 2);
+    }
+
+    #[test]
+    fn batches_close_together_are_held_for_one_flush_and_an_idle_one_is_not() {
+        let t0 = Instant::now();
+        let mut h = Held::new();
+        assert_eq!(
+            h.batch_ended(t0, vec![1]),
+            Some(vec![1]),
+            "the first batch: at once"
+        );
+        let soon = t0 + HOLD / 4;
+        assert_eq!(
+            h.batch_ended(soon, vec![2]),
+            None,
+            "right after a flush: held"
+        );
+        assert_eq!(h.batch_ended(soon, vec![3]), None);
+        assert_eq!(
+            h.due(soon),
+            Err(Some(HOLD - HOLD / 4)),
+            "the flusher waits out the hold"
+        );
+        assert_eq!(
+            h.due(t0 + HOLD),
+            Ok(vec![2, 3]),
+            "then flushes everything held"
+        );
+        assert_eq!(h.due(t0 + HOLD), Err(None), "nothing left: it sleeps");
+
+        // A batch that ends after the hold is up takes the held sessions along.
+        assert_eq!(h.batch_ended(t0 + HOLD + HOLD / 2, vec![4]), None);
+        assert_eq!(h.batch_ended(t0 + HOLD * 2, vec![5]), Some(vec![5, 4]));
+        assert_eq!(h.due(t0 + HOLD * 2), Err(None));
+
+        // After a quiet spell: at once again.
+        assert_eq!(h.batch_ended(t0 + HOLD * 50, vec![6]), Some(vec![6]));
+    }
+
+    #[test]
+    fn held_sessions_are_flushed_by_the_flusher_thread() {
+        // Another thread's flush just happened: this batch is held, the flusher writes it.
+        let a: Arc<Outbox> = Arc::new(Outbox::new(8));
+        HELD.lock().unwrap().last_flush = Some(Instant::now());
+        corked(|| {
+            defer(&a, Outbound::Text(Bytes::from("x")))
+                .unwrap()
+                .unwrap()
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Waits for the event (the held list emptied by the flusher), bounded.
+        while HELD
+            .lock()
+            .unwrap()
+            .waiting
+            .iter()
+            .any(|o| Arc::ptr_eq(o, &a))
+        {
+            assert!(Instant::now() < deadline, "the flusher never flushed");
+            std::thread::yield_now();
+        }
     }
 
     #[test]
