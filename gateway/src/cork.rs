@@ -8,15 +8,16 @@
 //! A cork is per thread and never held across an `.await` ([`corked`] takes a closure), so a
 //! task that moves threads cannot leave frames behind in a cork nobody flushes.
 //!
-//! Batches that keep coming are written together: a batch that ends less than [`HOLD`] after
-//! the last flush leaves its sessions to the next one — the first batch to end after [`HOLD`]
-//! has passed, or the flusher thread at that moment — so under load each socket is written
-//! at most once per [`HOLD`] with everything that came for it meanwhile (one broker read holds
-//! one message at a few thousand messages a second; the sockets' writes, not the reads, are
-//! what costs). An idle node flushes at once: a batch after a quiet spell waits for nothing.
+//! A session that a batch wrote less than [`HOLD`] ago is not written again at once: it waits
+//! for the flusher thread, which writes every waiting session [`HOLD`] after the first one
+//! began to wait. Under load each socket is so written at most about once per [`HOLD`], with
+//! everything that came for it meanwhile: one broker read holds one message at a few
+//! thousand messages a second, and the sockets' writes, not the reads, are what costs. A
+//! session that gets a frame now and then (a small room, any room at low load) is written at
+//! once, as before: the hold costs latency only where it saves writes.
 
 use std::cell::RefCell;
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::outbox::{Full, Outbound, Outbox};
@@ -49,94 +50,74 @@ struct Flush;
 impl Drop for Flush {
     fn drop(&mut self) {
         let dirty = CORK.with_borrow_mut(Option::take).unwrap_or_default();
-        if dirty.is_empty() {
+        let now = now_us();
+        let mut wait = Vec::new();
+        for outbox in dirty {
+            match written_lately(outbox.corked_at(), now) {
+                true => wait.push(outbox),
+                false => outbox.flush_corked(now),
+            }
+        }
+        if wait.is_empty() {
             return;
         }
-        let mut held = HELD.lock().expect("cork lock");
-        let Some(due) = held.batch_ended(Instant::now(), dirty) else {
-            drop(held);
+        let mut waiting = WAITING.lock().expect("cork lock");
+        let first = waiting.is_empty();
+        waiting.append(&mut wait);
+        drop(waiting);
+        if first {
             FLUSHER.call_once(start_flusher);
             WAKE.notify_one();
-            return;
-        };
-        drop(held);
-        for outbox in due {
-            outbox.flush();
         }
     }
 }
 
-/// How long a batch that ends soon after a flush may wait for the next one: under load, the
-/// longest a frame waits for its write; at low load nothing waits.
+/// How long a session written by a batch waits before a batch writes it again: under load,
+/// the longest a frame waits for its write; at low load nothing waits.
 pub const HOLD: Duration = Duration::from_micros(1000);
+const HOLD_US: u32 = HOLD.as_micros() as u32;
 
-/// The sessions whose frames wait for the next flush (see the module docs).
-static HELD: Mutex<Held<Arc<Outbox>>> = Mutex::new(Held::new());
-/// Wakes the flusher thread for sessions that were held.
+/// Microseconds since the process's first use of the cork, wrapping (every 71 minutes): only
+/// differences up to [`HOLD`] are ever asked of it.
+pub fn now_us() -> u32 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u32
+}
+
+/// A `corked_at` that [`written_lately`] says is not recent.
+pub fn long_ago() -> u32 {
+    now_us().wrapping_sub(HOLD_US)
+}
+
+/// True when a session that a batch wrote at `at` was written less than [`HOLD`] before `now`.
+fn written_lately(at: u32, now: u32) -> bool {
+    now.wrapping_sub(at) < HOLD_US
+}
+
+/// The sessions waiting for the flusher thread.
+static WAITING: Mutex<Vec<Arc<Outbox>>> = Mutex::new(Vec::new());
+/// Wakes the flusher thread for the first session that waits.
 static WAKE: Condvar = Condvar::new();
 static FLUSHER: Once = Once::new();
 
-/// Flushes held sessions when their [`HOLD`] is up and no batch came to do it.
+/// Writes the waiting sessions [`HOLD`] after the first of them began to wait.
 fn start_flusher() {
     std::thread::Builder::new()
         .name("cork-flusher".into())
         .spawn(|| loop {
-            let mut held = HELD.lock().expect("cork lock");
-            let due = loop {
-                match held.due(Instant::now()) {
-                    Ok(due) => break due,
-                    Err(Some(wait)) => held = WAKE.wait_timeout(held, wait).expect("cork lock").0,
-                    Err(None) => held = WAKE.wait(held).expect("cork lock"),
-                }
-            };
-            drop(held);
+            let mut waiting = WAITING.lock().expect("cork lock");
+            while waiting.is_empty() {
+                waiting = WAKE.wait(waiting).expect("cork lock");
+            }
+            drop(waiting);
+            std::thread::sleep(HOLD);
+            let due = std::mem::take(&mut *WAITING.lock().expect("cork lock"));
+            let now = now_us();
             for outbox in due {
-                outbox.flush();
+                outbox.flush_corked(now);
             }
         })
         .expect("start the cork flusher thread");
-}
-
-/// What waits for the next flush, and when the last one was. Generic for the tests.
-#[derive(Debug)]
-struct Held<T> {
-    waiting: Vec<T>,
-    last_flush: Option<Instant>,
-}
-
-impl<T> Held<T> {
-    const fn new() -> Self {
-        Self {
-            waiting: Vec::new(),
-            last_flush: None,
-        }
-    }
-
-    /// A batch ended at `now` with `dirty` sessions: everything to flush now (these and any held
-    /// before), or `None` when they are held for the next flush.
-    fn batch_ended(&mut self, now: Instant, mut dirty: Vec<T>) -> Option<Vec<T>> {
-        if self.last_flush.is_some_and(|last| now < last + HOLD) {
-            self.waiting.append(&mut dirty);
-            return None;
-        }
-        self.last_flush = Some(now);
-        dirty.append(&mut self.waiting);
-        Some(dirty)
-    }
-
-    /// For the flusher at `now`: the held sessions if their time is up; else how long until
-    /// it is (`None`: nothing is held).
-    fn due(&mut self, now: Instant) -> Result<Vec<T>, Option<Duration>> {
-        if self.waiting.is_empty() {
-            return Err(None);
-        }
-        let at = self.last_flush.map_or(now, |last| last + HOLD);
-        if now < at {
-            return Err(Some(at - now));
-        }
-        self.last_flush = Some(now);
-        Ok(std::mem::take(&mut self.waiting))
-    }
 }
 
 /// Queues `out` for the running batch's flush; returns the items waiting in the session's
@@ -183,64 +164,46 @@ mod tests {
     }
 
     #[test]
-    fn batches_close_together_are_held_for_one_flush_and_an_idle_one_is_not() {
-        let t0 = Instant::now();
-        let mut h = Held::new();
-        assert_eq!(
-            h.batch_ended(t0, vec![1]),
-            Some(vec![1]),
-            "the first batch: at once"
+    fn written_lately_means_less_than_the_hold_ago_across_the_wrap() {
+        assert!(written_lately(100, 100));
+        assert!(written_lately(100, 100 + HOLD_US - 1));
+        assert!(!written_lately(100, 100 + HOLD_US));
+        assert!(
+            !written_lately(long_ago(), now_us()),
+            "a new session is written at once"
         );
-        let soon = t0 + HOLD / 4;
-        assert_eq!(
-            h.batch_ended(soon, vec![2]),
-            None,
-            "right after a flush: held"
-        );
-        assert_eq!(h.batch_ended(soon, vec![3]), None);
-        assert_eq!(
-            h.due(soon),
-            Err(Some(HOLD - HOLD / 4)),
-            "the flusher waits out the hold"
-        );
-        assert_eq!(
-            h.due(t0 + HOLD),
-            Ok(vec![2, 3]),
-            "then flushes everything held"
-        );
-        assert_eq!(h.due(t0 + HOLD), Err(None), "nothing left: it sleeps");
-
-        // A batch that ends after the hold is up takes the held sessions along.
-        assert_eq!(h.batch_ended(t0 + HOLD + HOLD / 2, vec![4]), None);
-        assert_eq!(h.batch_ended(t0 + HOLD * 2, vec![5]), Some(vec![5, 4]));
-        assert_eq!(h.due(t0 + HOLD * 2), Err(None));
-
-        // After a quiet spell: at once again.
-        assert_eq!(h.batch_ended(t0 + HOLD * 50, vec![6]), Some(vec![6]));
+        assert!(written_lately(u32::MAX - 10, 5), "across the wrap");
+        assert!(!written_lately(u32::MAX - HOLD_US, 5));
     }
 
     #[test]
-    fn held_sessions_are_flushed_by_the_flusher_thread() {
-        // Another thread's flush just happened: this batch is held, the flusher writes it.
-        let a: Arc<Outbox> = Arc::new(Outbox::new(8));
-        HELD.lock().unwrap().last_flush = Some(Instant::now());
+    fn a_session_written_lately_waits_for_the_flusher_and_others_do_not() {
+        let lately: Arc<Outbox> = Arc::new(Outbox::new(8));
+        let idle: Arc<Outbox> = Arc::new(Outbox::new(8));
+        let at = now_us();
+        lately.flush_corked(at);
         corked(|| {
-            defer(&a, Outbound::Text(Bytes::from("x")))
-                .unwrap()
-                .unwrap()
+            for o in [&lately, &idle] {
+                defer(o, Outbound::Text(Bytes::from("x"))).unwrap().unwrap();
+            }
         });
+        assert!(
+            !WAITING
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|w| Arc::ptr_eq(w, &idle)),
+            "not written lately: flushed at once"
+        );
+        assert!(written_lately(idle.corked_at(), now_us()), "and marked");
+        // The session written lately is flushed again a hold after it was written, at the
+        // earliest (by the flusher; by the batch itself only if the batch came that late).
         let deadline = Instant::now() + Duration::from_secs(10);
-        // Waits for the event (the held list emptied by the flusher), bounded.
-        while HELD
-            .lock()
-            .unwrap()
-            .waiting
-            .iter()
-            .any(|o| Arc::ptr_eq(o, &a))
-        {
-            assert!(Instant::now() < deadline, "the flusher never flushed");
+        while lately.corked_at() == at {
+            assert!(Instant::now() < deadline, "never flushed");
             std::thread::yield_now();
         }
+        assert!(lately.corked_at().wrapping_sub(at) >= HOLD_US);
     }
 
     #[test]
