@@ -77,16 +77,13 @@ impl Drop for Flush {
 pub const HOLD: Duration = Duration::from_micros(1000);
 const HOLD_US: u32 = HOLD.as_micros() as u32;
 
-/// Microseconds since the process's first use of the cork, wrapping (every 71 minutes): only
-/// differences up to [`HOLD`] are ever asked of it.
+/// Microseconds since the process's first use of the cork, plus [`HOLD`] (so that an outbox's
+/// initial 0 reads as long ago), wrapping every 71 minutes: only differences up to [`HOLD`]
+/// are ever asked of it (a wrap at worst holds one batch once).
 pub fn now_us() -> u32 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u32
-}
-
-/// A `corked_at` that [`written_lately`] says is not recent.
-pub fn long_ago() -> u32 {
-    now_us().wrapping_sub(HOLD_US)
+    let since = EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u32;
+    since.wrapping_add(HOLD_US)
 }
 
 /// True when a session that a batch wrote at `at` was written less than [`HOLD`] before `now`.
@@ -169,7 +166,7 @@ mod tests {
         assert!(written_lately(100, 100 + HOLD_US - 1));
         assert!(!written_lately(100, 100 + HOLD_US));
         assert!(
-            !written_lately(long_ago(), now_us()),
+            !written_lately(0, now_us()),
             "a new session is written at once"
         );
         assert!(written_lately(u32::MAX - 10, 5), "across the wrap");

@@ -87,8 +87,9 @@ pub struct Outbox<W = SocketWrite> {
     ready: Notify,
     /// The close code asked for; 0 while none is.
     close: AtomicU16,
-    /// When a corked batch last flushed this session ([`crate::cork::now_us`]): a session
-    /// written by a batch less than [`crate::cork::HOLD`] ago waits for the next flush.
+    /// When a corked batch last flushed this session, in the cork's microseconds (0: never,
+    /// which the cork's clock reads as long ago): a session written by a batch a moment ago
+    /// waits for the next flush (see `cork`).
     corked_at: AtomicU32,
     capacity: usize,
     frames_out: Counter,
@@ -105,7 +106,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             }),
             ready: Notify::new(),
             close: AtomicU16::new(0),
-            corked_at: AtomicU32::new(crate::cork::long_ago()),
+            corked_at: AtomicU32::new(0),
             capacity,
             frames_out: metrics::counter!("chat_frames_out_total"),
         }
@@ -229,7 +230,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         self.corked_at.load(Ordering::Relaxed)
     }
 
-    /// Flushes (see [`Self::flush`]) for a corked batch at `now` ([`crate::cork::now_us`]).
+    /// Flushes (see [`Self::flush`]) for a corked batch at `now` (the cork's microseconds).
     pub fn flush_corked(&self, now: u32) {
         self.corked_at.store(now, Ordering::Relaxed);
         self.flush();
