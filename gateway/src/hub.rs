@@ -25,6 +25,11 @@ const SHARDS: usize = 64;
 /// queue pushes only.
 pub const DIRECT_FANOUT: usize = 256;
 
+/// Answers a session's reader holds for one write at most ([`SessionHandle::hold`]): a
+/// client that sends a long burst of commands gets its answers in writes of this many. Half
+/// the smallest queue a node allows (16): the room's frames for the session fit beside them.
+pub const HOLD_MAX: usize = 8;
+
 pub type SessionId = u64;
 
 /// A handle to one session's outbound queue.
@@ -58,6 +63,26 @@ impl SessionHandle {
         self.push(out, true);
     }
 
+    /// Queues a frame for the next [`Self::flush`] without writing it (the session's reader
+    /// answering frames that came in together); at [`HOLD_MAX`] waiting items it flushes at
+    /// once. A full queue is flushed first, then the frame is sent as [`Self::send`] does
+    /// (closing the session only if the socket did not take the queue either).
+    pub fn hold(&self, frame: Bytes) {
+        match self.outbox.defer(Outbound::Text(frame.clone())) {
+            Ok(d) if d.waiting >= HOLD_MAX => self.outbox.flush(),
+            Ok(_) => {}
+            Err(Full) => {
+                self.outbox.flush();
+                self.send(frame);
+            }
+        }
+    }
+
+    /// Writes what is queued in one write when the session is idle (see [`Outbox::flush`]).
+    pub fn flush(&self) {
+        self.outbox.flush();
+    }
+
     /// Without `direct` the item always goes through the session's writer, never written by
     /// the caller: for fan-outs too large for one thread to write (see [`DIRECT_FANOUT`]).
     /// Returns the items waiting in the session's queue.
@@ -73,13 +98,18 @@ impl SessionHandle {
         match pushed {
             Ok(waiting) => waiting,
             Err(Full) => {
-                if self.outbox.closing().is_none() {
-                    metrics::counter!("chat_slow_consumer_closes_total").increment(1);
-                }
-                self.outbox.close(close::SLOW_CONSUMER);
+                self.too_slow();
                 self.outbox.len()
             }
         }
+    }
+
+    /// A full queue: the client does not keep up; closed as a slow consumer.
+    fn too_slow(&self) {
+        if self.outbox.closing().is_none() {
+            metrics::counter!("chat_slow_consumer_closes_total").increment(1);
+        }
+        self.outbox.close(close::SLOW_CONSUMER);
     }
 
     /// Asks the session to close with `code` (see [`Outbox::close`]).

@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
@@ -87,6 +87,10 @@ pub struct Outbox<W = SocketWrite> {
     ready: Notify,
     /// The close code asked for; 0 while none is.
     close: AtomicU16,
+    /// When a corked batch last flushed this session, in the cork's microseconds (0: never,
+    /// which the cork's clock reads as long ago): a session written by a batch a moment ago
+    /// waits for the next flush (see `cork`).
+    corked_at: AtomicU32,
     capacity: usize,
     frames_out: Counter,
 }
@@ -102,6 +106,7 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
             }),
             ready: Notify::new(),
             close: AtomicU16::new(0),
+            corked_at: AtomicU32::new(0),
             capacity,
             frames_out: metrics::counter!("chat_frames_out_total"),
         }
@@ -218,6 +223,17 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         }
         drop(guard);
         self.ready.notify_one();
+    }
+
+    /// When a corked batch last flushed this session (see `corked_at`).
+    pub fn corked_at(&self) -> u32 {
+        self.corked_at.load(Ordering::Relaxed)
+    }
+
+    /// Flushes (see [`Self::flush`]) for a corked batch at `now` (the cork's microseconds).
+    pub fn flush_corked(&self, now: u32) {
+        self.corked_at.store(now, Ordering::Relaxed);
+        self.flush();
     }
 
     /// Asks the writer to send a close frame with `code` and stop; the first code wins. It acts

@@ -4,6 +4,7 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
@@ -212,38 +213,48 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
         Box::pin(join.instrument(span)).await;
     }
 
-    loop {
-        // Obligated answers (pong to a ping, the close echo) go through the writer.
-        let handle = &reader.caller.handle;
-        let mut obligated = |frame: Frame<'_>| {
-            match frame.opcode {
-                OpCode::Pong => {
-                    handle.send_control(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
+    // The close code to end with: 1000 when the client closed or vanished.
+    let code = loop {
+        // Every frame one read returned is answered before the answers are written, in one
+        // write: they are written when the next frame is not there yet.
+        let read = {
+            // Obligated answers (pong to a ping, the close echo) go through the writer.
+            let handle = &reader.caller.handle;
+            let mut obligated = |frame: Frame<'_>| {
+                match frame.opcode {
+                    OpCode::Pong => {
+                        handle.send_control(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
+                    }
+                    OpCode::Close => {
+                        let code = (frame.payload.len() >= 2)
+                            .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]))
+                            .filter(|c| {
+                                (1000..5000).contains(c) && ![1004, 1005, 1006, 1015].contains(c)
+                            })
+                            .unwrap_or(1000);
+                        // The answers held for the frames before the close go out before it.
+                        handle.flush();
+                        handle.close(code);
+                    }
+                    _ => {}
                 }
-                OpCode::Close => {
-                    let code = (frame.payload.len() >= 2)
-                        .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]))
-                        .filter(|c| {
-                            (1000..5000).contains(c) && ![1004, 1005, 1006, 1015].contains(c)
-                        })
-                        .unwrap_or(1000);
-                    handle.close(code);
+                std::future::ready(Ok::<(), std::io::Error>(()))
+            };
+            let read = reader.read.read_frame(&mut obligated);
+            tokio::pin!(read);
+            match futures_util::poll!(read.as_mut()) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    reader.caller.release();
+                    read.await
                 }
-                _ => {}
             }
-            std::future::ready(Ok::<(), std::io::Error>(()))
         };
-        let frame = match reader.read.read_frame(&mut obligated).await {
+        let frame = match read {
             Ok(f) => f,
-            Err(WebSocketError::FrameTooLarge) => {
-                reader.caller.handle.close(close::TOO_BIG);
-                break;
-            }
-            Err(WebSocketError::InvalidUTF8) => {
-                reader.caller.handle.close(close::INVALID_UTF8);
-                break;
-            }
-            Err(_) => break,
+            Err(WebSocketError::FrameTooLarge) => break close::TOO_BIG,
+            Err(WebSocketError::InvalidUTF8) => break close::INVALID_UTF8,
+            Err(_) => break 1000,
         };
         last_seen.store(
             reader.started.elapsed().as_millis() as u64,
@@ -252,16 +263,17 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
         let frame = match reader.reassembly.push(frame) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
-            Err(e) => {
-                reader.caller.handle.close(e.close_code());
-                break;
-            }
+            Err(e) => break e.close_code(),
         };
         let command = match frame.opcode {
             OpCode::Text | OpCode::Binary => {
                 crate::telemetry::hot().frames_in.increment(1);
                 let decoded = proto::client::decode(&frame.payload);
                 drop(frame); // the command owns what it needs: neither is kept while it runs
+                             // More bytes came with this frame: its answer waits for theirs.
+                if reader.read.buffered() > 0 {
+                    reader.caller.hold();
+                }
                 let r#ref = match &decoded {
                     Ok(inb) => inb.r#ref.clone(),
                     Err(e) => e.r#ref.clone(),
@@ -281,15 +293,16 @@ async fn read_loop(reader: &mut Reader, last_seen: &AtomicU64) {
                     commands::handle(&reader.node, &mut reader.caller, decoded).instrument(span),
                 )
             }
-            OpCode::Close => break,
+            OpCode::Close => break 1000,
             _ => continue,
         };
         command.await;
-    }
-    // The writer ends by sending the close frame (the code asked for already, or 1000 when the
-    // client closed or vanished); a client that stopped reading gets `writer::CLOSE_GRACE` to
-    // take it, then the write gives up.
-    reader.caller.handle.close(1000);
+    };
+    reader.caller.release();
+    // The writer ends by sending the close frame (the first code asked for wins: one asked for
+    // already, or this one); a client that stopped reading gets `writer::CLOSE_GRACE` to take
+    // it, then the write gives up.
+    reader.caller.handle.close(code);
 }
 
 /// One command's span: the root of its own trace (a session lasts hours; a trace per command

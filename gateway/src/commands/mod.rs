@@ -44,6 +44,7 @@ pub mod sanctions;
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -69,6 +70,10 @@ pub struct Caller {
     pub handle: SessionHandle,
     pub identity: Identity,
     pub rooms: HashSet<RoomId>,
+    /// While the session's reader answers frames that came in together, its answers wait in
+    /// the queue and go out in one write when it has answered them all ([`Caller::release`]).
+    /// Atomic only so that the reader can release while its read borrows the handle.
+    holding: AtomicBool,
 }
 
 impl Caller {
@@ -77,6 +82,7 @@ impl Caller {
             handle,
             identity,
             rooms: HashSet::new(),
+            holding: AtomicBool::new(false),
         }
     }
 
@@ -84,9 +90,25 @@ impl Caller {
         &self.identity.user
     }
 
-    /// Queues a direct answer to this session.
+    /// Queues a direct answer to this session (held while the caller holds, see [`Caller::hold`]).
     pub fn send(&self, ev: &ServerEvent) {
-        self.handle.send(Bytes::from(ev.to_json()));
+        let frame = Bytes::from(ev.to_json());
+        match self.holding.load(Ordering::Relaxed) {
+            true => self.handle.hold(frame),
+            false => self.handle.send(frame),
+        }
+    }
+
+    /// Holds this session's answers from now on, until [`Caller::release`].
+    pub fn hold(&self) {
+        self.holding.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes the held answers, if any, and stops holding.
+    pub fn release(&self) {
+        if self.holding.swap(false, Ordering::Relaxed) {
+            self.handle.flush();
+        }
     }
 
     /// True while the session is in the room. The hub is the truth: a ban, kick or room

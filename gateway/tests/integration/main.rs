@@ -15,6 +15,7 @@ mod keys;
 mod listeners;
 mod messaging;
 mod pins_receipts;
+mod pipelining;
 mod presence;
 mod recovery;
 mod recovery_stress;

@@ -200,6 +200,9 @@ pub(crate) struct WriteHalf {
   write_buffer: Vec<u8>,
 }
 
+/// PATCHED (chat gateway, see PATCHED.md): room a payload read leaves for the frames after it.
+const READ_AHEAD: usize = 4096;
+
 pub(crate) struct ReadHalf {
   role: Role,
   auto_apply_mask: bool,
@@ -283,6 +286,13 @@ impl<'f, S> WebSocketRead<S> {
   /// Default: `true`
   pub fn set_auto_apply_mask(&mut self, auto_apply_mask: bool) {
     self.read_half.auto_apply_mask = auto_apply_mask;
+  }
+
+  /// PATCHED (chat gateway, see PATCHED.md): bytes read from the stream that no frame took
+  /// yet. While there are any, the next `read_frame` may return without waiting for the
+  /// client (a whole frame is buffered) or waits for the rest of one.
+  pub fn buffered(&self) -> usize {
+    self.read_half.buffer.len()
   }
 
   /// Reads a frame from the stream.
@@ -746,7 +756,14 @@ impl ReadHalf {
     }
 
     // Reserve a bit more to try to get next frame header and avoid a syscall to read it next time
-    self.buffer.reserve(payload_len + MAX_HEADER_SIZE);
+    // PATCHED (chat gateway, see PATCHED.md): a payload that must still be read gets room for
+    // READ_AHEAD bytes, so the frames a client sent together come in with one read.
+    let ahead = if payload_len > self.buffer.remaining() {
+      READ_AHEAD
+    } else {
+      0
+    };
+    self.buffer.reserve((payload_len + MAX_HEADER_SIZE).max(ahead));
     while payload_len > self.buffer.remaining() {
       eof!(stream.read_buf(&mut self.buffer).await?);
     }
