@@ -36,7 +36,7 @@ ARG_RE = re.compile(r"#\[arg\((?P<body>.*?)\)\]\s*(?:pub(?:\(crate\))?\s+)?(?P<f
 
 # Argument structs the binaries flatten into theirs (`#[command(flatten)]`),
 # and the file each is defined in: their settings are the binaries' too.
-FLATTENED = {"RedisArgs": ROOT / "history-service/src/redis_conn.rs"}
+FLATTENED = {"RedisArgs": ROOT / "history-service/src/redis_settings.rs"}
 
 
 def settings(binary: str) -> dict:
