@@ -47,6 +47,38 @@ async fn xadd(conn: &mut redis::aio::MultiplexedConnection, stream: &str, frame:
         .unwrap();
 }
 
+/// `XGROUP CREATE <stream> history 0 MKSTREAM`, as a consumer does at start.
+async fn create_group(conn: &mut redis::aio::MultiplexedConnection, stream: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// `XREADGROUP GROUP history <consumer> STREAMS <stream> >`: what the group had not delivered
+/// becomes pending for `consumer` (one that read and never acknowledged).
+async fn read_as(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    consumer: &str,
+) -> redis::Value {
+    redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
 /// A message event as the gateway builds it before publishing (seq 0: not in the JSON).
 fn unsequenced(room: &RoomId, n: u64) -> ServerEvent {
     let mut event = msg(room, n, "ann");
@@ -222,18 +254,7 @@ async fn a_restart_keeps_everything_read_but_not_acknowledged() {
     }
 
     // "Crash between read and ack": h1 reads 4..=6 into its pending list and dies.
-    let read: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("h1")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(stream(&r))
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let read = read_as(&mut conn, &stream(&r), "h1").await;
     assert!(
         matches!(read, redis::Value::Array(ref a) if !a.is_empty()),
         "{read:?}"
@@ -254,29 +275,12 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
     let mut conn = redis.conn().await;
     let store = Arc::new(SqliteStore::open_temp().unwrap());
     let r = room("reclaim");
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream(&r))
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    create_group(&mut conn, &stream(&r)).await;
     for seq in 1..=4 {
         publish(&mut conn, &unsequenced(&r, seq), seq).await;
     }
     // Another replica ("dead") read them and vanished.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("dead")
-        .arg("STREAMS")
-        .arg(stream(&r))
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    read_as(&mut conn, &stream(&r), "dead").await;
     assert_eq!(pending(&mut conn, &r).await, 4);
 
     let mut config = fast("alive");
@@ -313,26 +317,9 @@ async fn entries_pending_again_for_a_running_consumer_are_read_again() {
     // there. Made here by reading them as h1 from another connection.
     let _: () = redis::cmd("MULTI").query_async(&mut conn).await.unwrap();
     for seq in 2..=4 {
-        let frame = proto::envelope::with_seq(&unsequenced(&r, seq).to_json(), seq);
-        let _: () = redis::cmd("XADD")
-            .arg(stream(&r))
-            .arg("*")
-            .arg("f")
-            .arg(frame)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        publish(&mut conn, &unsequenced(&r, seq), seq).await;
     }
-    let _: () = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("h1")
-        .arg("STREAMS")
-        .arg(stream(&r))
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    read_as(&mut conn, &stream(&r), "h1").await;
     let _: redis::Value = redis::cmd("EXEC").query_async(&mut conn).await.unwrap();
     assert_eq!(pending(&mut conn, &r).await, 3);
 
@@ -352,29 +339,12 @@ async fn entries_left_in_the_stream_of_an_earlier_build_are_stored() {
     let store = Arc::new(SqliteStore::open_temp().unwrap());
     let r = room("upgrade");
     let legacy = partitions::LEGACY_STREAM;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(legacy)
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    create_group(&mut conn, legacy).await;
     for seq in 1..=3 {
         let frame = proto::envelope::with_seq(&unsequenced(&r, seq).to_json(), seq);
         xadd(&mut conn, legacy, &frame).await;
         if seq == 1 {
-            let _: redis::Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg("old-pod")
-                .arg("STREAMS")
-                .arg(legacy)
-                .arg(">")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            read_as(&mut conn, legacy, "old-pod").await;
         }
     }
 

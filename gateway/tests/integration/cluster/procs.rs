@@ -191,25 +191,13 @@ impl Redis {
 
     async fn spawn(&mut self) {
         let aof = if self.persistent { "yes" } else { "no" };
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", aof, "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        wait_for_port(self.port).await;
+        let port = self.port.to_string();
+        let args = ["--port", &port, "--bind", "127.0.0.1", "--save", ""]
+            .into_iter()
+            .chain(["--appendonly", aof, "--appendfsync", "always"])
+            .map(std::ffi::OsString::from)
+            .chain(["--dir".into(), self.dir.clone().into_os_string()]);
+        self.child = Some(redis_server(args, self.port).await);
     }
 
     pub fn url(&self) -> String {
@@ -238,6 +226,24 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `redis-server` with `args` (a data node or a sentinel; its port among them), its output
+/// dropped, killed when dropped; returns once `port` accepts connections.
+pub async fn redis_server(
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+    port: u16,
+) -> Child {
+    require("redis-server");
+    let child = Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server starts");
+    wait_for_port(port).await;
+    child
 }
 
 pub async fn wait_for_port(port: u16) {

@@ -190,21 +190,13 @@ struct SecureRedis {
 
 impl SecureRedis {
     async fn start(certs: &Certs) -> SecureRedis {
-        require("redis-server");
         let port = free_port();
         let dir = tempdir("redis-tls");
-        let child = Command::new("redis-server")
-            .args(certs.server_args(port))
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(acl_args())
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server starts");
-        wait_for_port(port).await;
+        let mut args = certs.server_args(port);
+        args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
+        args.extend(acl_args());
+        args.extend(["--dir".to_string(), dir.display().to_string()]);
+        let child = redis_server(args, port).await;
         SecureRedis {
             port,
             dir,

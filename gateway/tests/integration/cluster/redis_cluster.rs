@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::procs::{require, tempdir, wait_for_port};
+use super::procs::{redis_server, require, tempdir};
 use super::production_redis::{acl_args, Certs, ADMIN_PASSWORD};
 
 /// Partitions the cluster-shape tests run with: enough to spread over the three shards,
@@ -30,30 +30,38 @@ pub struct Node {
 
 impl Node {
     async fn spawn(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        match &self.secure {
-            None => cmd.args(["--port", &self.port.to_string()]),
-            Some(certs) => cmd
-                .args(certs.server_args(self.port))
-                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
-                .args(["--masteruser", "admin", "--masterauth", ADMIN_PASSWORD])
-                .args(acl_args()),
+        let mut args: Vec<String> = match &self.secure {
+            None => vec!["--port".into(), self.port.to_string()],
+            Some(certs) => {
+                let mut a = certs.server_args(self.port);
+                a.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+                a.extend(
+                    ["--masteruser", "admin", "--masterauth", ADMIN_PASSWORD].map(String::from),
+                );
+                a.extend(acl_args());
+                a
+            }
         };
-        let child = cmd
-            .args(["--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--cluster-config-file")
-            .arg(self.dir.join("nodes.conf"))
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        wait_for_port(self.port).await;
+        args.extend(
+            [
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+            ]
+            .map(String::from),
+        );
+        args.extend(["--save", "", "--appendonly", "no"].map(String::from));
+        for (flag, path) in [
+            ("--cluster-config-file", self.dir.join("nodes.conf")),
+            ("--dir", self.dir.clone()),
+        ] {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+        self.child = Some(redis_server(args, self.port).await);
     }
 
     pub fn addr(&self) -> String {

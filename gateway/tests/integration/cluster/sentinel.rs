@@ -6,10 +6,9 @@
 //! in order, and every client saw each one (`super::chaos::check`).
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::chaos::{check, progress};
 use super::procs::*;
@@ -25,15 +24,7 @@ struct Server {
 
 impl Server {
     async fn start(args: &[String], port: u16) -> Server {
-        require("redis-server");
-        let child = Command::new("redis-server")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server starts");
-        wait_for_port(port).await;
+        let child = redis_server(args, port).await;
         Server {
             port,
             child: Some(child),
